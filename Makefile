@@ -1,0 +1,39 @@
+# The two commands a new user needs: `make run` and `make test`. Both build .venv when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS ?= train,serve,dev
+
+RUN_DIR ?= runs/digits
+REPOSITORY ?= model_repository
+MODEL_NAME ?= digits
+PORT ?= 3000
+
+.PHONY: venv run train test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## run: build the environment, train on the built-in digits
+run: train
+
+train: $(STAMP)
+	$(BIN)/imgclf train --config configs/digits.yaml --output $(RUN_DIR) --force
+
+## test: build the environment, run the whole suite
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf runs $(REPOSITORY) .pytest_cache .ruff_cache

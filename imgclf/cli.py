@@ -1,0 +1,160 @@
+"""The ``imgclf`` command. Each sub-command is a thin wrapper over one plain function.
+
+Heavy imports (TensorFlow, BentoML) happen inside the commands, so ``imgclf --help`` is fast
+and serving commands never load TensorFlow. A user mistake prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(
+    name="imgclf",
+    help="Train, export, serve and monitor image classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def user_errors(command):
+    """Turn the project's user-facing errors into one line on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from serving.errors import ImgclfError
+
+        try:
+            return command(*args, **kwargs)
+        except ImgclfError as error:
+            typer.echo(f"error: {error.message}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@app.command()
+@user_errors
+def train(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Run directory to create (or resume).")
+    ],
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML config; flags below override it.")
+    ] = None,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="Built-in data set: digits (scikit-learn, no download).")
+    ] = None,
+    data: Annotated[
+        Optional[Path], typer.Option(help="Image folder with one sub-folder per class.")
+    ] = None,
+    arch: Annotated[
+        Optional[str], typer.Option(help="seed-cnn, mobilenetv2, resnet50 or vgg16.")
+    ] = None,
+    weights: Annotated[
+        Optional[str], typer.Option(help="imagenet, none, or a local weights file.")
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    image_size: Annotated[
+        Optional[str], typer.Option(help="Model input size: 64 or 64x48 (height x width).")
+    ] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Initial learning rate.")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="Random seed for split, init, augmentation.")
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", help="Override any config key: --set train.optimizer=sgd (repeatable)."
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace a finished run (or one with another config) in --output."),
+    ] = False,
+) -> None:
+    """Train a classifier and keep the best checkpoint with its evaluation report."""
+    from serving.errors import ConfigError
+    from training.config import ARCHITECTURES, load_config, parse_override
+
+    if config is not None and not config.is_file():
+        raise ConfigError(f"config file {config} does not exist")
+    if arch is not None and arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    if dataset is not None and dataset != "digits":
+        raise ConfigError(f"unknown built-in data set {dataset!r}; the built-in one is digits")
+    overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+    flags = {
+        "data.dataset": dataset,
+        "data.data_dir": str(data) if data else None,
+        "model.arch": arch,
+        "model.weights": weights,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "data.image_size": _parse_size(image_size) if image_size else None,
+        "train.learning_rate": learning_rate,
+        "seed": seed,
+    }
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    if data is not None:
+        overrides.setdefault("data.dataset", None)
+    if dataset is not None:
+        overrides.setdefault("data.data_dir", None)
+    resolved = load_config(config, overrides)
+
+    from training.train import train as run_training
+
+    metrics = run_training(resolved, output, force=force)
+    test = metrics["test"]
+    auc = "n/a" if test["macro_auc"] is None else f"{test['macro_auc']:.4f}"
+    typer.echo(
+        f"test accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  "
+        f"macro AUC {auc}  -> {output}/best.keras"
+    )
+
+
+def _parse_size(text: str) -> list[int]:
+    from serving.errors import ConfigError
+
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--image-size {text!r} must look like 64 or 64x48") from None
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2:
+        raise ConfigError(f"--image-size {text!r} must look like 64 or 64x48")
+    return sizes
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    run()

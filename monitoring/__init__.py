@@ -1,0 +1,1 @@
+"""Monitoring: Prometheus metrics and prediction drift, fed by serving."""

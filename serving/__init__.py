@@ -1,0 +1,1 @@
+"""Serving: the preprocessing contract, the ONNX Runtime runtime, the BentoML service."""

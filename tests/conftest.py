@@ -1,0 +1,95 @@
+"""Fixtures shared by every test: real image files built from scikit-learn's handwritten digits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parents[1]
+IMGCLF = str(Path(sys.executable).with_name("imgclf"))
+SAVE_FORMATS = [  # (suffix, Pillow format, mode): the formats a class folder may mix
+    (".png", "PNG", "L"),
+    (".jpg", "JPEG", "RGB"),
+    (".png", "PNG", "RGBA"),
+    (".bmp", "BMP", "RGB"),
+    (".gif", "GIF", "P"),
+    (".webp", "WEBP", "RGB"),
+]
+
+
+def digit_images(count_per_class: int, classes: tuple[int, ...] = (0, 1, 2), scale: int = 4):
+    """Real 8x8 digit scans, upscaled so JPEG and resize have something to work on."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in classes:
+        picked = np.flatnonzero(digits.target == label)[:count_per_class]
+        for index in picked:
+            pixels = np.rint(digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
+            image = Image.fromarray(pixels, mode="L").resize((8 * scale, 8 * scale), Image.NEAREST)
+            yield str(label), int(index), image
+
+
+def write_image(image: Image.Image, path: Path, fmt: str, mode: str) -> Path:
+    converted = image.convert(mode)
+    if mode == "RGBA":  # a real alpha channel: transparent background, opaque ink
+        alpha = Image.eval(image.convert("L"), lambda v: 255 if v > 40 else 60)
+        converted.putalpha(alpha)
+    converted.save(path, format=fmt)
+    return path
+
+
+def make_image_folder(root: Path, count_per_class: int = 12, classes=(0, 1, 2)) -> Path:
+    """``root/<digit>/<file>`` with every supported format and colour mode mixed in."""
+    for position, (label, index, image) in enumerate(digit_images(count_per_class, classes)):
+        suffix, fmt, mode = SAVE_FORMATS[position % len(SAVE_FORMATS)]
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        write_image(image, folder / f"digit_{index:04d}_{mode.lower()}{suffix}", fmt, mode)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def digits_home(tmp_path_factory) -> Path:
+    """The built-in digits written once per session into a private data home."""
+    home = tmp_path_factory.mktemp("data_home")
+    from training.datasets import write_digits
+
+    write_digits(home)
+    return home
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path | None = None):
+    """Run the installed ``imgclf`` command in a fresh process, as a user would."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run(
+        [IMGCLF, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or REPO,
+    )
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A user mistake: non-zero exit, one ``error:`` line naming the problem, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]

@@ -1,0 +1,1 @@
+"""Training: image folder -> best Keras checkpoint, evaluation report and plots."""

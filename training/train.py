@@ -1,0 +1,337 @@
+"""``imgclf train``: image folder -> best checkpoint, history, metrics and plots in a run directory.
+
+Reads top to bottom: prepare the run directory, load and split the data, build the input
+pipeline, build the model, fit (one stage, or head then fine-tune for backbones), evaluate the
+best checkpoint on the held-out test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from serving.errors import ConfigError
+from serving.files import atomic_write
+from training import datasets, evaluate, plots
+from training.augmentation import build_augmentation
+from training.callbacks import AtomicModelCheckpoint, read_best_state
+from training.config import Config
+from training.models import build_model, unfreeze_top
+from training.pipeline import make_dataset, preprocess_spec
+
+log = logging.getLogger(__name__)
+
+BEST_MODEL = "best.keras"
+STATE_FILE = "train_state.json"
+HEAD_WEIGHTS = "head.weights.h5"
+
+
+class RunPaths:
+    """Where each artifact of a run directory lives."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.best = self.root / BEST_MODEL
+        self.history = self.root / "history.csv"
+        self.config = self.root / "config.yaml"
+        self.metrics = self.root / "metrics.json"
+        self.run = self.root / "run.json"
+        self.state = self.root / STATE_FILE
+        self.backup = self.root / "backup"
+        self.plots = self.root / "plots"
+        self.head_weights = self.root / HEAD_WEIGHTS
+
+
+def train(
+    config: Config, output_dir: Path, *, force: bool = False, verbose: str | int = "auto"
+) -> dict:
+    """Train, keep the best checkpoint and evaluate it; returns the contents of ``metrics.json``."""
+    started = time.time()
+    run = RunPaths(Path(output_dir))
+    resuming = _prepare_run_dir(run, config, force=force)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    spec = preprocess_spec(config.data)
+    splits, classes, skipped = _load_splits(config, run, spec, resuming=resuming)
+    loaders = {
+        name: make_dataset(
+            splits[name],
+            classes,
+            spec,
+            batch_size=config.train.batch_size,
+            training=name == "train",
+            augmentation=build_augmentation(config.augmentation, seed=config.seed)
+            if name == "train"
+            else None,
+            cache=config.data.cache,
+            cache_limit_bytes=config.data.cache_limit_bytes,
+            seed=config.seed,
+        )
+        for name in datasets.SPLITS
+    }
+
+    model, backbone = build_model(
+        config.model.arch,
+        spec.input_shape,
+        len(classes),
+        weights=config.model.weights,
+        dropout=config.model.dropout,
+        l2=config.model.l2,
+    )
+    class_weight = (
+        _class_weights(splits["train"], classes)
+        if config.train.class_weight == "balanced"
+        else None
+    )
+    epochs_run = _fit(model, backbone, config, loaders, run, class_weight, verbose)
+
+    metrics = _evaluate_best(run, loaders["test"], splits, classes, skipped)
+    _dedupe_history(run.history)
+    plots.plot_training_curves(run.history, run.plots / "training_curves.png")
+    _write_json(
+        run.run,
+        {
+            "arch": config.model.arch,
+            "classes": classes,
+            "input_shape": list(spec.input_shape),
+            "preprocessing": spec.describe(),
+            "data_root": str(_data_root(config)),
+            "epochs_run": epochs_run,
+            "best": read_best_state(run.root),
+            "resumed": resuming,
+            "seconds": round(time.time() - started, 1),
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        },
+    )
+    for leftover in (run.state, run.head_weights):
+        leftover.unlink(missing_ok=True)
+    shutil.rmtree(run.backup, ignore_errors=True)
+    return metrics
+
+
+def _prepare_run_dir(run: RunPaths, config: Config, *, force: bool) -> bool:
+    """Create the run directory; resume an interrupted run that has the same configuration.
+
+    ``force`` replaces a finished run or one with another configuration, never a folder that
+    is not a run directory. Returns True when resuming.
+    """
+    root = run.root
+    if root.exists() and any(root.iterdir()):
+        if not run.config.exists():
+            raise ConfigError(
+                f"{root} is not empty and is not a run directory; choose another --output"
+            )
+        from training.config import load_config
+
+        saved = load_config(run.config)
+        if saved == config and not run.metrics.exists():
+            log.info("resuming the interrupted run in %s", root)
+            return True
+        if not force:
+            if run.metrics.exists():
+                raise ConfigError(
+                    f"{root} already holds a finished run; choose another --output or pass --force"
+                )
+            changed = _diff(saved.model_dump(mode="json"), config.model_dump(mode="json"))
+            raise ConfigError(
+                f"{root} holds an interrupted run with a different config "
+                f"({', '.join(changed[:4])}); rerun with the same options to resume, "
+                "or pass --force to start over"
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_write(run.config) as handle:
+        handle.write(config.to_yaml())
+    return False
+
+
+def _data_root(config: Config) -> Path:
+    if config.data.dataset == "digits":
+        return datasets.write_digits(config.data.data_home)
+    return Path(config.data.data_dir).resolve()
+
+
+def _load_splits(config: Config, run: RunPaths, spec, *, resuming: bool):
+    folder = datasets.discover(_data_root(config))
+    if resuming and (run.root / datasets.MANIFEST_NAME).exists():
+        splits = datasets.read_manifest(run.root)
+        skipped = json.loads(run.state.read_text()).get("skipped", []) if run.state.exists() else []
+        return splits, folder.classes, skipped
+    good, skipped = datasets.check_readable(folder.samples, spec)
+    if skipped:
+        log.warning("skipped %d unreadable file(s); see metrics.json", len(skipped))
+    splits = datasets.split_samples(
+        good,
+        folder.classes,
+        validation_fraction=config.data.validation_fraction,
+        test_fraction=config.data.test_fraction,
+        seed=config.seed,
+    )
+    datasets.write_manifest(run.root, splits)
+    _update_state(run, skipped=skipped)
+    return splits, folder.classes, skipped
+
+
+def _fit(model, backbone, config: Config, loaders, run: RunPaths, class_weight, verbose) -> int:
+    """One stage for the seed CNN; head then fine-tune for backbones. Returns epochs run."""
+    train_cfg = config.train
+    steps = int(tf.data.experimental.cardinality(loaders["train"]).numpy())
+    if backbone is None:
+        _compile(model, config, train_cfg.learning_rate, steps * train_cfg.epochs)
+        history = _fit_stage(
+            model, config, loaders, run, "train", 0, train_cfg.epochs, class_weight, verbose
+        )
+        return len(history)
+
+    state = _read_state(run)
+    head_epochs = min(train_cfg.head_epochs, train_cfg.epochs)
+    if not state.get("head_done"):
+        _compile(model, config, train_cfg.learning_rate, steps * head_epochs)
+        done = len(
+            _fit_stage(model, config, loaders, run, "head", 0, head_epochs, class_weight, verbose)
+        )
+        model.save_weights(run.head_weights)
+        _update_state(run, head_done=True, head_epochs_run=done)
+    else:
+        model.load_weights(run.head_weights)
+        done = state["head_epochs_run"]
+    if train_cfg.epochs <= done:
+        return done
+    unfrozen = unfreeze_top(backbone, config.model.fine_tune_layers, l2=config.model.l2)
+    log.info("fine-tuning the top %d weighted backbone layers", unfrozen)
+    _compile(model, config, train_cfg.fine_tune_learning_rate, steps * (train_cfg.epochs - done))
+    history = _fit_stage(
+        model, config, loaders, run, "fine_tune", done, train_cfg.epochs, class_weight, verbose
+    )
+    return done + len(history)
+
+
+def _compile(model: keras.Model, config: Config, learning_rate: float, total_steps: int) -> None:
+    train_cfg = config.train
+    rate = learning_rate
+    if train_cfg.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=max(total_steps, 1)
+        )
+    if train_cfg.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(rate)
+    else:
+        optimizer = keras.optimizers.SGD(rate, momentum=train_cfg.momentum)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
+        metrics=["accuracy"],
+    )
+
+
+def _fit_stage(model, config, loaders, run, stage, initial_epoch, epochs, class_weight, verbose):
+    train_cfg = config.train
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run.backup / stage), double_checkpoint=True),
+        AtomicModelCheckpoint(run.best, monitor="val_accuracy"),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss",
+            patience=train_cfg.early_stopping_patience,
+            restore_best_weights=True,
+        ),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(str(run.history), append=True),
+    ]
+    if train_cfg.schedule == "plateau":
+        callbacks.insert(
+            3,
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss",
+                factor=train_cfg.plateau_factor,
+                patience=train_cfg.plateau_patience,
+                min_lr=train_cfg.min_learning_rate,
+            ),
+        )
+    history = model.fit(
+        loaders["train"],
+        validation_data=loaders["validation"],
+        initial_epoch=initial_epoch,
+        epochs=epochs,
+        callbacks=callbacks,
+        class_weight=class_weight,
+        verbose=verbose,
+    )
+    return history.epoch
+
+
+def _evaluate_best(run: RunPaths, test_loader, splits, classes, skipped) -> dict:
+    best = keras.saving.load_model(run.best, safe_mode=True)
+    probabilities = best.predict(test_loader, verbose=0)
+    index = {name: i for i, name in enumerate(classes)}
+    true_labels = np.array([index[s.label] for s in splits["test"]])
+    report = evaluate.classification_report(true_labels, probabilities, classes)
+    metrics = {
+        "test": report,
+        "classes": classes,
+        "split_sizes": {name: len(items) for name, items in splits.items()},
+        "best_epoch": read_best_state(run.root).get("epoch"),
+        "skipped_files": skipped,
+        "skipped_count": len(skipped),
+    }
+    plots.plot_confusion_matrix(
+        report["confusion_matrix"], classes, run.plots / "confusion_matrix.png"
+    )
+    plots.plot_roc_curves(true_labels, probabilities, classes, run.plots / "roc_curves.png")
+    _write_json(run.metrics, metrics)
+    return metrics
+
+
+def _class_weights(samples, classes) -> dict[int, float]:
+    counts = np.array([sum(1 for s in samples if s.label == name) for name in classes], dtype=float)
+    return {i: float(len(samples) / (len(classes) * count)) for i, count in enumerate(counts)}
+
+
+def _dedupe_history(path: Path) -> None:
+    """A kill between the CSV write and the backup can repeat an epoch; keep its last row."""
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    by_epoch = {int(row["epoch"]): row for row in rows}
+    fields = list(rows[-1].keys())
+    with atomic_write(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(by_epoch[epoch] for epoch in sorted(by_epoch))
+
+
+def _read_state(run: RunPaths) -> dict:
+    return json.loads(run.state.read_text()) if run.state.exists() else {}
+
+
+def _update_state(run: RunPaths, **values) -> None:
+    _write_json(run.state, {**_read_state(run), **values})
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    with atomic_write(path) as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
