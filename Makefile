@@ -10,7 +10,7 @@ REPOSITORY ?= model_repository
 MODEL_NAME ?= digits
 PORT ?= 3000
 
-.PHONY: venv run train test lint clean
+.PHONY: venv run train export test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-## run: build the environment, train on the built-in digits
-run: train
+## run: build the environment, train on the built-in digits, export (publishes the next version)
+run: export
 
 train: $(STAMP)
 	$(BIN)/imgclf train --config configs/digits.yaml --output $(RUN_DIR) --force
+
+export: train
+	$(BIN)/imgclf export $(RUN_DIR) --repository $(REPOSITORY) --name $(MODEL_NAME) --int8
 
 ## test: build the environment, run the whole suite
 test: $(STAMP)

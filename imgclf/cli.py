@@ -136,6 +136,84 @@ def train(
     )
 
 
+@app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished training run directory.")],
+    repository: Annotated[
+        Path, typer.Option(help="Model repository root; publishes <repository>/<name>/<version>.")
+    ] = Path("model_repository"),
+    name: Annotated[
+        Optional[str], typer.Option(help="Model name (default: the run directory's name).")
+    ] = None,
+    version: Annotated[
+        Optional[int], typer.Option(help="Version number (default: the next integer).")
+    ] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also write model.int8.onnx if accuracy holds.")
+    ] = False,
+    int8_activations: Annotated[
+        Optional[str], typer.Option(help="INT8 activation type: uint8 (x86) or int8 (ARM).")
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option(help="Largest batch the parity gate checks (and serving uses).")
+    ] = 64,
+    register: Annotated[
+        bool, typer.Option(help="Also import the model into BentoML's local model store.")
+    ] = True,
+    force: Annotated[bool, typer.Option(help="Replace an existing version.")] = False,
+) -> None:
+    """Export the best checkpoint to SavedModel and ONNX, prove parity, publish a version."""
+    from serving.errors import ConfigError
+
+    if int8_activations not in (None, "uint8", "int8"):
+        raise ConfigError(f"--int8-activations must be uint8 or int8, got {int8_activations!r}")
+    from training.export import export as run_export
+
+    result = run_export(
+        run_dir,
+        repository,
+        name=name,
+        version=version,
+        int8=int8,
+        int8_activation_type=int8_activations,
+        force=force,
+        max_batch_size=max_batch_size,
+    )
+    for runtime, summary in result.parity["summary"].items():
+        typer.echo(
+            f"parity {runtime}: max abs diff {summary['max_abs_diff']:.2e}, "
+            f"top-1 agreement {summary['top1_agreement']:.2%}"
+        )
+    if result.int8 is not None:
+        typer.echo(
+            f"int8: {result.int8['decision']} (fp32 {result.int8['fp32_test_accuracy']:.4f}, "
+            f"int8 {result.int8['int8_test_accuracy']:.4f})"
+        )
+    typer.echo(f"published {result.path}")
+    if register:
+        from serving.registry import register as register_model
+
+        typer.echo(f"registered BentoML model {register_model(result.path, replace=force)}")
+
+
+@app.command("register")
+@user_errors
+def register_command(
+    model_dir: Annotated[
+        Path, typer.Argument(help="A published model directory (<repository>/<name>/<version>).")
+    ],
+    force: Annotated[bool, typer.Option(help="Replace a store entry with other files.")] = False,
+) -> None:
+    """Import a published model directory into BentoML's local model store."""
+    from serving.model_dir import resolve_model_dir
+    from serving.registry import register as register_model
+
+    typer.echo(
+        f"registered BentoML model {register_model(resolve_model_dir(model_dir), replace=force)}"
+    )
+
+
 def _parse_size(text: str) -> list[int]:
     from serving.errors import ConfigError
 

@@ -19,6 +19,7 @@ class atomic_write:  # noqa: N801 - used like open()
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; match open()
         self.handle = os.fdopen(fd, self.mode, **self.kwargs)
         return self.handle
 
@@ -34,6 +35,12 @@ class atomic_write:  # noqa: N801 - used like open()
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# A private BentoML store for the whole session, set before anything imports bentoml.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="imgclf-bentoml-")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 REPO = Path(__file__).resolve().parents[1]
 IMGCLF = str(Path(sys.executable).with_name("imgclf"))
@@ -93,3 +97,54 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """Five digit classes, 40 real scans each, in every supported format."""
+    return make_image_folder(tmp_path_factory.mktemp("small") / "images", 40, (0, 1, 2, 3, 4))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, small_dataset) -> Path:
+    """A small seed CNN trained by the real CLI (16x16, a few epochs)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_cli(
+        "train",
+        "--data",
+        str(small_dataset),
+        "--output",
+        str(run_dir),
+        "--image-size",
+        "16",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "16",
+        "--weights",
+        "none",
+        "--set",
+        "augmentation.horizontal_flip=false",
+        "--set",
+        "model.dropout=0.2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def published_model(tmp_path_factory, trained_run) -> Path:
+    """``trained_run`` exported by the real CLI (fp32 + int8) into a model repository."""
+    repository = tmp_path_factory.mktemp("repository")
+    result = run_cli(
+        "export",
+        str(trained_run),
+        "--repository",
+        str(repository),
+        "--name",
+        "tiny",
+        "--int8",
+        "--no-register",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return repository / "tiny" / "1"

@@ -1,0 +1,155 @@
+"""Inference runtimes side by side: ONNX Runtime fp32 and int8 vs the SavedModel's serving function.
+
+Two models: the exported digits model (``make run`` publishes it) and a seed CNN at 64x64
+exported the same way (fp32 + static int8 calibrated on digits). Batch sizes 1 and 32, rounds
+alternating between runtimes so machine noise hits all of them. Run by hand:
+
+    .venv/bin/python benchmarks/bench_runtimes.py [--model model_repository/digits] [--seconds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import onnxruntime as ort
+import tensorflow as tf
+
+from benchmarks.common import machine, table
+from serving.model_dir import (
+    INT8_MODEL,
+    ONNX_MODEL,
+    SAVED_MODEL,
+    load_metadata,
+    resolve_model_dir,
+)
+from serving.preprocessing import PreprocessSpec, preprocess_file
+from training import datasets, export, quantize
+from training.models import seed_cnn
+
+
+def digits_images(size: int, count: int) -> np.ndarray:
+    folder = datasets.discover(datasets.write_digits())
+    spec = PreprocessSpec(size, size)
+    return np.stack([preprocess_file(s.path, spec) for s in folder.samples[:count]])
+
+
+def seed_cnn_64(workdir: Path) -> Path:
+    """An untrained seed CNN at 64x64 exported like a real one (speed does not need training)."""
+    model = seed_cnn((64, 64, 3), 10)
+    serve = export.serving_function(model, (64, 64, 3))
+    export.write_saved_model(model, serve, workdir / SAVED_MODEL)
+    export.write_onnx(serve, (64, 64, 3), workdir / ONNX_MODEL)
+    quantize.quantize(workdir / ONNX_MODEL, workdir / INT8_MODEL, digits_images(64, 256))
+    return workdir
+
+
+def runtimes(model_dir: Path) -> dict:
+    def onnx_runtime(path: Path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda batch: session.run(["probabilities"], {"image": batch})[0]
+
+    signature = tf.saved_model.load(str(model_dir / SAVED_MODEL)).signatures["serving_default"]
+    found = {
+        "SavedModel serving_default": lambda batch: signature(image=tf.constant(batch))[
+            "probabilities"
+        ].numpy(),
+        "ONNX Runtime fp32": onnx_runtime(model_dir / ONNX_MODEL),
+    }
+    if (model_dir / INT8_MODEL).exists():
+        found["ONNX Runtime int8"] = onnx_runtime(model_dir / INT8_MODEL)
+    return found
+
+
+def measure(predict, batch: np.ndarray, seconds: float) -> list[float]:
+    for _ in range(5):
+        predict(batch)
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        predict(batch)
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def bench_model(label: str, model_dir: Path, size: int, seconds: float, rounds: int) -> list[list]:
+    found = runtimes(model_dir)
+    images = digits_images(size, 64)
+    rows = []
+    for batch_size in (1, 32):
+        batch = images[:batch_size]
+        samples = {name: [] for name in found}
+        for _ in range(rounds):  # alternate runtimes within each round
+            for name, predict in found.items():
+                samples[name].extend(measure(predict, batch, seconds / rounds))
+        baseline = statistics.median(samples["SavedModel serving_default"])
+        fp32 = statistics.median(samples["ONNX Runtime fp32"])
+        for name, latencies in samples.items():
+            median = statistics.median(latencies)
+            p99 = float(np.percentile(latencies, 99))
+            rows.append(
+                [
+                    label,
+                    batch_size,
+                    name,
+                    median * 1000,
+                    p99 * 1000,
+                    batch_size / median,
+                    f"{baseline / median:.1f}x",
+                    f"{fp32 / median:.2f}x",
+                ]
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("model_repository/digits"))
+    parser.add_argument("--seconds", type=float, default=3.0, help="per runtime and batch size")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    model_dir = resolve_model_dir(args.model)
+    metadata = load_metadata(model_dir)
+    size = metadata["input"]["height"]
+    rows = bench_model(
+        f"digits v{metadata['version']} ({size}x{size})", model_dir, size, args.seconds, args.rounds
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        rows += bench_model(
+            "seed CNN 64x64", seed_cnn_64(Path(scratch)), 64, args.seconds, args.rounds
+        )
+    print(f"machine: {machine()}; onnxruntime {ort.__version__}, TensorFlow {tf.__version__}")
+    print(
+        f"intra-op threads: defaults of each runtime; median of {args.rounds} alternating "
+        f"rounds, {args.seconds:g} s per runtime and batch size\n"
+    )
+    print(
+        table(
+            [
+                "model",
+                "batch",
+                "runtime",
+                "median ms",
+                "p99 ms",
+                "images/s",
+                "vs SavedModel",
+                "vs ORT fp32",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The published model directory: what is in it, how it is found, how it is verified.
+
+``model_repository/<name>/<version>/`` is written by ``imgclf export`` and read by the service,
+batch scoring and drift reports. It describes itself through ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from serving.errors import ModelError
+from serving.files import sha256_file
+
+METADATA = "metadata.json"
+ONNX_MODEL = "model.onnx"
+INT8_MODEL = "model.int8.onnx"
+PARITY = "parity.json"
+REFERENCE_PROFILE = "reference_profile.json"
+SAVED_MODEL = "saved_model"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+#: Keys every metadata.json must have for a server to start on it.
+REQUIRED_KEYS = ("name", "version", "classes", "input", "preprocessing", "files")
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except metadata.json, by relative POSIX path."""
+    root = Path(root)
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() != METADATA
+    }
+
+
+def version_numbers(model_root: Path) -> list[int]:
+    """Published versions under ``repository/<name>``, oldest first (dot-folders are staging)."""
+    root = Path(model_root)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """Accept ``repository/<name>/<version>`` or ``repository/<name>`` (newest version)."""
+    path = Path(path)
+    if (path / METADATA).is_file():
+        return path
+    versions = version_numbers(path)
+    if versions:
+        return path / str(versions[-1])
+    if not path.exists():
+        raise ModelError(f"model directory {path} does not exist")
+    raise ModelError(f"{path} is not a model directory (no {METADATA}, no numbered versions)")
+
+
+def load_metadata(model_dir: Path) -> dict:
+    path = Path(model_dir) / METADATA
+    try:
+        metadata = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(
+            f"{model_dir} has no {METADATA}; is it a published model directory?"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {path}: {error}") from error
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{path} must hold a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise ModelError(f"{path} lacks {', '.join(missing)}")
+    return metadata
+
+
+def verify_files(model_dir: Path, metadata: dict, names: tuple[str, ...] | None = None) -> None:
+    """Check sha256 of the listed files (all of them by default) against metadata.json."""
+    model_dir = Path(model_dir)
+    expected = metadata["files"]
+    for name in names or tuple(expected):
+        if name not in expected:
+            raise ModelError(f"{METADATA} in {model_dir} has no hash for {name}")
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelError(f"{path} is missing")
+        actual = sha256_file(path)
+        if actual != expected[name]:
+            raise ModelError(
+                f"{path} does not match its hash in {METADATA} "
+                f"(expected {expected[name][:12]}..., got {actual[:12]}...): modified or corrupt"
+            )

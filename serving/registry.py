@@ -1,0 +1,72 @@
+"""Import a published model directory into BentoML's local model store.
+
+``bentoml build`` packages models from that store (``BentoModel("name:version")`` in the
+service, ``models:`` in bentofile.yaml). The store copy is byte-for-byte the published
+directory, so the service verifies the same hashes wherever it runs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from serving.errors import ConfigError, ModelError
+from serving.model_dir import load_metadata, verify_files
+
+#: BentoML's tag rule, applied to model names when they are published.
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+
+def check_model_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(
+            f"model name {name!r} must be lowercase letters, digits, '.', '_' or '-' "
+            "(at most 63, starting and ending with a letter or digit)"
+        )
+    return name
+
+
+def register(model_dir: Path, *, replace: bool = False) -> str:
+    """Copy ``model_dir`` into the BentoML model store as ``name:version``; return the tag."""
+    try:
+        import bentoml
+        from bentoml.exceptions import NotFound
+    except ImportError:
+        raise ConfigError("registering needs bentoml: install the serve extra") from None
+
+    model_dir = Path(model_dir)
+    metadata = load_metadata(model_dir)
+    verify_files(model_dir, metadata)
+    tag = f"{check_model_name(metadata['name'])}:{metadata['version']}"
+    try:
+        existing = bentoml.models.get(tag)
+    except NotFound:
+        existing = None
+    if existing is not None:
+        if existing.info.metadata.get("files") == metadata["files"]:
+            return tag  # the same bytes are already there
+        if not replace:
+            raise ModelError(
+                f"BentoML model {tag} already exists with other files; pass --force to replace it"
+            )
+        bentoml.models.delete(tag)
+    with bentoml.models.create(
+        tag,
+        labels={
+            "framework": "onnx",
+            "task": "image-classification",
+            "classes": str(len(metadata["classes"])),
+            "owner": "imgclf",
+        },
+        metadata={
+            "version": metadata["version"],
+            "classes": metadata["classes"],
+            "input": metadata["input"],
+            "files": metadata["files"],
+            "opset": metadata.get("opset"),
+            "test_accuracy": (metadata.get("metrics") or {}).get("accuracy"),
+        },
+    ) as bento_model:
+        shutil.copytree(model_dir, bento_model.path, dirs_exist_ok=True)
+    return tag

@@ -1,0 +1,322 @@
+"""``imgclf export``: a training run's best checkpoint -> a published, versioned model directory.
+
+Everything is built in a hidden staging folder next to the destination (same file system),
+checked (ONNX checker, parity gate, INT8 accuracy gate), hashed, fsynced and only then renamed
+into ``repository/<name>/<version>``. A crash or a failed gate leaves no version behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import tensorflow as tf
+import tf2onnx
+
+import training.augmentation
+import training.models  # noqa: F401  (registers BackbonePreprocess for load_model)
+from serving.errors import ConfigError, ModelError
+from serving.files import atomic_write, fsync_dir, fsync_tree
+from serving.model_dir import (
+    INPUT_NAME,
+    INT8_MODEL,
+    METADATA,
+    ONNX_MODEL,
+    OUTPUT_NAME,
+    PARITY,
+    SAVED_MODEL,
+    file_hashes,
+    version_numbers,
+)
+from serving.preprocessing import PreprocessSpec, preprocess_file
+from serving.registry import check_model_name
+from training import datasets, parity, quantize
+from training.train import BEST_MODEL
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    name: str
+    version: int
+    parity: dict
+    int8: dict | None
+
+
+def export(
+    run_dir: Path,
+    repository: Path,
+    *,
+    name: str | None = None,
+    version: int | None = None,
+    int8: bool = False,
+    int8_activation_type: str | None = None,
+    force: bool = False,
+    max_batch_size: int = 64,
+    parity_images: int = 512,
+) -> ExportResult:
+    """Convert, check and publish; raises ``ImgclfError`` (nothing published) on any failure."""
+    run_dir = Path(run_dir)
+    run_info = _read_run(run_dir)
+    model = load_checkpoint(run_dir / BEST_MODEL)
+    spec = PreprocessSpec.from_metadata(run_info["preprocessing"])
+    classes = run_info["classes"]
+    splits = datasets.read_manifest(run_dir)
+
+    name = check_model_name(name or _default_name(run_dir))
+    model_root = Path(repository) / name
+    version = _choose_version(model_root, version, force=force)
+    model_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(model_root)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_root))
+    try:
+        serve = serving_function(model, spec.input_shape)
+        write_saved_model(model, serve, staging / SAVED_MODEL)
+        write_onnx(serve, spec.input_shape, staging / ONNX_MODEL)
+
+        test_images, test_labels = load_split(splits["test"], classes, spec, limit=parity_images)
+        report = parity.check_parity(
+            reference=lambda batch: model(batch, training=False).numpy(),
+            candidates={
+                "savedmodel": _saved_model_predictor(staging / SAVED_MODEL),
+                "onnx": parity.onnx_predictor(staging / ONNX_MODEL),
+            },
+            images=test_images,
+            max_batch_size=max_batch_size,
+        )
+        int8_report = None
+        if int8:
+            calibration, _ = load_split(splits["validation"], classes, spec, limit=512)
+            int8_report = _quantize_and_gate(
+                staging, calibration, test_images, test_labels, int8_activation_type
+            )
+            report["int8"] = int8_report
+        _write_json(staging / PARITY, report)
+
+        metadata = build_metadata(name, version, run_dir, run_info, spec, report, int8_report)
+        for onnx_file in (ONNX_MODEL, INT8_MODEL):
+            if (staging / onnx_file).exists():
+                set_onnx_metadata(staging / onnx_file, metadata)
+        metadata["files"] = file_hashes(staging)
+        _write_json(staging / METADATA, metadata)
+        destination = _publish(staging, model_root, version, force=force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(destination, name, version, report, int8_report)
+
+
+def load_checkpoint(path: Path) -> keras.Model:
+    """Load ``best.keras`` with safe_mode on; a missing or corrupt file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist; is {path.parent} a finished training run?")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ModelError(f"cannot load {path}: corrupt or not a Keras model ({first})") from error
+
+
+def serving_function(model: keras.Model, input_shape: tuple[int, int, int]):
+    """The inference graph: float32 NHWC ``image`` -> ``{"probabilities": ...}``."""
+    signature = tf.TensorSpec((None, *input_shape), tf.float32, name=INPUT_NAME)
+
+    @tf.function(input_signature=[signature])
+    def serve(image):
+        return {OUTPUT_NAME: model(image, training=False)}
+
+    return serve
+
+
+def write_saved_model(model: keras.Model, serve, path: Path) -> None:
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve)
+    archive.write_out(str(path), verbose=False)
+
+
+def write_onnx(serve, input_shape: tuple[int, int, int], path: Path) -> None:
+    signature = tf.TensorSpec((None, *input_shape), tf.float32, name=INPUT_NAME)
+    model_proto, _ = tf2onnx.convert.from_function(serve, input_signature=[signature], opset=OPSET)
+    # tf2onnx names the dynamic dimension unk__N; call it what it is.
+    for value in (*model_proto.graph.input, *model_proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(model_proto, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ModelError(f"the converted ONNX model is invalid: {str(error)[:300]}") from error
+    names = ([i.name for i in model_proto.graph.input], [o.name for o in model_proto.graph.output])
+    if names != ([INPUT_NAME], [OUTPUT_NAME]):
+        raise ModelError(f"the converted ONNX model has inputs/outputs {names}")
+
+
+def set_onnx_metadata(path: Path, metadata: dict) -> None:
+    """Copy metadata.json's keys into ``metadata_props`` (values JSON-encoded). ``files`` holds
+    a pointer, not the hashes: a file cannot carry its own hash."""
+    model_proto = onnx.load(str(path))
+    del model_proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model_proto.metadata_props.add()
+        entry.key = key
+        entry.value = json.dumps(value if key != "files" else f"sha256 of every file: {METADATA}")
+    model_proto.doc_string = f"imgclf {metadata['name']} v{metadata['version']}"
+    onnx.save(model_proto, str(path))
+
+
+def load_split(samples, classes, spec: PreprocessSpec, *, limit: int):
+    """Held-out images through the shared preprocessing module, in manifest order."""
+    chosen = samples[:limit]
+    images = np.stack([preprocess_file(s.path, spec) for s in chosen])
+    labels = np.array([classes.index(s.label) for s in chosen])
+    return images, labels
+
+
+def build_metadata(name, version, run_dir, run_info, spec, report, int8_report) -> dict:
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    test = metrics["test"]
+    graph_does = (
+        "scales [0, 255] to [0, 1] (Rescaling 1/255)"
+        if run_info["arch"] == "seed-cnn"
+        else f"{run_info['arch']} preprocess_input (inside the graph)"
+    )
+    import onnxruntime
+
+    return {
+        "name": name,
+        "version": version,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "architecture": run_info["arch"],
+        "classes": run_info["classes"],
+        "input": {
+            "name": INPUT_NAME,
+            "height": spec.height,
+            "width": spec.width,
+            "channels": spec.channels,
+            "layout": "NHWC",
+            "dtype": "float32",
+        },
+        "output": {"name": OUTPUT_NAME, "kind": "softmax probabilities", "dtype": "float32"},
+        "preprocessing": {**spec.describe(), "graph_does": graph_does},
+        "metrics": {
+            key: test[key]
+            for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "macro_auc")
+        }
+        | {"split_sizes": metrics["split_sizes"]},
+        "parity": report["summary"],
+        "int8": None
+        if int8_report is None
+        else {k: int8_report[k] for k in ("kept", "fp32_test_accuracy", "int8_test_accuracy")},
+        "opset": OPSET,
+        "versions": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "tf2onnx": tf2onnx.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "source_run": str(Path(run_dir).resolve()),
+        "files": {},
+    }
+
+
+def _quantize_and_gate(staging, calibration, test_images, test_labels, activation_type) -> dict:
+    int8_path = staging / INT8_MODEL
+    settings = quantize.quantize(
+        staging / ONNX_MODEL, int8_path, calibration, activation_type=activation_type
+    )
+
+    def accuracy(path: Path) -> float:
+        probabilities = parity.run_batched(parity.onnx_predictor(path), test_images, 64)
+        return float((probabilities.argmax(axis=1) == test_labels).mean())
+
+    gate = quantize.accuracy_gate(accuracy(staging / ONNX_MODEL), accuracy(int8_path))
+    if not gate["kept"]:
+        int8_path.unlink()
+        log.warning("INT8 model %s", gate["decision"])
+    return {**settings, **gate}
+
+
+def _saved_model_predictor(path: Path):
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return signature(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME].numpy()
+
+    return predict
+
+
+def _read_run(run_dir: Path) -> dict:
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    for required in ("run.json", "metrics.json", datasets.MANIFEST_NAME):
+        if not (run_dir / required).is_file():
+            raise ModelError(f"{run_dir} has no {required}; is it a finished training run?")
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def _default_name(run_dir: Path) -> str:
+    cleaned = "".join(
+        c if c.isalnum() or c in "-_." else "-" for c in run_dir.resolve().name.lower()
+    )
+    return cleaned.strip("-_.") or "model"
+
+
+def _choose_version(model_root: Path, version: int | None, *, force: bool) -> int:
+    existing = version_numbers(model_root)
+    if version is None:
+        return (existing[-1] + 1) if existing else 1
+    if version < 1:
+        raise ConfigError(f"--version must be a positive integer, got {version}")
+    if version in existing and not force:
+        raise ConfigError(
+            f"version {version} of {model_root.name} already exists; pass --force to replace it"
+        )
+    return version
+
+
+def _remove_stale_staging(model_root: Path) -> None:
+    """Staging folders left by a crashed export; never seen by readers (dot-names)."""
+    for leftover in model_root.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _publish(staging: Path, model_root: Path, version: int, *, force: bool) -> Path:
+    fsync_tree(staging)
+    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+    destination = model_root / str(version)
+    retired = None
+    if destination.exists():
+        if not force:
+            raise ConfigError(f"version {version} of {model_root.name} was published meanwhile")
+        retired = model_root / f".retired-{version}-{os.getpid()}"
+        os.rename(destination, retired)
+    try:
+        os.rename(staging, destination)
+    except OSError as error:
+        raise ConfigError(f"cannot publish {destination}: {error.strerror}") from error
+    fsync_dir(model_root)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+    return destination
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    with atomic_write(path) as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")

@@ -1,0 +1,105 @@
+"""The parity gate: Keras, the reloaded SavedModel and ONNX Runtime must agree on real images.
+
+Every runtime runs the same held-out images (decoded by the shared preprocessing module) at
+batch size 1, an odd size and the largest; outputs must match Keras within rtol/atol and give
+identical top-1 classes. Nothing is published unless every check passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from serving.errors import ImgclfError
+from serving.model_dir import INPUT_NAME, OUTPUT_NAME
+
+ATOL = 1e-5
+RTOL = 1e-4
+ODD_BATCH = 7
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+class ParityError(ImgclfError):
+    """A runtime disagrees with Keras; the export publishes nothing."""
+
+    reason = "model"
+
+
+def batch_sizes(image_count: int, max_batch_size: int) -> list[int]:
+    largest = max(1, min(max_batch_size, image_count))
+    return sorted({1, min(ODD_BATCH, largest), largest})
+
+
+def run_batched(predict: Predict, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate(
+        [predict(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+    )
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    difference = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
+    agreement = float((candidate.argmax(axis=1) == reference.argmax(axis=1)).mean())
+    within = bool(np.allclose(candidate, reference, rtol=RTOL, atol=ATOL))
+    return {
+        "max_abs_diff": float(difference.max()),
+        "mean_abs_diff": float(difference.mean()),
+        "allclose": within,
+        "top1_agreement": agreement,
+        "passed": within and agreement == 1.0,
+    }
+
+
+def check_parity(
+    reference: Predict,
+    candidates: dict[str, Predict],
+    images: np.ndarray,
+    *,
+    max_batch_size: int,
+) -> dict:
+    """Run every check and return the report; raise ``ParityError`` naming the first failure."""
+    checks = []
+    for batch_size in batch_sizes(len(images), max_batch_size):
+        expected = run_batched(reference, images, batch_size)
+        for name, predict in candidates.items():
+            result = compare(expected, run_batched(predict, images, batch_size))
+            checks.append({"runtime": name, "batch_size": batch_size, **result})
+    summary = {
+        name: {
+            "max_abs_diff": max(c["max_abs_diff"] for c in checks if c["runtime"] == name),
+            "top1_agreement": min(c["top1_agreement"] for c in checks if c["runtime"] == name),
+            "passed": all(c["passed"] for c in checks if c["runtime"] == name),
+        }
+        for name in candidates
+    }
+    report = {
+        "reference": "keras",
+        "images": len(images),
+        "tolerance": {"atol": ATOL, "rtol": RTOL, "top1_agreement": 1.0},
+        "batch_sizes": batch_sizes(len(images), max_batch_size),
+        "summary": summary,
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+    }
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        first = failed[0]
+        raise ParityError(
+            f"parity check failed: {first['runtime']} at batch size {first['batch_size']} "
+            f"differs from Keras by up to {first['max_abs_diff']:.3g} "
+            f"(allowed atol {ATOL:g}, rtol {RTOL:g}) with top-1 agreement "
+            f"{first['top1_agreement']:.2%}; nothing was published"
+        )
+    return report
+
+
+def onnx_predictor(path, providers: Iterable[str] = ("CPUExecutionProvider",)) -> Predict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=list(providers))
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    return predict
