@@ -10,7 +10,7 @@ REPOSITORY ?= model_repository
 MODEL_NAME ?= digits
 PORT ?= 3000
 
-.PHONY: venv run train export test lint clean
+.PHONY: venv run train export serve test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,14 +20,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-## run: build the environment, train on the built-in digits, export (publishes the next version)
+## run: build the environment, train on the built-in digits, export (the next version), serve
 run: export
+	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT)
 
 train: $(STAMP)
 	$(BIN)/imgclf train --config configs/digits.yaml --output $(RUN_DIR) --force
 
 export: train
 	$(BIN)/imgclf export $(RUN_DIR) --repository $(REPOSITORY) --name $(MODEL_NAME) --int8
+
+## serve: serve the newest published version without retraining
+serve: $(STAMP)
+	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT)
 
 ## test: build the environment, run the whole suite
 test: $(STAMP)

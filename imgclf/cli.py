@@ -214,6 +214,98 @@ def register_command(
     )
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Published model directory, or <repository>/<name> for its newest "
+            "version (default: the BentoML store model --bento-model)."
+        ),
+    ] = None,
+    bento_model: Annotated[
+        str, typer.Option(help="BentoML model store tag, used when --model is not given.")
+    ] = "digits:latest",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 or int8 (model.int8.onnx).")] = "fp32",
+    workers: Annotated[int, typer.Option(help="HTTP worker processes.")] = 1,
+    max_batch_size: Annotated[int, typer.Option(help="Adaptive batching: largest batch.")] = 64,
+    max_latency_ms: Annotated[
+        int, typer.Option(help="Adaptive batching deadline; requests past it get 503.")
+    ] = 1000,
+    max_concurrency: Annotated[
+        Optional[int], typer.Option(help="Requests in flight per worker before shedding (429).")
+    ] = None,
+    timeout: Annotated[int, typer.Option(help="Request timeout in seconds.")] = 30,
+) -> None:
+    """Serve a model over HTTP with BentoML on ONNX Runtime (wraps `bentoml serve`)."""
+    import shutil
+
+    import serving
+    from serving.errors import ConfigError
+    from serving.model_dir import resolve_model_dir
+    from serving.runtime import ClassifierRuntime
+    from serving.settings import ServingSettings
+
+    overrides = {
+        "model_dir": resolve_model_dir(model).resolve() if model is not None else None,
+        "bento_model": bento_model,
+        "provider": provider,
+        "precision": precision,
+        "workers": workers,
+        "max_batch_size": max_batch_size,
+        "max_latency_ms": max_latency_ms,
+        "max_concurrency": max_concurrency,
+        "timeout_s": timeout,
+    }
+    settings = ServingSettings.from_env(
+        {
+            **{k: v for k, v in os.environ.items() if k.startswith("IMGCLF_")},
+            **{f"IMGCLF_{k.upper()}": str(v) for k, v in overrides.items() if v is not None},
+        }
+    )
+    if settings.model_dir is not None:
+        directory = settings.model_dir
+    else:
+        from serving.registry import stored_model_path
+
+        directory = stored_model_path(settings.bento_model)
+    # Refuse to start on a model the server could not load: one line now, not a crash later.
+    runtime = ClassifierRuntime.from_settings(directory, settings)
+    bentoml_cli = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which(
+        "bentoml"
+    )
+    if bentoml_cli is None:
+        raise ConfigError("bentoml is not installed: install the serve extra")
+    base = f"http://{host}:{port}"
+    typer.echo(
+        f"serving {runtime.name} v{runtime.version} ({directory}) on {runtime.provider}\n"
+        f"  curl -X POST -H 'Content-Type: image/png' --data-binary @digit.png {base}/predict\n"
+        f"  curl -F images=@a.png -F images=@b.jpg '{base}/predict_batch?top_k=3'\n"
+        f"  curl {base}/metadata    curl {base}/readyz    curl {base}/metrics"
+    )
+    sys.stdout.flush()
+    env = {**os.environ, **settings.to_env()}
+    if settings.model_dir is None:
+        env.pop("IMGCLF_MODEL_DIR", None)
+    working_dir = str(Path(serving.__file__).resolve().parent.parent)
+    args = [
+        bentoml_cli,
+        "serve",
+        "serving.service:ImageClassifier",
+        "--port",
+        str(port),
+        "--host",
+        host,
+        "--working-dir",
+        working_dir,
+    ]
+    os.execve(bentoml_cli, args, env)
+
+
 def _parse_size(text: str) -> list[int]:
     from serving.errors import ConfigError
 

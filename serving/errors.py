@@ -21,6 +21,7 @@ ERROR_REASONS = (
     "too_many_images",
     "bad_top_k",
     "overloaded",
+    "internal",
 )
 
 

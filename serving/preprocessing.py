@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from serving.errors import InvalidImageError
 
@@ -102,7 +102,7 @@ def decode(data: bytes, spec: PreprocessSpec) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise _too_many_pixels(spec) from error
-    except UnidentifiedImageError as error:
+    except Exception as error:  # UnidentifiedImageError, or OSError/SyntaxError/... in headers
         claimed = sniff_format(data)
         if claimed is not None:
             raise InvalidImageError(

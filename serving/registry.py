@@ -70,3 +70,21 @@ def register(model_dir: Path, *, replace: bool = False) -> str:
     ) as bento_model:
         shutil.copytree(model_dir, bento_model.path, dirs_exist_ok=True)
     return tag
+
+
+def stored_model_path(tag: str) -> Path:
+    """Where the BentoML store keeps ``tag`` (``name:version`` or ``name:latest``)."""
+    try:
+        import bentoml
+        from bentoml.exceptions import NotFound
+    except ImportError:
+        raise ConfigError(
+            "serving from the model store needs bentoml: install the serve extra"
+        ) from None
+    try:
+        return Path(bentoml.models.get(tag).path)
+    except NotFound:
+        raise ModelError(
+            f"BentoML model {tag} is not in the local store; run imgclf export (or imgclf "
+            "register DIR), or pass --model DIR"
+        ) from None

@@ -113,6 +113,9 @@ def test_resize_filter_is_the_named_one():
         (b"x", "not_an_image"),
         (b"%PDF-1.4 not an image at all", "not_an_image"),
         (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "corrupt"),
+        (b"\xff\xd8\xff\xe0" + b"\x13" * 500, "corrupt"),  # OSError while reading headers
+        (b"GIF89a" + b"\xff" * 20, "corrupt"),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"\x00" * 8, "corrupt"),
     ],
 )
 def test_bad_bytes_raise_invalid_image(data, reason):

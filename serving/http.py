@@ -1,0 +1,284 @@
+"""The public HTTP endpoints, as a Starlette app mounted on the BentoML service.
+
+BentoML's typed APIs cannot take a raw image body, answer errors as a JSON array and fetch
+URLs sent in place of files; these routes read the request themselves: the body size is
+bounded before parsing, each image is decoded and validated before it joins a batch, nothing
+is ever fetched, and every user mistake is ``{"error": "..."}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+from bentoml.exceptions import ServiceUnavailable
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving.errors import ImgclfError, InvalidImageError
+
+log = logging.getLogger(__name__)
+
+#: Raw-body content types we accept ("image/jpg" is wrong but common, so it is accepted too).
+RAW_IMAGE_TYPES = (
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/png",
+    "image/gif",
+    "image/bmp",
+    "image/x-ms-bmp",
+    "image/webp",
+    "application/octet-stream",
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass
+class Upload:
+    data: bytes
+    filename: str | None
+
+
+@dataclass
+class Limits:
+    max_request_bytes: int
+    max_images_per_request: int
+    default_top_k: int
+    max_top_k: int
+
+
+class Frontend:
+    """What the routes need from the service: a card to decode and format, a model to call."""
+
+    def __init__(
+        self,
+        card,
+        classify: Callable[[np.ndarray], Awaitable[np.ndarray]],
+        limits: Limits,
+        describe: Callable[[], Awaitable[dict]],
+        observer=None,
+    ) -> None:
+        self.card = card
+        self.classify = classify
+        self.limits = limits
+        self.describe = describe
+        self.observer = observer
+
+    def top_k_limit(self) -> int:
+        return min(self.limits.max_top_k, len(self.card.classes))
+
+
+def safe_text(text: str | None, limit: int = 120) -> str:
+    """User-supplied text for logs and messages: no control characters, bounded length."""
+    if text is None:
+        return ""
+    return _CONTROL.sub("?", text)[:limit]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ImgclfError("Content-Length is not a number") from None
+        if size > limit:
+            raise InvalidImageError(
+                f"the request body is {size} bytes; the limit is {limit}",
+                reason="too_large",
+                status_code=413,
+            )
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise InvalidImageError(
+                f"the request body exceeds the limit of {limit} bytes",
+                reason="too_large",
+                status_code=413,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_uploads(request: Request, *, field: str, limits: Limits, raw_allowed: bool):
+    """The uploaded images and the text form fields of a request."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, limits.max_request_bytes)
+    if media_type == "multipart/form-data":
+        return await _multipart(request, body, field=field, limits=limits)
+    if media_type in RAW_IMAGE_TYPES or (raw_allowed and media_type.startswith("image/")):
+        if not raw_allowed:
+            raise InvalidImageError(
+                f"send several images as multipart/form-data fields named {field!r}",
+                reason="unsupported_media_type",
+                status_code=415,
+            )
+        return [Upload(body, None)], {}
+    accepted = "multipart/form-data" + (", " + ", ".join(RAW_IMAGE_TYPES) if raw_allowed else "")
+    shown = safe_text(media_type) or "none"
+    raise InvalidImageError(
+        f"unsupported Content-Type {shown}; send {accepted}",
+        reason="unsupported_media_type",
+        status_code=415,
+    )
+
+
+async def _multipart(request: Request, body: bytes, *, field: str, limits: Limits):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        async with Request(request.scope, replay).form(
+            max_files=limits.max_images_per_request + 1, max_fields=16, max_part_size=64 * 1024
+        ) as form:
+            values = form.getlist(field)
+            texts = {key: value for key, value in form.items() if isinstance(value, str)}
+            uploads = []
+            for value in values:
+                if not isinstance(value, UploadFile):
+                    raise ImgclfError(
+                        f"field {field!r} must be a file upload, not text (URLs are never fetched)"
+                    )
+                uploads.append(Upload(await value.read(), value.filename))
+    except (MultiPartException, HTTPException) as error:  # Starlette raises either
+        detail = getattr(error, "detail", None) or str(error)
+        raise ImgclfError(f"malformed multipart body: {safe_text(str(detail))}") from None
+    except (AssertionError, KeyError, ValueError, UnicodeDecodeError) as error:
+        raise ImgclfError(f"malformed multipart body ({type(error).__name__})") from None
+    if not uploads:
+        raise ImgclfError(f"no file in multipart field {field!r}", reason="empty")
+    return uploads, texts
+
+
+def parse_top_k(request: Request, form: dict, frontend: Frontend) -> int:
+    raw = request.query_params.get("top_k", form.get("top_k"))
+    limit = frontend.top_k_limit()
+    if raw is None:
+        return min(frontend.limits.default_top_k, limit)
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ImgclfError(
+            f"top_k must be an integer from 1 to {limit}", reason="bad_top_k"
+        ) from None
+    if not 1 <= value <= limit:
+        raise ImgclfError(f"top_k must be from 1 to {limit}, got {value}", reason="bad_top_k")
+    return value
+
+
+async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int, endpoint: str):
+    """Decode every image (a bad one fails this request alone), then classify them together."""
+    card = frontend.card
+    arrays = []
+    for index, upload in enumerate(uploads):
+        try:
+            arrays.append(await anyio.to_thread.run_sync(card.preprocess, upload.data))
+        except InvalidImageError as error:
+            if len(uploads) > 1:
+                name = f" ({safe_text(upload.filename, 60)})" if upload.filename else ""
+                error.args = (f"image {index}{name}: {error.message}",)
+            raise
+    batch = np.stack(arrays)
+    probabilities = np.asarray(await frontend.classify(batch))
+    ranked = card.top_k(probabilities, top_k)
+    if frontend.observer is not None:
+        frontend.observer.record(endpoint, batch, probabilities)
+    return [
+        {
+            "label": best[0]["label"],
+            "score": best[0]["score"],
+            "top_k": best,
+            "model_version": card.version,
+        }
+        for best in ranked
+    ]
+
+
+def build_app(get_frontend: Callable[[], Frontend]) -> Starlette:
+    """The Starlette app; ``get_frontend`` returns the running service's frontend."""
+
+    async def handle(request: Request, endpoint: str, work) -> JSONResponse:
+        frontend = get_frontend()
+        try:
+            return JSONResponse(await work(frontend))
+        except ImgclfError as error:
+            reason, status, message = error.reason, error.status_code, error.message
+            log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
+        except ServiceUnavailable:
+            # BentoML's batcher sheds requests it cannot serve within max_latency_ms.
+            reason, status, message = "overloaded", 503, "the model is overloaded; retry shortly"
+        except Exception:
+            log.exception("%s failed", endpoint)
+            reason, status, message = "internal", 500, "internal error; see the server log"
+        if frontend.observer is not None:
+            frontend.observer.error(endpoint, reason)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def predict(request: Request) -> JSONResponse:
+        async def work(frontend: Frontend):
+            uploads, form = await read_uploads(
+                request, field="image", limits=frontend.limits, raw_allowed=True
+            )
+            if len(uploads) > 1:
+                raise ImgclfError(
+                    "send one image to /predict (several: /predict_batch)",
+                    reason="too_many_images",
+                )
+            top_k = parse_top_k(request, form, frontend)
+            return (await predict_uploads(frontend, uploads, top_k, "predict"))[0]
+
+        return await handle(request, "predict", work)
+
+    async def predict_batch(request: Request) -> JSONResponse:
+        async def work(frontend: Frontend):
+            uploads, form = await read_uploads(
+                request, field="images", limits=frontend.limits, raw_allowed=False
+            )
+            if len(uploads) > frontend.limits.max_images_per_request:
+                raise ImgclfError(
+                    f"{len(uploads)} images in one request; the limit is "
+                    f"{frontend.limits.max_images_per_request}",
+                    reason="too_many_images",
+                )
+            top_k = parse_top_k(request, form, frontend)
+            return await predict_uploads(frontend, uploads, top_k, "predict_batch")
+
+        return await handle(request, "predict_batch", work)
+
+    async def metadata(request: Request) -> JSONResponse:
+        async def work(frontend: Frontend):
+            return {**await frontend.describe(), "limits": vars(frontend.limits)}
+
+        return await handle(request, "metadata", work)
+
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": error.detail}, status_code=error.status_code, headers=error.headers
+        )
+
+    return Starlette(
+        exception_handlers={HTTPException: http_error},
+        routes=[
+            Route("/predict", predict, methods=["POST"]),
+            Route("/predict_batch", predict_batch, methods=["POST"]),
+            Route("/metadata", metadata, methods=["GET"]),
+        ],
+    )

@@ -1,0 +1,231 @@
+"""The inference runtime: a published model directory in an ONNX Runtime session.
+
+One class, used by the HTTP service, batch scoring and drift reports, so there is one
+inference path. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.errors import ConfigError, ModelError
+from serving.model_dir import (
+    INPUT_NAME,
+    INT8_MODEL,
+    ONNX_MODEL,
+    OUTPUT_NAME,
+    load_metadata,
+    resolve_model_dir,
+)
+from serving.preprocessing import PreprocessSpec, preprocess_bytes
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ModelCard:
+    """What a model directory says about itself: classes, input contract, limits. Enough to
+    validate and decode requests and to format answers, without an inference session."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        max_image_bytes: int | None = None,
+        max_image_pixels: int | None = None,
+    ) -> None:
+        self.model_dir = resolve_model_dir(model_dir)
+        self.metadata = load_metadata(self.model_dir)
+        self.classes: list[str] = list(self.metadata["classes"])
+        self.name: str = self.metadata["name"]
+        self.version: int = self.metadata["version"]
+        self.spec = _spec(self.metadata, max_image_bytes, max_image_pixels)
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        return preprocess_bytes(data, self.spec)
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[list[dict]]:
+        """Per row, the k most probable classes, best first, as ``{"label", "score"}``."""
+        k = min(k, len(self.classes))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return [
+            [{"label": self.classes[i], "score": float(row[i])} for i in indices]
+            for row, indices in zip(probabilities, order, strict=True)
+        ]
+
+
+class ClassifierRuntime(ModelCard):
+    """Load, verify, warm up and run one model version."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        provider: str = "auto",
+        precision: str = "fp32",
+        intra_op_threads: int = 0,
+        max_batch_size: int = 64,
+        max_image_bytes: int | None = None,
+        max_image_pixels: int | None = None,
+    ) -> None:
+        super().__init__(
+            model_dir, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels
+        )
+        self.precision = precision
+        self.max_batch_size = max_batch_size
+        model_file = INT8_MODEL if precision == "int8" else ONNX_MODEL
+        model_bytes = self._read_verified(model_file)
+        self.session, self.provider = create_session(model_bytes, provider, intra_op_threads)
+        self._check_graph()
+        self.ready = False
+
+    @classmethod
+    def from_settings(cls, model_dir: Path, settings) -> ClassifierRuntime:
+        return cls(
+            model_dir,
+            provider=settings.provider,
+            precision=settings.precision,
+            intra_op_threads=settings.intra_op_threads,
+            max_batch_size=settings.max_batch_size,
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+        )
+
+    def warm_up(self) -> None:
+        """Run batch 1 and the largest batch once, so the first request pays no set-up cost."""
+        for size in sorted({1, self.max_batch_size}):
+            self.predict(np.zeros((size, *self.spec.input_shape), dtype=np.float32))
+        self.ready = True
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """float32 NHWC batch in [0, 255] -> probabilities, in chunks of ``max_batch_size``."""
+        if images.ndim != 4 or images.shape[1:] != self.spec.input_shape:
+            raise ValueError(f"expected (N, {self.spec.input_shape}) images, got {images.shape}")
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        chunks = [
+            self.session.run(
+                [OUTPUT_NAME], {INPUT_NAME: images[start : start + self.max_batch_size]}
+            )[0]
+            for start in range(0, len(images), self.max_batch_size)
+        ]
+        if not chunks:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return np.concatenate(chunks)
+
+    def describe(self) -> dict:
+        """What ``GET /metadata`` answers."""
+        meta = self.metadata
+        return {
+            "name": self.name,
+            "version": self.version,
+            "classes": self.classes,
+            "input": meta["input"],
+            "preprocessing": meta["preprocessing"],
+            "precision": self.precision,
+            "execution_provider": self.provider,
+            "max_batch_size": self.max_batch_size,
+            "metrics": meta.get("metrics"),
+            "parity": meta.get("parity"),
+            "int8": meta.get("int8"),
+            "created_at": meta.get("created_at"),
+        }
+
+    def _read_verified(self, model_file: str) -> bytes:
+        """Read the model once and hash those bytes: a file swapped after the check is never
+        the one loaded."""
+        path = self.model_dir / model_file
+        if not path.is_file():
+            hint = " (INT8 was not exported or not kept)" if model_file == INT8_MODEL else ""
+            raise ModelError(f"{path} is missing{hint}")
+        expected = self.metadata["files"].get(model_file)
+        if expected is None:
+            raise ModelError(f"metadata.json in {self.model_dir} has no hash for {model_file}")
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ModelError(
+                f"{path} does not match its hash in metadata.json "
+                f"(expected {expected[:12]}..., got {actual[:12]}...): modified or corrupt"
+            )
+        return data
+
+    def _check_graph(self) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+            raise ModelError(
+                f"{self.model_dir}: the graph's inputs/outputs are "
+                f"{[i.name for i in inputs]}/{[o.name for o in outputs]}, "
+                f"expected [{INPUT_NAME!r}]/[{OUTPUT_NAME!r}]"
+            )
+        graph_shape = tuple(inputs[0].shape[1:])
+        if graph_shape != self.spec.input_shape:
+            raise ModelError(
+                f"{self.model_dir}: metadata.json says input {self.spec.input_shape} but the "
+                f"ONNX graph takes {graph_shape}"
+            )
+        width = outputs[0].shape[-1]
+        if isinstance(width, int) and width != len(self.classes):
+            raise ModelError(
+                f"{self.model_dir}: metadata.json lists {len(self.classes)} classes but the "
+                f"graph outputs {width}"
+            )
+
+
+def create_session(
+    model: bytes | str, provider: str, intra_op_threads: int = 0
+) -> tuple[ort.InferenceSession, str]:
+    """An ONNX Runtime session on the requested provider; returns it and the provider in use.
+
+    ``cuda`` that cannot load is an error, never a silent CPU fallback; ``auto`` falls back
+    and says so. The CUDA branch cannot run in CI (no GPU): see README "GPU".
+    """
+    if provider not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"provider must be auto, cuda or cpu, got {provider!r}")
+    available = ort.get_available_providers()
+    wants_cuda = provider == "cuda" or (provider == "auto" and CUDA in available)
+    if provider == "cuda" and CUDA not in available:
+        raise ModelError(
+            "provider cuda requested, but this onnxruntime has no CUDAExecutionProvider "
+            "(install the gpu extra: onnxruntime-gpu[cuda,cudnn], not onnxruntime)"
+        )
+    if wants_cuda and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels of the [cuda,cudnn] extra
+        except Exception as error:  # missing libraries surface as the check below
+            log.warning("onnxruntime.preload_dlls() failed: %s", error)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = [CUDA, CPU] if wants_cuda else [CPU]
+    try:
+        session = ort.InferenceSession(model, sess_options=options, providers=providers)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ModelError(f"ONNX Runtime cannot load the model: {first}") from error
+    in_use = session.get_providers()[0]
+    if wants_cuda and in_use != CUDA:
+        if provider == "cuda":
+            raise ModelError(
+                "provider cuda requested, but ONNX Runtime could not initialise CUDA "
+                f"(session runs on {in_use}); check the driver and CUDA/cuDNN libraries"
+            )
+        log.warning("CUDA is available but could not be initialised; running on %s", in_use)
+    log.info("ONNX Runtime session on %s (requested %s)", in_use, provider)
+    return session, in_use
+
+
+def _spec(metadata: dict, max_bytes: int | None, max_pixels: int | None) -> PreprocessSpec:
+    spec = PreprocessSpec.from_metadata(metadata["preprocessing"])
+    limits = {"max_bytes": max_bytes, "max_pixels": max_pixels}
+    return dataclasses.replace(spec, **{k: v for k, v in limits.items() if v is not None})

@@ -1,0 +1,126 @@
+"""BentoML services: ``ImageClassifier`` (the public HTTP API) in front of ``OnnxModel``
+(ONNX Runtime with adaptive batching).
+
+    bentoml serve serving.service:ImageClassifier        # or: imgclf serve --model DIR
+
+The public service reads and validates requests and decodes images (``serving/http.py``);
+``OnnxModel`` runs in its own worker processes, so decoding and inference use different cores
+and requests from every HTTP worker are batched together. The model comes from BentoML's
+model store (``IMGCLF_BENTO_MODEL``, what ``bentoml build`` packages) or from a published
+directory (``IMGCLF_MODEL_DIR``). No TensorFlow anywhere on this path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import aiohttp
+import bentoml
+import numpy as np
+
+from serving.http import Frontend, Limits, build_app
+from serving.openapi import MergeOpenAPIPaths
+from serving.runtime import ClassifierRuntime, ModelCard
+from serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ServingSettings.from_env()
+CONNECTION_RETRIES = 2
+STORED_MODEL = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
+TRAFFIC = {"timeout": SETTINGS.timeout_s} | (
+    {"max_concurrency": SETTINGS.max_concurrency} if SETTINGS.max_concurrency else {}
+)
+
+
+def model_dir(stored_model) -> Path:
+    return SETTINGS.model_dir if SETTINGS.model_dir else Path(stored_model.path)
+
+
+@bentoml.service(
+    name="imgclf-model",
+    workers=SETTINGS.model_workers,
+    traffic=TRAFFIC,
+    # The calling side's session is replaced every max_requests calls (see classify below).
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 3600.0},
+)
+class OnnxModel:
+    stored_model = STORED_MODEL
+
+    def __init__(self) -> None:
+        # Loading (hashes, session, graph checks) fails start-up at once; warm-up runs in the
+        # background so /livez answers while /readyz stays 503 until the model is warm.
+        self.runtime = ClassifierRuntime.from_settings(model_dir(self.stored_model), SETTINGS)
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            self.runtime.warm_up()
+        except Exception:
+            log.exception("warm-up failed; the model service stays unready")
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready
+
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        return self.runtime.predict(images)
+
+    @bentoml.api
+    def describe(self) -> dict:
+        return self.runtime.describe()
+
+
+app = build_app(lambda: bentoml.get_current_service().frontend)
+
+
+@bentoml.service(name="imgclf", workers=SETTINGS.workers, traffic=TRAFFIC)
+@bentoml.asgi_app(app, path="/")
+class ImageClassifier:
+    model = bentoml.depends(OnnxModel)
+    stored_model = STORED_MODEL
+
+    def __init__(self) -> None:
+        card = ModelCard(
+            model_dir(self.stored_model),
+            max_image_bytes=SETTINGS.max_image_bytes,
+            max_image_pixels=SETTINGS.max_image_pixels,
+        )
+        limits = Limits(
+            max_request_bytes=SETTINGS.max_request_bytes,
+            max_images_per_request=SETTINGS.max_images_per_request,
+            default_top_k=SETTINGS.default_top_k,
+            max_top_k=SETTINGS.max_top_k,
+        )
+        self._description: dict | None = None
+        self.frontend = Frontend(card, self.classify, limits, self.describe_model)
+
+    async def classify(self, images: np.ndarray) -> np.ndarray:
+        # Looked up per call: BentoML connects the remote proxy after __init__. BentoML 1.4.40
+        # closes its client session every 100 calls while other calls still use it (issues
+        # #5544, #5540, #4971): those fail with a connection error, so an idempotent call is
+        # retried on a fresh session.
+        for attempt in range(CONNECTION_RETRIES + 1):
+            try:
+                return await self.model.to_async.classify(images)
+            except (aiohttp.ClientConnectionError, RuntimeError) as error:
+                closed = isinstance(error, aiohttp.ClientConnectionError) or "closed" in str(error)
+                if not closed or attempt == CONNECTION_RETRIES:
+                    raise
+                log.debug("retrying classify after %s", type(error).__name__)
+        raise AssertionError("unreachable")
+
+    async def describe_model(self) -> dict:
+        if self._description is None:
+            self._description = await self.model.to_async.describe()
+        return self._description
+
+
+ImageClassifier.add_asgi_middleware(MergeOpenAPIPaths)

@@ -1,0 +1,107 @@
+"""A served model two ways: in-process through Starlette's TestClient, and a real
+``imgclf serve`` (``bentoml serve``) process on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import IMGCLF, REPO
+from tests.serving.cases import TEST_ENV
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A real server process; ``stop()`` sends SIGTERM like an orchestrator would."""
+
+    def __init__(self, model_dir: Path, env: dict | None = None, args: tuple = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ["BENTOML_HOME"]) / f"server-{self.port}.log", "w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [IMGCLF, "serve", "--model", str(model_dir), "--port", str(self.port), *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **TEST_ENV, **(env or {})},
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 90) -> list[int]:
+        """Poll /readyz until 200; returns every status seen (connection refused: 0)."""
+        seen = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.output()[-3000:]}")
+            try:
+                status = httpx.get(self.url + "/readyz", timeout=2).status_code
+            except httpx.TransportError:
+                status = 0
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == 200:
+                return seen
+            time.sleep(0.02)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def service_module(published_model):
+    """serving.service imported with settings pointing at the published test model."""
+    os.environ.update(TEST_ENV)
+    os.environ["IMGCLF_MODEL_DIR"] = str(published_model)
+    import serving.service
+
+    assert serving.service.SETTINGS.model_dir == published_model
+    return serving.service
+
+
+@pytest.fixture(scope="session")
+def client(service_module):
+    from starlette.testclient import TestClient
+
+    with TestClient(service_module.ImageClassifier.to_asgi()) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def server(published_model):
+    running = Server(published_model)
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as session:
+        yield session

@@ -1,0 +1,176 @@
+"""Every endpoint, in-process and against a real ``bentoml serve`` process, with real files."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from serving.runtime import ClassifierRuntime
+from tests.serving.cases import bad_requests, good_images, send
+
+GOOD = good_images()
+BAD = bad_requests()
+
+
+@pytest.fixture(params=["in_process", "real_server"])
+def api(request):
+    """The same checks against both ways of running the service."""
+    return request.getfixturevalue("client" if request.param == "in_process" else "http")
+
+
+@pytest.fixture(scope="module")
+def reference(published_model):
+    return ClassifierRuntime(published_model, provider="cpu")
+
+
+@pytest.mark.parametrize("name", list(GOOD))
+def test_predict_raw_body_matches_the_runtime(api, reference, name):
+    data, content_type, _ = GOOD[name]
+    response = api.post("/predict", content=data, headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"label", "score", "top_k", "model_version"}
+    expected = reference.predict(reference.preprocess(data)[None])[0]
+    assert body["label"] == reference.classes[int(expected.argmax())]
+    assert body["score"] == pytest.approx(float(expected.max()), rel=1e-5)
+    assert body["model_version"] == 1
+    assert len(body["top_k"]) == 3  # the servers' IMGCLF_DEFAULT_TOP_K
+    assert body["top_k"][0] == {"label": body["label"], "score": body["score"]}
+    scores = [entry["score"] for entry in body["top_k"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_predict_multipart_with_top_k(api):
+    data, content_type, _ = GOOD["png"]
+    response = api.post(
+        "/predict", files={"image": ("three.png", data, content_type)}, params={"top_k": "5"}
+    )
+    assert response.status_code == 200, response.text
+    assert len(response.json()["top_k"]) == 5
+    form_field = api.post(
+        "/predict", files={"image": ("three.png", data, content_type)}, data={"top_k": "2"}
+    )
+    assert len(form_field.json()["top_k"]) == 2
+
+
+def test_image_jpg_content_type_is_accepted(api):
+    data, _, _ = GOOD["jpeg"]
+    response = api.post("/predict", content=data, headers={"Content-Type": "image/jpg"})
+    assert response.status_code == 200
+
+
+def test_predict_batch_keeps_input_order(api, reference):
+    names = ["png", "jpeg", "grayscale", "rgba", "png"]
+    files = [("images", (f"{n}.img", GOOD[n][0], GOOD[n][1])) for n in names]
+    response = api.post("/predict_batch", files=files, params={"top_k": "1"})
+    assert response.status_code == 200, response.text
+    results = response.json()
+    assert len(results) == len(names)
+    for name, result in zip(names, results, strict=True):
+        expected = reference.predict(reference.preprocess(GOOD[name][0])[None])[0]
+        assert result["label"] == reference.classes[int(expected.argmax())]
+        assert len(result["top_k"]) == 1
+    assert results[0] == results[4]
+
+
+def test_metadata(api, published_model):
+    response = api.get("/metadata")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["name"], body["version"]) == ("tiny", 1)
+    assert body["classes"] == ["0", "1", "2", "3", "4"]
+    assert body["input"]["height"] == 16 and body["input"]["channels"] == 3
+    assert body["execution_provider"] == "CPUExecutionProvider"
+    assert body["parity"]["onnx"]["top1_agreement"] == 1.0
+    assert 0 <= body["metrics"]["accuracy"] <= 1
+    assert body["limits"]["max_images_per_request"] == 8
+
+
+def test_health_and_openapi(api):
+    assert api.get("/livez").status_code == 200
+    assert api.get("/readyz").status_code == 200
+    spec = api.get("/docs.json").json()
+    for path in ("/predict", "/predict_batch", "/metadata"):
+        assert path in spec["paths"], path
+    assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c.name for c in BAD])
+def test_bad_input_gets_its_4xx_json_error(api, case):
+    response = send(api, case)
+    assert response.status_code == case.status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    assert case.says in body["error"], body["error"]
+
+
+def test_wrong_method_is_a_json_405(api):
+    response = api.get("/predict")
+    assert response.status_code == 405
+    assert "error" in response.json()
+
+
+def test_server_keeps_serving_after_every_bad_input(http):
+    for case in BAD:
+        assert send(http, case).status_code < 500, case.name
+    data, content_type, _ = GOOD["png"]
+    response = http.post("/predict", content=data, headers={"Content-Type": content_type})
+    assert response.status_code == 200
+
+
+def test_a_url_instead_of_a_file_is_never_fetched(http):
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(GOOD["png"][0])
+
+        def log_message(self, *args):
+            pass
+
+    listener = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=listener.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.server_port}/digit.png"
+    try:
+        as_field = http.post("/predict", files={"other": ("x", b"x")}, data={"image": url})
+        as_json = http.post("/predict", json={"image": url})
+        as_text = http.post(
+            "/predict", content=url.encode(), headers={"Content-Type": "text/plain"}
+        )
+    finally:
+        listener.shutdown()
+    assert [as_field.status_code, as_json.status_code, as_text.status_code] == [400, 415, 415]
+    assert hits == []
+
+
+def test_concurrent_requests_are_batched_and_each_answered(server, http):
+    from concurrent.futures import ThreadPoolExecutor
+
+    data, content_type, _ = GOOD["png"]
+
+    def one(_):
+        return http.post("/predict", content=data, headers={"Content-Type": content_type})
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(one, range(96)))
+    assert [r.status_code for r in responses] == [200] * 96
+    assert len({r.json()["label"] for r in responses}) == 1
+    metrics = http.get("/metrics").text
+    sums = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("bentoml_service_adaptive_batch_size_sum")
+    ]
+    counts = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("bentoml_service_adaptive_batch_size_count")
+    ]
+    assert sum(sums) > sum(counts), "no batch ever held more than one image"

@@ -1,0 +1,141 @@
+"""The ONNX Runtime runtime on a real exported model: providers, hashes, contract checks, top-k."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serving.errors import ConfigError, ModelError
+from serving.preprocessing import preprocess_file
+from serving.runtime import ClassifierRuntime, ModelCard
+from training.datasets import read_manifest
+
+
+@pytest.fixture(scope="module")
+def runtime(published_model):
+    loaded = ClassifierRuntime(published_model, provider="cpu", max_batch_size=8)
+    loaded.warm_up()
+    return loaded
+
+
+def test_runtime_matches_a_plain_onnxruntime_session(runtime, published_model, trained_run):
+    test = read_manifest(trained_run)["test"]
+    images = np.stack([preprocess_file(s.path, runtime.spec) for s in test])
+    plain = ort.InferenceSession(
+        str(published_model / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    expected = plain.run(["probabilities"], {"image": images})[0]
+    got = runtime.predict(images)  # len(test) > max_batch_size: chunked
+    assert len(images) > runtime.max_batch_size
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert runtime.ready and runtime.provider == "CPUExecutionProvider"
+
+
+def test_top_k_is_sorted_labelled_and_bounded(runtime):
+    probabilities = np.array([[0.1, 0.5, 0.05, 0.3, 0.05], [0.9, 0.02, 0.03, 0.02, 0.03]])
+    ranked = runtime.top_k(probabilities, 3)
+    assert [r["label"] for r in ranked[0]] == ["1", "3", "0"]
+    assert [r["score"] for r in ranked[0]] == [0.5, 0.3, 0.1]
+    assert ranked[1][0] == {"label": "0", "score": 0.9}
+    assert len(runtime.top_k(probabilities, 99)[0]) == 5
+
+
+def test_describe_reports_the_provider_and_the_model(runtime, published_model):
+    description = runtime.describe()
+    metadata = json.loads((published_model / "metadata.json").read_text())
+    assert description["execution_provider"] == "CPUExecutionProvider"
+    assert (description["name"], description["version"]) == ("tiny", 1)
+    assert description["classes"] == metadata["classes"]
+    assert description["parity"] == metadata["parity"]
+
+
+def test_auto_falls_back_to_cpu_and_cuda_is_refused_without_it(published_model, caplog):
+    assert "CUDAExecutionProvider" not in ort.get_available_providers()  # CI has no GPU
+    auto = ClassifierRuntime(published_model, provider="auto")
+    assert auto.provider == "CPUExecutionProvider"
+    with pytest.raises(ModelError, match="provider cuda requested"):
+        ClassifierRuntime(published_model, provider="cuda")
+    with pytest.raises(ConfigError, match="auto, cuda or cpu"):
+        ClassifierRuntime(published_model, provider="tpu")
+
+
+def test_int8_precision_runs_the_int8_file(published_model):
+    if not (published_model / "model.int8.onnx").exists():
+        with pytest.raises(ModelError, match="INT8 was not exported or not kept"):
+            ClassifierRuntime(published_model, precision="int8")
+        return
+    runtime = ClassifierRuntime(published_model, precision="int8")
+    assert runtime.predict(np.zeros((2, *runtime.spec.input_shape), np.float32)).shape == (2, 5)
+
+
+def copy_model(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+def test_tampered_model_file_is_refused(tmp_path, published_model):
+    model_dir = copy_model(published_model, tmp_path / "m")
+    data = bytearray((model_dir / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (model_dir / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match its hash"):
+        ClassifierRuntime(model_dir)
+
+
+def test_metadata_contradicting_the_graph_is_refused(tmp_path, published_model):
+    model_dir = copy_model(published_model, tmp_path / "m")
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    metadata["preprocessing"]["height"] = 24
+    (model_dir / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match=r"says input \(24, 16, 3\) but the ONNX graph takes"):
+        ClassifierRuntime(model_dir)
+    metadata["preprocessing"]["height"] = 16
+    metadata["classes"] = metadata["classes"][:3]
+    (model_dir / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match="lists 3 classes but the graph outputs 5"):
+        ClassifierRuntime(model_dir)
+
+
+def test_missing_and_corrupt_models_are_clear_errors(tmp_path, published_model):
+    with pytest.raises(ModelError, match="does not exist"):
+        ClassifierRuntime(tmp_path / "nowhere")
+    model_dir = copy_model(published_model, tmp_path / "m")
+    (model_dir / "model.onnx").write_bytes(b"not onnx at all")
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    import hashlib
+
+    metadata["files"]["model.onnx"] = hashlib.sha256(b"not onnx at all").hexdigest()
+    (model_dir / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load the model"):
+        ClassifierRuntime(model_dir)
+
+
+def test_repository_path_resolves_to_the_newest_version(tmp_path, published_model):
+    repository = tmp_path / "repo" / "tiny"
+    copy_model(published_model, repository / "1")
+    newer = copy_model(published_model, repository / "3")
+    metadata = json.loads((newer / "metadata.json").read_text())
+    metadata["version"] = 3
+    (newer / "metadata.json").write_text(json.dumps(metadata))
+    assert ModelCard(repository).version == 3
+
+
+def test_serving_path_never_imports_tensorflow(published_model):
+    code = (
+        "import os, sys; os.environ['IMGCLF_MODEL_DIR'] = sys.argv[1]\n"
+        "import serving.service, serving.runtime, serving.http, monitoring\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'tf2onnx') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(published_model)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
