@@ -45,6 +45,9 @@ def model_dir(stored_model) -> Path:
     traffic=TRAFFIC,
     # The calling side's session is replaced every max_requests calls (see classify below).
     runner_connection={"max_requests": 1_000_000_000, "max_age": 3600.0},
+    # An internal hop: the public service logs and measures each request already.
+    logging={"access": {"enabled": False}},
+    metrics={"enabled": False},
 )
 class OnnxModel:
     stored_model = STORED_MODEL

@@ -1,0 +1,283 @@
+"""HTTP serving throughput: our service vs the in-process ceiling vs a TensorFlow reference.
+
+In one run, on one model (default: the newest model_repository/digits version):
+- the imgclf service (``imgclf serve``) at concurrency 1, 8 and 32, real JPEG uploads
+  (multipart field ``image``), driven by wrk (C, so the load generator costs little CPU);
+- the in-process ceiling: decode + preprocess + ONNX Runtime in one loop, no HTTP;
+- a reference service built the tutorial way: BentoML serving the SavedModel with TensorFlow,
+  same request (``benchmarks/tf_reference_service.py``).
+
+    .venv/bin/python benchmarks/bench_service.py [--model model_repository/digits] [--seconds 15]
+
+Needs wrk (``apt-get install wrk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.common import Timer, machine, table  # noqa: E402
+from serving.model_dir import resolve_model_dir  # noqa: E402
+from serving.runtime import ClassifierRuntime  # noqa: E402
+from training.datasets import discover, write_digits  # noqa: E402
+
+BOUNDARY = "imgclfbenchboundary"
+BIN = Path(sys.executable).parent
+
+
+def digit_jpegs(count: int = 16, size: int = 128) -> list[bytes]:
+    """Real handwritten digits as the JPEG uploads a phone or scanner would send."""
+    samples = discover(write_digits()).samples[:count]
+    jpegs = []
+    for sample in samples:
+        with Image.open(sample.path) as image:
+            buffer = io.BytesIO()
+            resized = image.convert("RGB").resize((size, size), Image.BILINEAR)
+            resized.save(buffer, "JPEG", quality=90)
+            jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def multipart(jpeg: bytes) -> bytes:
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="d.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + jpeg
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+def wrk_script(workdir: Path, jpegs: list[bytes]) -> Path:
+    paths = []
+    for index, jpeg in enumerate(jpegs):
+        path = workdir / f"body{index}.bin"
+        path.write_bytes(multipart(jpeg))
+        paths.append(f'"{path}"')
+    script = workdir / "post.lua"
+    script.write_text(f"""
+bodies = {{}}
+for i, path in ipairs({{{", ".join(paths)}}}) do
+  local f = io.open(path, "rb"); bodies[i] = f:read("*all"); f:close()
+end
+counter = 0
+request = function()
+  counter = counter + 1
+  local headers = {{["Content-Type"] = "multipart/form-data; boundary={BOUNDARY}"}}
+  return wrk.format("POST", "/predict", headers, bodies[(counter % #bodies) + 1])
+end
+""")
+    return script
+
+
+def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(min(2, connections)),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def latency(percent: str) -> float:
+        value, unit = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)", out, re.M).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "errors": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Process:
+    def __init__(self, args: list[str], env: dict, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            args,
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{args[0]} did not become ready")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def ceiling(model_dir: Path, jpegs: list[bytes], seconds: float, batch_size: int) -> float:
+    """Decode + preprocess + ONNX Runtime in one process, no HTTP: images/s."""
+    runtime = ClassifierRuntime(model_dir, provider="cpu", max_batch_size=max(batch_size, 2))
+    runtime.warm_up()
+    done = 0
+    with Timer() as timer:
+        while time.perf_counter() - timer.start < seconds:
+            arrays = [runtime.preprocess(jpegs[(done + i) % len(jpegs)]) for i in range(batch_size)]
+            runtime.predict(np.stack(arrays))
+            done += batch_size
+    return done / timer.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "digits")
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("error: wrk is not installed (apt-get install wrk)")
+
+    model_dir = resolve_model_dir(args.model).resolve()
+    jpegs = digit_jpegs()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        script = wrk_script(Path(scratch), jpegs)
+        ceiling_1 = ceiling(model_dir, jpegs, 5, 1)
+        ceiling_32 = ceiling(model_dir, jpegs, 5, 32)
+        rows.append(["in-process ceiling, batch 1", "-", ceiling_1, "", "", "", ""])
+        rows.append(["in-process ceiling, batch 32", "-", ceiling_32, "", "", "", ""])
+
+        port = free_port()
+        ours = Process(
+            [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)],
+            {"IMGCLF_PROVIDER": "cpu"},
+            port,
+        )
+        results = {}
+        try:
+            for connections in args.concurrency:
+                run_wrk(ours.url, script, connections, 3)  # warm the connections
+                results[connections] = run_wrk(ours.url, script, connections, args.seconds)
+        finally:
+            ours.stop()
+
+        reference = {}
+        if not args.skip_reference:
+            port = free_port()
+            ref = Process(
+                [
+                    str(BIN / "bentoml"),
+                    "serve",
+                    "benchmarks.tf_reference_service:TFReference",
+                    "--port",
+                    str(port),
+                ],
+                {"REFERENCE_MODEL_DIR": str(model_dir), "TF_CPP_MIN_LOG_LEVEL": "3"},
+                port,
+            )
+            try:
+                for connections in args.concurrency:
+                    run_wrk(ref.url, script, connections, 3)
+                    reference[connections] = run_wrk(ref.url, script, connections, args.seconds)
+            finally:
+                ref.stop()
+
+    for connections in args.concurrency:
+        mine = results[connections]
+        versus_tf = (
+            f"{mine['rps'] / reference[connections]['rps']:.1f}x"
+            if connections in reference
+            else ""
+        )
+        rows.append(
+            [
+                "imgclf service (ONNX Runtime)",
+                connections,
+                mine["rps"],
+                mine["p50"],
+                mine["p99"],
+                f"{mine['rps'] / ceiling_32:.2f}",
+                versus_tf,
+            ]
+        )
+        if connections in reference:
+            ref_row = reference[connections]
+            rows.append(
+                [
+                    "reference: BentoML + TF SavedModel",
+                    connections,
+                    ref_row["rps"],
+                    ref_row["p50"],
+                    ref_row["p99"],
+                    f"{ref_row['rps'] / ceiling_32:.2f}",
+                    "",
+                ]
+            )
+    errors = {c: (r["errors"], r["socket_errors"]) for c, r in results.items()}
+    print(f"machine: {machine()}")
+    print(
+        f"model: {model_dir} ; {len(jpegs)} real digit JPEGs (128x128) as multipart uploads; "
+        f"wrk {args.seconds} s per point; non-2xx/socket errors (ours): {errors}\n"
+    )
+    print(
+        table(
+            [
+                "server",
+                "concurrency",
+                "requests/s",
+                "p50 ms",
+                "p99 ms",
+                "vs ceiling (batch 32)",
+                "vs TF reference",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
