@@ -306,6 +306,43 @@ def serve(
     os.execve(bentoml_cli, args, env)
 
 
+@app.command()
+@user_errors
+def drift(
+    inputs: Annotated[
+        str, typer.Argument(help="Folder (recursive), glob, or text/CSV file listing images.")
+    ],
+    model: Annotated[Path, typer.Option(help="Published model directory or <repository>/<name>.")],
+    output: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path(
+        "drift_report.json"
+    ),
+    provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    fail_on: Annotated[
+        str, typer.Option(help="Exit 3 at this drift level: never, warning or critical.")
+    ] = "never",
+) -> None:
+    """Compare a set of images with the model's reference profile (PSI, JS, KS per signal)."""
+    import json
+
+    from monitoring.offline import drift_report, format_report
+    from serving.errors import ConfigError
+    from serving.files import atomic_write
+    from serving.runtime import ClassifierRuntime
+
+    if fail_on not in ("never", "warning", "critical"):
+        raise ConfigError(f"--fail-on must be never, warning or critical, got {fail_on!r}")
+    runtime = ClassifierRuntime(model, provider=provider)
+    report = drift_report(runtime, inputs)
+    with atomic_write(output) as handle:
+        json.dump(report, handle, indent=2)
+    typer.echo(format_report(report))
+    typer.echo(f"report: {output}")
+    levels = {"stable": 0, "warning": 1, "critical": 2}
+    threshold = {"never": 99, "warning": 1, "critical": 2}[fail_on]
+    if levels.get(report["status"], 0) >= threshold:
+        raise typer.Exit(3)
+
+
 def _parse_size(text: str) -> list[int]:
     from serving.errors import ConfigError
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -183,11 +184,12 @@ def parse_top_k(request: Request, form: dict, frontend: Frontend) -> int:
     return value
 
 
-async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int, endpoint: str):
+async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int):
     """Decode every image (a bad one fails this request alone), then classify them together."""
     card = frontend.card
     arrays = []
     for index, upload in enumerate(uploads):
+        started = time.perf_counter()
         try:
             arrays.append(await anyio.to_thread.run_sync(card.preprocess, upload.data))
         except InvalidImageError as error:
@@ -195,11 +197,9 @@ async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int,
                 name = f" ({safe_text(upload.filename, 60)})" if upload.filename else ""
                 error.args = (f"image {index}{name}: {error.message}",)
             raise
-    batch = np.stack(arrays)
-    probabilities = np.asarray(await frontend.classify(batch))
-    ranked = card.top_k(probabilities, top_k)
-    if frontend.observer is not None:
-        frontend.observer.record(endpoint, batch, probabilities)
+        if frontend.observer is not None:
+            frontend.observer.decoded(time.perf_counter() - started)
+    probabilities = np.asarray(await frontend.classify(np.stack(arrays)))
     return [
         {
             "label": best[0]["label"],
@@ -207,7 +207,7 @@ async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int,
             "top_k": best,
             "model_version": card.version,
         }
-        for best in ranked
+        for best in card.top_k(probabilities, top_k)
     ]
 
 
@@ -216,8 +216,12 @@ def build_app(get_frontend: Callable[[], Frontend]) -> Starlette:
 
     async def handle(request: Request, endpoint: str, work) -> JSONResponse:
         frontend = get_frontend()
+        started = time.perf_counter()
         try:
-            return JSONResponse(await work(frontend))
+            response = JSONResponse(await work(frontend))
+            if frontend.observer is not None:
+                frontend.observer.request(endpoint, 200, time.perf_counter() - started)
+            return response
         except ImgclfError as error:
             reason, status, message = error.reason, error.status_code, error.message
             log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
@@ -229,6 +233,7 @@ def build_app(get_frontend: Callable[[], Frontend]) -> Starlette:
             reason, status, message = "internal", 500, "internal error; see the server log"
         if frontend.observer is not None:
             frontend.observer.error(endpoint, reason)
+            frontend.observer.request(endpoint, status, time.perf_counter() - started)
         headers = {"Retry-After": "1"} if status == 503 else None
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -243,7 +248,7 @@ def build_app(get_frontend: Callable[[], Frontend]) -> Starlette:
                     reason="too_many_images",
                 )
             top_k = parse_top_k(request, form, frontend)
-            return (await predict_uploads(frontend, uploads, top_k, "predict"))[0]
+            return (await predict_uploads(frontend, uploads, top_k))[0]
 
         return await handle(request, "predict", work)
 
@@ -259,7 +264,7 @@ def build_app(get_frontend: Callable[[], Frontend]) -> Starlette:
                     reason="too_many_images",
                 )
             top_k = parse_top_k(request, form, frontend)
-            return await predict_uploads(frontend, uploads, top_k, "predict_batch")
+            return await predict_uploads(frontend, uploads, top_k)
 
         return await handle(request, "predict_batch", work)
 

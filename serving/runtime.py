@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from serving.model_dir import (
     INT8_MODEL,
     ONNX_MODEL,
     OUTPUT_NAME,
+    REFERENCE_PROFILE,
     load_metadata,
     resolve_model_dir,
+    verify_files,
 )
 from serving.preprocessing import PreprocessSpec, preprocess_bytes
 
@@ -119,6 +122,13 @@ class ClassifierRuntime(ModelCard):
         if not chunks:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         return np.concatenate(chunks)
+
+    def reference_profile(self) -> dict | None:
+        """The drift reference written at export time (hash-checked), or None if absent."""
+        if REFERENCE_PROFILE not in self.metadata["files"]:
+            return None
+        verify_files(self.model_dir, self.metadata, (REFERENCE_PROFILE,))
+        return json.loads((self.model_dir / REFERENCE_PROFILE).read_text())
 
     def describe(self) -> dict:
         """What ``GET /metadata`` answers."""

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import aiohttp
 import bentoml
 import numpy as np
 
+from monitoring.observers import PredictionObserver, RequestObserver
 from serving.http import Frontend, Limits, build_app
 from serving.openapi import MergeOpenAPIPaths
 from serving.runtime import ClassifierRuntime, ModelCard
@@ -56,6 +58,7 @@ class OnnxModel:
         # Loading (hashes, session, graph checks) fails start-up at once; warm-up runs in the
         # background so /livez answers while /readyz stays 503 until the model is warm.
         self.runtime = ClassifierRuntime.from_settings(model_dir(self.stored_model), SETTINGS)
+        self.observer = prediction_observer(self.runtime) if SETTINGS.monitoring else None
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
@@ -74,11 +77,29 @@ class OnnxModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def classify(self, images: np.ndarray) -> np.ndarray:
-        return self.runtime.predict(images)
+        started = time.perf_counter()
+        probabilities = self.runtime.predict(images)
+        if self.observer is not None:
+            self.observer.record(images, probabilities, time.perf_counter() - started)
+        return probabilities
 
     @bentoml.api
     def describe(self) -> dict:
         return self.runtime.describe()
+
+
+def prediction_observer(runtime: ClassifierRuntime) -> PredictionObserver:
+    return PredictionObserver(
+        classes=runtime.classes,
+        name=runtime.name,
+        version=runtime.version,
+        provider=runtime.provider,
+        precision=runtime.precision,
+        profile=runtime.reference_profile(),
+        window=SETTINGS.drift_window,
+        min_samples=SETTINGS.drift_min_samples,
+        interval=SETTINGS.drift_interval_s,
+    )
 
 
 app = build_app(lambda: bentoml.get_current_service().frontend)
@@ -103,7 +124,8 @@ class ImageClassifier:
             max_top_k=SETTINGS.max_top_k,
         )
         self._description: dict | None = None
-        self.frontend = Frontend(card, self.classify, limits, self.describe_model)
+        observer = RequestObserver() if SETTINGS.monitoring else None
+        self.frontend = Frontend(card, self.classify, limits, self.describe_model, observer)
 
     async def classify(self, images: np.ndarray) -> np.ndarray:
         # Looked up per call: BentoML connects the remote proxy after __init__. BentoML 1.4.40

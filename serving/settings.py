@@ -53,8 +53,11 @@ class ServingSettings(BaseModel):
     )
     timeout_s: int = Field(30, ge=1, description="Request timeout in seconds.")
     monitoring: bool = Field(True, description="Prediction metrics and drift monitor.")
-    drift_window: int = Field(1000, ge=10)
-    drift_min_samples: int = Field(500, ge=1)
+    drift_window: int = Field(1000, ge=10, description="Predictions in the live drift window.")
+    drift_min_samples: int = Field(
+        500, ge=1, description="Below this many predictions drift is not reported."
+    )
+    drift_interval_s: float = Field(15.0, gt=0, description="How often drift is recomputed.")
 
     @field_validator("model_dir", mode="before")
     @classmethod

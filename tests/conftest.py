@@ -105,11 +105,25 @@ def small_dataset(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("small") / "images", 40, (0, 1, 2, 3, 4))
 
 
+def cli_ok(*args: str, env: dict | None = None) -> None:
+    """Run an imgclf command that a fixture depends on; fail with its stderr if it fails."""
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def overrides(**values) -> list[str]:
+    """``--set`` flags from keyword arguments: overrides(train__epochs=3)."""
+    flags = []
+    for key, value in values.items():
+        flags += ["--set", f"{key.replace('__', '.')}={value}"]
+    return flags
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, small_dataset) -> Path:
     """A small seed CNN trained by the real CLI (16x16, a few epochs)."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    result = run_cli(
+    cli_ok(
         "train",
         "--data",
         str(small_dataset),
@@ -123,12 +137,8 @@ def trained_run(tmp_path_factory, small_dataset) -> Path:
         "16",
         "--weights",
         "none",
-        "--set",
-        "augmentation.horizontal_flip=false",
-        "--set",
-        "model.dropout=0.2",
+        *overrides(augmentation__horizontal_flip="false", model__dropout=0.2),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
 
@@ -136,7 +146,7 @@ def trained_run(tmp_path_factory, small_dataset) -> Path:
 def published_model(tmp_path_factory, trained_run) -> Path:
     """``trained_run`` exported by the real CLI (fp32 + int8) into a model repository."""
     repository = tmp_path_factory.mktemp("repository")
-    result = run_cli(
+    cli_ok(
         "export",
         str(trained_run),
         "--repository",
@@ -146,5 +156,53 @@ def published_model(tmp_path_factory, trained_run) -> Path:
         "--int8",
         "--no-register",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     return repository / "tiny" / "1"
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory, digits_home) -> Path:
+    """The seed CNN on all 1,797 built-in digits at 16x16, with 60% of them held out (so drift
+    tests can split the held-out images into a reference half and windows)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "digits"
+    cli_ok(
+        "train",
+        "--dataset",
+        "digits",
+        "--output",
+        str(run_dir),
+        "--image-size",
+        "16",
+        "--epochs",
+        "14",
+        "--batch-size",
+        "16",
+        "--weights",
+        "none",
+        *overrides(
+            data__validation_fraction=0.3,
+            data__test_fraction=0.3,
+            augmentation__horizontal_flip="false",
+            augmentation__rotation_degrees=10,
+            augmentation__width_shift=0.1,
+            augmentation__height_shift=0.1,
+            augmentation__zoom=0.1,
+            augmentation__fill_mode="constant",
+        ),
+        env={"IMGCLF_DATA_HOME": str(digits_home)},
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory, digits_run) -> Path:
+    repository = tmp_path_factory.mktemp("digits_repository")
+    cli_ok(
+        "export",
+        str(digits_run),
+        "--repository",
+        str(repository),
+        "--name",
+        "digits",
+        "--no-register",
+    )
+    return repository / "digits" / "1"

@@ -24,6 +24,7 @@ import tf2onnx
 
 import training.augmentation
 import training.models  # noqa: F401  (registers BackbonePreprocess for load_model)
+from monitoring.drift import build_reference_profile, image_signals
 from serving.errors import ConfigError, ModelError
 from serving.files import atomic_write, fsync_dir, fsync_tree
 from serving.model_dir import (
@@ -33,6 +34,7 @@ from serving.model_dir import (
     ONNX_MODEL,
     OUTPUT_NAME,
     PARITY,
+    REFERENCE_PROFILE,
     SAVED_MODEL,
     file_hashes,
     version_numbers,
@@ -68,6 +70,7 @@ def export(
     force: bool = False,
     max_batch_size: int = 64,
     parity_images: int = 512,
+    profile_images: int = 5000,
 ) -> ExportResult:
     """Convert, check and publish; raises ``ImgclfError`` (nothing published) on any failure."""
     run_dir = Path(run_dir)
@@ -106,6 +109,10 @@ def export(
             )
             report["int8"] = int8_report
         _write_json(staging / PARITY, report)
+        _write_json(
+            staging / REFERENCE_PROFILE,
+            reference_profile(staging / ONNX_MODEL, splits, classes, spec, run_dir, profile_images),
+        )
 
         metadata = build_metadata(name, version, run_dir, run_info, spec, report, int8_report)
         for onnx_file in (ONNX_MODEL, INT8_MODEL):
@@ -177,6 +184,19 @@ def set_onnx_metadata(path: Path, metadata: dict) -> None:
         entry.value = json.dumps(value if key != "files" else f"sha256 of every file: {METADATA}")
     model_proto.doc_string = f"imgclf {metadata['name']} v{metadata['version']}"
     onnx.save(model_proto, str(path))
+
+
+def reference_profile(onnx_path, splits, classes, spec, run_dir, limit: int) -> dict:
+    """What "no drift" looks like, from held-out images only (validation + test), scored by
+    the exported model exactly as the service will score them."""
+    held_out = splits["validation"] + splits["test"]
+    images, _ = load_split(held_out, classes, spec, limit=limit)
+    probabilities = parity.run_batched(parity.onnx_predictor(onnx_path), images, 256)
+    return build_reference_profile(
+        image_signals(images, probabilities),
+        classes,
+        source=f"{len(images)} held-out images (validation + test) of {Path(run_dir).resolve()}",
+    )
 
 
 def load_split(samples, classes, spec: PreprocessSpec, *, limit: int):

@@ -166,11 +166,12 @@ def test_concurrent_requests_are_batched_and_each_answered(server, http):
     sums = [
         float(line.split()[-1])
         for line in metrics.splitlines()
-        if line.startswith("bentoml_service_adaptive_batch_size_sum")
+        if line.startswith("imgclf_batch_size_sum")
     ]
     counts = [
         float(line.split()[-1])
         for line in metrics.splitlines()
-        if line.startswith("bentoml_service_adaptive_batch_size_count")
+        if line.startswith("imgclf_batch_size_count")
     ]
+    assert sums and counts
     assert sum(sums) > sum(counts), "no batch ever held more than one image"

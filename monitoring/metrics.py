@@ -1,0 +1,142 @@
+"""Every Prometheus metric the service exports. Only this module creates metrics.
+
+Naming: prefix ``imgclf_``, base units, ``_total`` counters, histograms (not summaries) with
+buckets for this workload, bounded labels (endpoints and error reasons are fixed sets; class
+names come from the model's metadata, never from a request). BentoML runs several processes
+with ``PROMETHEUS_MULTIPROC_DIR`` set: counters and histograms add up across them, and every
+gauge states how its processes combine.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ENDPOINTS = ("predict", "predict_batch", "metadata")
+
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DECODE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+INFERENCE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+ENTROPY_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
+FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+REQUESTS = Counter(
+    "imgclf_requests_total",
+    "HTTP requests answered, by endpoint and status code.",
+    ["endpoint", "code"],
+)
+REQUEST_ERRORS = Counter(
+    "imgclf_request_errors_total",
+    "Requests refused or failed, by endpoint and reason.",
+    ["endpoint", "reason"],
+)
+REQUEST_DURATION = Histogram(
+    "imgclf_request_duration_seconds",
+    "Whole request time in the HTTP worker, by endpoint.",
+    ["endpoint"],
+    buckets=REQUEST_BUCKETS,
+)
+DECODE_DURATION = Histogram(
+    "imgclf_decode_duration_seconds",
+    "Decode and preprocess time per image.",
+    buckets=DECODE_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "imgclf_inference_duration_seconds",
+    "ONNX Runtime time per batch.",
+    buckets=INFERENCE_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "imgclf_batch_size",
+    "Images per ONNX Runtime batch (after adaptive batching).",
+    buckets=BATCH_BUCKETS,
+)
+PREDICTIONS = Counter(
+    "imgclf_predictions_total",
+    "Predictions by top-1 class (class names from the model).",
+    ["class"],
+)
+CONFIDENCE = Histogram(
+    "imgclf_prediction_confidence",
+    "Top-1 probability of each prediction.",
+    buckets=CONFIDENCE_BUCKETS,
+)
+ENTROPY = Histogram(
+    "imgclf_prediction_entropy",
+    "Entropy of each prediction's probabilities, in nats.",
+    buckets=ENTROPY_BUCKETS,
+)
+BRIGHTNESS = Histogram(
+    "imgclf_input_brightness_ratio",
+    "Mean model-input intensity per image, fraction of 255.",
+    buckets=FRACTION_BUCKETS,
+)
+CONTRAST = Histogram(
+    "imgclf_input_contrast_ratio",
+    "Standard deviation of model-input intensity per image, fraction of 255.",
+    buckets=FRACTION_BUCKETS,
+)
+MODEL_INFO = Gauge(
+    "imgclf_model_info",
+    "The model being served (value 1).",
+    ["name", "version", "provider", "precision"],
+    multiprocess_mode="max",
+)
+DRIFT_PSI = Gauge(
+    "imgclf_drift_psi",
+    "Population stability index of the live window against the reference.",
+    ["signal"],
+    multiprocess_mode="mostrecent",
+)
+DRIFT_KS = Gauge(
+    "imgclf_drift_ks_statistic",
+    "Two-sample Kolmogorov-Smirnov statistic against the reference.",
+    ["signal"],
+    multiprocess_mode="mostrecent",
+)
+DRIFT_JS = Gauge(
+    "imgclf_drift_js_distance",
+    "Jensen-Shannon distance of the class mix against the reference.",
+    ["signal"],
+    multiprocess_mode="mostrecent",
+)
+DRIFT_WINDOW = Gauge(
+    "imgclf_drift_window_samples",
+    "Predictions in the live drift window.",
+    multiprocess_mode="mostrecent",
+)
+DRIFT_WINDOW_CAPACITY = Gauge(
+    "imgclf_drift_window_capacity_samples",
+    "Size of the live drift window when full.",
+    multiprocess_mode="max",
+)
+DRIFT_MIN_SAMPLES = Gauge(
+    "imgclf_drift_min_samples",
+    "Window size below which drift is not reported.",
+    multiprocess_mode="max",
+)
+DRIFT_REFERENCE = Gauge(
+    "imgclf_drift_reference_samples",
+    "Held-out images behind the reference profile.",
+    multiprocess_mode="max",
+)
+DRIFT_LAST_COMPUTED = Gauge(
+    "imgclf_drift_last_computed_timestamp_seconds",
+    "Unix time of the last drift computation (0: never).",
+    multiprocess_mode="max",
+)

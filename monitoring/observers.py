@@ -1,0 +1,121 @@
+"""What the service records: request-level metrics in the HTTP workers, prediction-level
+metrics and the drift monitor next to the model (it sees every prediction of every worker)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from monitoring import metrics
+from monitoring.drift import CONTINUOUS_SIGNALS, DriftMonitor, image_signals
+
+log = logging.getLogger(__name__)
+
+
+class RequestObserver:
+    """HTTP-side metrics: requests by endpoint and code, error reasons, latency, decode time.
+    Labelled children are cached: ``labels()`` takes a lock on every call."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, int], object] = {}
+        self._durations: dict[str, object] = {}
+
+    def request(self, endpoint: str, code: int, seconds: float) -> None:
+        counter = self._requests.get((endpoint, code))
+        if counter is None:
+            counter = self._requests[(endpoint, code)] = metrics.REQUESTS.labels(
+                endpoint, str(code)
+            )
+        duration = self._durations.get(endpoint)
+        if duration is None:
+            duration = self._durations[endpoint] = metrics.REQUEST_DURATION.labels(endpoint)
+        counter.inc()
+        duration.observe(seconds)
+
+    def error(self, endpoint: str, reason: str) -> None:
+        metrics.REQUEST_ERRORS.labels(endpoint, reason).inc()
+
+    def decoded(self, seconds: float) -> None:
+        metrics.DECODE_DURATION.observe(seconds)
+
+
+class PredictionObserver:
+    """Model-side metrics and drift: batch size, inference time, classes, confidence, entropy,
+    input statistics; a background thread recomputes drift every ``interval`` seconds."""
+
+    def __init__(
+        self,
+        *,
+        classes: list[str],
+        name: str,
+        version: int,
+        provider: str,
+        precision: str,
+        profile: dict | None,
+        window: int,
+        min_samples: int,
+        interval: float = 15.0,
+    ) -> None:
+        self.classes = classes
+        self._class_counters = [metrics.PREDICTIONS.labels(label) for label in classes]
+        metrics.MODEL_INFO.labels(name, str(version), provider, precision).set(1)
+        self.monitor = None
+        if profile is not None:
+            self.monitor = DriftMonitor(profile, window=window, min_samples=min_samples)
+            metrics.DRIFT_WINDOW_CAPACITY.set(window)
+            metrics.DRIFT_MIN_SAMPLES.set(min_samples)
+            metrics.DRIFT_REFERENCE.set(profile["samples"])
+            metrics.DRIFT_LAST_COMPUTED.set(0)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._loop, args=(interval,), name="drift", daemon=True
+            )
+            self._thread.start()
+        else:
+            log.warning("no reference_profile.json in the model directory: drift is not monitored")
+
+    def record(self, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
+        metrics.INFERENCE_DURATION.observe(seconds)
+        metrics.BATCH_SIZE.observe(len(images))
+        signals = image_signals(images, probabilities)
+        counts = np.bincount(signals["class"], minlength=len(self.classes))
+        for index in counts.nonzero()[0]:
+            self._class_counters[index].inc(int(counts[index]))
+        for histogram, name in (
+            (metrics.CONFIDENCE, "confidence"),
+            (metrics.ENTROPY, "entropy"),
+            (metrics.BRIGHTNESS, "brightness"),
+            (metrics.CONTRAST, "contrast"),
+        ):
+            for value in signals[name]:
+                histogram.observe(float(value))
+        if self.monitor is not None:
+            self.monitor.add(signals)
+
+    def compute_drift(self) -> dict | None:
+        """Recompute drift now and publish it; None while the window is below the minimum."""
+        metrics.DRIFT_WINDOW.set(self.monitor.samples)
+        report = self.monitor.compute()
+        if report is None:
+            return None
+        for signal, values in report["signals"].items():
+            metrics.DRIFT_PSI.labels(signal).set(values["psi"])
+            if signal in CONTINUOUS_SIGNALS:
+                metrics.DRIFT_KS.labels(signal).set(values["ks"])
+            else:
+                metrics.DRIFT_JS.labels(signal).set(values["js_distance"])
+        metrics.DRIFT_LAST_COMPUTED.set(self.monitor.last_computed)
+        return report
+
+    def stop(self) -> None:
+        if self.monitor is not None:
+            self._stop.set()
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.compute_drift()
+            except Exception:  # never let the drift thread die silently
+                log.exception("drift computation failed")

@@ -1,0 +1,75 @@
+"""``imgclf drift``: the service's drift computation over a folder or list of images, for
+batch jobs and for investigating an alert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from monitoring.drift import SIGNALS, compare, image_signals
+from serving.batch import list_inputs, score_paths
+from serving.errors import ModelError
+from serving.runtime import ClassifierRuntime
+
+
+class SignalCollector:
+    """Keeps the five drift signals of every scored image (a few numbers each), so the report
+    for a whole job costs little memory."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[np.ndarray]] = {name: [] for name in SIGNALS}
+
+    def add(self, images: np.ndarray, probabilities: np.ndarray) -> None:
+        for name, values in image_signals(images, probabilities).items():
+            self.parts[name].append(values)
+
+    def signals(self) -> dict[str, np.ndarray]:
+        return {
+            name: np.concatenate(parts) if parts else np.zeros(0)
+            for name, parts in self.parts.items()
+        }
+
+    def report(self, profile: dict, **context) -> dict:
+        signals = self.signals()
+        if len(signals["class"]) == 0:
+            return {**context, "samples": 0, "status": "no images scored", "signals": {}}
+        signals["class"] = signals["class"].astype(np.int64)
+        return {**context, **compare(profile, signals)}
+
+
+def drift_report(runtime: ClassifierRuntime, inputs: str | Path, *, chunk_size: int = 256) -> dict:
+    profile = runtime.reference_profile()
+    if profile is None:
+        raise ModelError(f"{runtime.model_dir} has no reference_profile.json; re-export it")
+    paths = list_inputs(inputs)
+    collector = SignalCollector()
+    failed = []
+    for chunk in score_paths(runtime, paths, chunk_size=chunk_size):
+        good = [item for item in chunk if item.error is None]
+        failed += [{"path": item.path, "error": item.error} for item in chunk if item.error]
+        if good:
+            collector.add(
+                np.stack([item.image for item in good]),
+                np.stack([item.probabilities for item in good]),
+            )
+    return collector.report(
+        profile,
+        model={"name": runtime.name, "version": runtime.version},
+        input=str(inputs),
+        images=len(paths),
+        failed=failed,
+    )
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"{report.get('samples', 0)} images scored against "
+        f"{report.get('reference_samples', '?')} reference images: {report['status']}"
+    ]
+    for name, values in report.get("signals", {}).items():
+        second = f"KS {values['ks']:.3f}" if "ks" in values else f"JS {values['js_distance']:.3f}"
+        lines.append(f"  {name:<11} PSI {values['psi']:7.3f}   {second}")
+    if report.get("failed"):
+        lines.append(f"  {len(report['failed'])} file(s) could not be read")
+    return "\n".join(lines)

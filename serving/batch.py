@@ -1,0 +1,132 @@
+"""Batch inference over many image files with the serving runtime: which files, and a
+streaming decode -> ONNX Runtime loop whose memory stays flat however many images there are.
+
+Used by ``imgclf score`` and ``imgclf drift``; the HTTP service uses the same runtime.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.errors import ConfigError, InvalidImageError
+from serving.preprocessing import IMAGE_SUFFIXES, read_image_file, sniff_format
+from serving.runtime import ClassifierRuntime
+
+LIST_SUFFIXES = (".txt", ".csv", ".lst")
+
+
+@dataclass
+class Scored:
+    """One input's outcome: probabilities and the model input, or the error that stopped it."""
+
+    path: str
+    probabilities: np.ndarray | None = None
+    image: np.ndarray | None = None
+    error: str | None = None
+
+
+def list_inputs(spec: str | Path) -> list[str]:
+    """A folder (recursive; image files by extension or by content), a glob, a text/CSV file
+    listing paths (first column, or a column named ``path``), or one image file."""
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*") if p.is_file() and _looks_like_image(p))
+    elif path.is_file():
+        found = _read_list(path) if path.suffix.lower() in LIST_SUFFIXES else [str(path)]
+    elif glob.has_magic(text):
+        found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+    else:
+        raise ConfigError(f"input {text} is not a folder, a file or a glob")
+    if not found:
+        raise ConfigError(f"input {text} holds no images")
+    return found
+
+
+def score_paths(
+    runtime: ClassifierRuntime,
+    paths: Iterable[str],
+    *,
+    chunk_size: int = 256,
+    workers: int | None = None,
+) -> Iterator[list[Scored]]:
+    """Yield results chunk by chunk, in input order. The next chunk is decoded by a thread
+    pool while ONNX Runtime (which releases the GIL) runs this one, so at most two chunks of
+    images are in memory."""
+    workers = workers or max(2, os.cpu_count() or 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: list[Future] | None = None
+        for chunk in _chunks(paths, chunk_size):
+            submitted = [pool.submit(_decode, runtime, path) for path in chunk]
+            if pending is not None:
+                yield _infer(runtime, [future.result() for future in pending])
+            pending = submitted
+        if pending is not None:
+            yield _infer(runtime, [future.result() for future in pending])
+
+
+def _decode(runtime: ClassifierRuntime, path: str) -> Scored:
+    try:
+        return Scored(path, image=runtime.preprocess(read_image_file(path, runtime.spec)))
+    except InvalidImageError as error:
+        return Scored(path, error=error.message)
+
+
+def _infer(runtime: ClassifierRuntime, decoded: list[Scored]) -> list[Scored]:
+    good = [item for item in decoded if item.error is None]
+    if good:
+        probabilities = runtime.predict(np.stack([item.image for item in good]))
+        for item, row in zip(good, probabilities, strict=True):
+            item.probabilities = row
+    return decoded
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _looks_like_image(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as handle:
+            return sniff_format(handle.read(16)) is not None
+    except OSError:
+        return False
+
+
+def _read_list(path: Path) -> list[str]:
+    base = path.parent
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row and row[0].strip()]
+    if not rows:
+        return []
+    column = 0
+    header = [cell.strip().lower() for cell in rows[0]]
+    if "path" in header:
+        column = header.index("path")
+        rows = rows[1:]
+    entries = []
+    for row in rows:
+        entry = row[column].strip()
+        if entry.startswith("#"):
+            continue
+        entries.append(entry if os.path.isabs(entry) else str(base / entry))
+    return entries

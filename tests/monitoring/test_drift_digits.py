@@ -1,0 +1,171 @@
+"""Drift on real images: held-out digits stay stable; darkened, rotated and three-digit
+windows cross the 0.25 PSI line on the signal each one moves."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from monitoring.drift import build_reference_profile, compare, image_signals
+from serving.runtime import ClassifierRuntime
+from tests.conftest import assert_one_line_error, run_cli
+from training.datasets import read_manifest
+
+WINDOW = 500
+
+
+@pytest.fixture(scope="module")
+def runtime(digits_model):
+    return ClassifierRuntime(digits_model, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def halves(digits_run):
+    """The run's held-out images, shuffled and split: one half builds the reference, the
+    other half provides the windows (no image is in both)."""
+    splits = read_manifest(digits_run)
+    held_out = splits["validation"] + splits["test"]
+    order = np.random.default_rng(7).permutation(len(held_out))
+    shuffled = [held_out[i] for i in order]
+    middle = len(shuffled) // 2
+    return shuffled[:middle], shuffled[middle:]
+
+
+def signals_of(runtime, images: list[Image.Image]) -> dict:
+    arrays = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        arrays.append(runtime.preprocess(buffer.getvalue()))
+    batch = np.stack(arrays)
+    return image_signals(batch, runtime.predict(batch))
+
+
+def load(samples) -> list[Image.Image]:
+    images = []
+    for sample in samples:
+        with Image.open(sample.path) as image:
+            images.append(image.convert("L").copy())
+    return images
+
+
+@pytest.fixture(scope="module")
+def reference(runtime, halves):
+    reference_half, _ = halves
+    return build_reference_profile(
+        signals_of(runtime, load(reference_half)), runtime.classes, source="held-out half A"
+    )
+
+
+def window(samples, rng, size=WINDOW, replace=False):
+    picked = rng.choice(len(samples), size=size, replace=replace)
+    return [samples[i] for i in picked]
+
+
+def test_held_out_windows_raise_no_drift(runtime, halves, reference):
+    _, window_half = halves
+    assert len(window_half) >= WINDOW
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        report = compare(reference, signals_of(runtime, load(window(window_half, rng))))
+        for name, values in report["signals"].items():
+            assert values["psi"] < 0.1, (name, values["psi"])
+        assert report["status"] == "stable"
+
+
+def test_darkened_images_move_brightness(runtime, halves, reference):
+    images = [
+        ImageEnhance.Brightness(image).enhance(0.4)
+        for image in load(window(halves[1], np.random.default_rng(1)))
+    ]
+    report = compare(reference, signals_of(runtime, images))
+    assert report["signals"]["brightness"]["psi"] > 0.25
+    assert (
+        report["signals"]["brightness"]["mean"] < report["signals"]["brightness"]["reference_mean"]
+    )
+    assert report["status"] == "critical"
+
+
+def test_rotated_images_move_the_predictions(runtime, halves, reference):
+    images = [image.rotate(90) for image in load(window(halves[1], np.random.default_rng(2)))]
+    report = compare(reference, signals_of(runtime, images))
+    moved = {name: report["signals"][name]["psi"] for name in ("class", "confidence", "entropy")}
+    assert max(moved.values()) > 0.25, moved
+    # Rotation changes what the model sees, not the pixel statistics.
+    assert report["signals"]["brightness"]["psi"] < 0.1
+
+
+def test_three_digit_class_mix_moves_the_class_signal(runtime, halves, reference):
+    three = [s for s in halves[1] if s.label in ("1", "4", "7")]
+    images = load(window(three, np.random.default_rng(3), replace=True))
+    report = compare(reference, signals_of(runtime, images))
+    assert report["signals"]["class"]["psi"] > 0.25
+    assert report["signals"]["class"]["js_distance"] > 0.3
+    mix = report["signals"]["class"]["distribution"]
+    assert sum(mix[label] for label in ("1", "4", "7")) > 0.8
+
+
+def test_export_writes_the_profile_from_held_out_images_only(digits_model, digits_run):
+    profile = json.loads((digits_model / "reference_profile.json").read_text())
+    sizes = json.loads((digits_run / "metrics.json").read_text())["split_sizes"]
+    assert profile["samples"] == sizes["validation"] + sizes["test"]
+    assert "validation + test" in profile["source"]
+    assert profile["classes"] == [str(d) for d in range(10)]
+    assert sum(profile["class_distribution"]) == pytest.approx(1.0)
+    for name in ("confidence", "entropy", "brightness", "contrast"):
+        assert sum(profile["signals"][name]["bin_fractions"]) == pytest.approx(1.0)
+    metadata = json.loads((digits_model / "metadata.json").read_text())
+    assert "reference_profile.json" in metadata["files"]
+
+
+def test_drift_command_reports_and_can_fail_a_job(tmp_path, digits_model, halves):
+    folder = tmp_path / "dark"
+    folder.mkdir()
+    for index, image in enumerate(load(halves[1][:120])):
+        ImageEnhance.Brightness(image).enhance(0.3).save(folder / f"{index}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    output = tmp_path / "report.json"
+    result = run_cli("drift", str(folder), "--model", str(digits_model), "--output", str(output))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["samples"] == 120 and report["images"] == 121
+    assert [f["path"] for f in report["failed"]] == [str(folder / "broken.png")]
+    assert report["signals"]["brightness"]["psi"] > 0.25 and report["status"] == "critical"
+    assert "brightness" in result.stdout
+    failing = run_cli(
+        "drift",
+        str(folder),
+        "--model",
+        str(digits_model),
+        "--output",
+        str(output),
+        "--fail-on",
+        "critical",
+    )
+    assert failing.returncode == 3
+    assert_one_line_error(
+        run_cli(
+            "drift",
+            str(tmp_path / "nothing*.png"),
+            "--model",
+            str(digits_model),
+            "--output",
+            str(output),
+        ),
+        "holds no images",
+    )
+    assert_one_line_error(
+        run_cli(
+            "drift",
+            str(tmp_path / "missing"),
+            "--model",
+            str(digits_model),
+            "--output",
+            str(output),
+        ),
+        "not a folder",
+    )

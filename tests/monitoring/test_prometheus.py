@@ -1,0 +1,266 @@
+"""A real Prometheus scraping a real ``bentoml serve`` under traffic: every metric, promtool's
+checks, the rules' unit tests, and every dashboard query returning data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+from prometheus_client import Counter, Gauge, Histogram
+
+from monitoring import metrics
+from tests.conftest import REPO
+from tests.serving.conftest import Server, free_port
+from training.datasets import read_manifest
+
+MONITORING = REPO / "monitoring"
+RATE_INTERVAL = "1m"
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        message = f"{name} is not installed (Debian package prometheus; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture(scope="module")
+def served(digits_model, digits_run):
+    server = Server(
+        digits_model,
+        env={
+            "IMGCLF_DRIFT_WINDOW": "200",
+            "IMGCLF_DRIFT_MIN_SAMPLES": "50",
+            "IMGCLF_DRIFT_INTERVAL_S": "1",
+        },
+    )
+    server.wait_ready()
+    images = [s.path.read_bytes() for s in read_manifest(digits_run)["test"][:60]]
+    stop = threading.Event()
+
+    def traffic():
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while not stop.is_set():
+                for index, data in enumerate(images):
+                    if stop.is_set():
+                        break
+                    client.post("/predict", content=data, headers={"Content-Type": "image/png"})
+                    if index % 10 == 0:
+                        client.post(
+                            "/predict_batch",
+                            files=[("images", ("a.png", data)), ("images", ("b.png", data))],
+                        )
+                        client.post(
+                            "/predict",
+                            content=b"not an image",
+                            headers={"Content-Type": "image/png"},
+                        )
+                        client.post(
+                            "/predict",
+                            content=data,
+                            params={"top_k": "0"},
+                            headers={"Content-Type": "image/png"},
+                        )
+                        client.get("/metadata")
+                    time.sleep(0.01)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(timeout=30)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(served, tmp_path_factory):
+    binary = tool("prometheus")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    shutil.copy(MONITORING / "prometheus" / "rules.yml", workdir / "rules.yml")
+    config = yaml.safe_load((MONITORING / "prometheus" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["scrape_configs"][0]["static_configs"] = [
+        {"targets": [served.url.removeprefix("http://")]}
+    ]
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # until drift has been computed and scraped
+            try:
+                ready = httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
+            except httpx.TransportError:
+                ready = False
+            if (
+                ready
+                and query(url, "imgclf_drift_js_distance")
+                and query(url, f"rate(imgclf_requests_total[{RATE_INTERVAL}]) > 0")
+            ):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("Prometheus never saw drift computed by the service")
+        time.sleep(3)  # a few more scrapes and rule evaluations
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def query(url: str, expr: str) -> list:
+    response = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+def our_metric_names() -> list[tuple[str, type]]:
+    return [
+        (value._name, type(value))
+        for value in vars(metrics).values()
+        if isinstance(value, (Counter, Gauge, Histogram))
+    ]
+
+
+def test_every_imgclf_metric_is_exported_and_scraped(served, prometheus):
+    text = httpx.get(served.url + "/metrics").text
+    for name, kind in our_metric_names():
+        exported = name + ("_total" if kind is Counter else "_bucket" if kind is Histogram else "")
+        assert f"\n{exported}" in text or text.startswith(exported), exported
+        assert query(prometheus, exported), f"Prometheus has no {exported}"
+    assert not any(":" in name for name, _ in our_metric_names())
+    info = query(prometheus, "imgclf_model_info")[0]["metric"]
+    assert (info["name"], info["version"], info["provider"]) == (
+        "digits",
+        "1",
+        "CPUExecutionProvider",
+    )
+
+
+def test_promtool_check_metrics_has_nothing_to_say_about_ours(served):
+    text = httpx.get(served.url + "/metrics").text
+    result = subprocess.run(
+        [tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    ours = [line for line in (result.stdout + result.stderr).splitlines() if "imgclf" in line]
+    assert ours == []
+
+
+def test_promtool_checks_config_and_rules():
+    promtool = tool("promtool")
+    config = subprocess.run(
+        [promtool, "check", "config", str(MONITORING / "prometheus" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert config.returncode == 0, config.stdout + config.stderr
+    rules = subprocess.run(
+        [promtool, "check", "rules", str(MONITORING / "prometheus" / "rules.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert rules.returncode == 0 and "SUCCESS" in rules.stdout, rules.stdout + rules.stderr
+    tests = subprocess.run(
+        [promtool, "test", "rules", "rules_test.yml"],
+        cwd=MONITORING / "prometheus",
+        capture_output=True,
+        text=True,
+    )
+    assert tests.returncode == 0 and "SUCCESS" in tests.stdout, tests.stdout + tests.stderr
+
+
+def test_rule_tests_cover_every_alert_firing_and_quiet():
+    alerts = {
+        rule["alert"]
+        for group in yaml.safe_load((MONITORING / "prometheus" / "rules.yml").read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    cases = yaml.safe_load((MONITORING / "prometheus" / "rules_test.yml").read_text())["tests"]
+    fired = {c["alertname"] for t in cases for c in t.get("alert_rule_test", []) if c["exp_alerts"]}
+    quiet = {
+        c["alertname"] for t in cases for c in t.get("alert_rule_test", []) if not c["exp_alerts"]
+    }
+    assert alerts == fired == quiet
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((MONITORING / "grafana" / "dashboards" / "imgclf.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def test_dashboard_is_provisionable():
+    text = (MONITORING / "grafana" / "dashboards" / "imgclf.json").read_text()
+    assert "${DS_" not in text
+    dashboard = json.loads(text)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for needed in (
+        "request rate",
+        "error ratio",
+        "p99",
+        "stage",
+        "batch",
+        "class mix",
+        "confidence",
+        "psi",
+        "freshness",
+        "model version",
+    ):
+        assert needed in titles, needed
+    psi_panel = next(p for p in dashboard["panels"] if "PSI" in p["title"])
+    steps = [s["value"] for s in psi_panel["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+    assert steps == [None, 0.1, 0.25]
+
+
+def test_every_dashboard_query_returns_data(prometheus):
+    empty = []
+    for expr in dashboard_queries():
+        filled = expr.replace("$job", "imgclf").replace("$__rate_interval", RATE_INTERVAL)
+        result = query(prometheus, filled)
+        values = [float(sample["value"][1]) for sample in result]
+        if not values or not any(math.isfinite(v) for v in values):
+            empty.append(filled)
+    assert empty == []
+    assert len(dashboard_queries()) >= 25
+
+
+def test_drift_gauges_follow_the_traffic(prometheus):
+    window = float(query(prometheus, "imgclf_drift_window_samples")[0]["value"][1])
+    assert 50 <= window <= 200
+    psi = {
+        s["metric"]["signal"]: float(s["value"][1]) for s in query(prometheus, "imgclf_drift_psi")
+    }
+    assert set(psi) == {"class", "confidence", "entropy", "brightness", "contrast"}
+    freshness = float(
+        query(prometheus, "time() - imgclf_drift_last_computed_timestamp_seconds")[0]["value"][1]
+    )
+    assert freshness < 30
+    errors = {s["metric"]["reason"] for s in query(prometheus, "imgclf_request_errors_total")}
+    assert {"not_an_image", "bad_top_k"} <= errors
