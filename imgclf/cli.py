@@ -308,6 +308,75 @@ def serve(
 
 @app.command()
 @user_errors
+def score(
+    inputs: Annotated[
+        str, typer.Argument(help="Folder (recursive), glob, or text/CSV file listing images.")
+    ],
+    model: Annotated[Path, typer.Option(help="Published model directory or <repository>/<name>.")],
+    output: Annotated[
+        Path, typer.Option(help="CSV file, or Parquet dataset directory (name.parquet).")
+    ],
+    output_format: Annotated[
+        Optional[str], typer.Option("--format", help="csv or parquet (default: from --output).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime batch.")] = 64,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(help="Decoding threads (default: half the cores; ONNX Runtime the rest)."),
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Labels and scores kept per image.")] = 5,
+    provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 or int8.")] = "fp32",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Score many images into CSV or Parquet; resumable; writes a drift report next to it.
+
+    Exit status: 0 every image scored, 4 finished but some files could not be read,
+    130 interrupted (rerun the same command to resume), 1 a mistake in the command."""
+    from serving.errors import ConfigError
+    from serving.runtime import ClassifierRuntime
+    from serving.scoring import score as run_score
+
+    if batch_size < 1 or top_k < 1 or (workers is not None and workers < 1):
+        raise ConfigError("--batch-size, --top-k and --workers must be positive")
+    from serving.batch import split_cores
+
+    decode_workers, ort_threads = split_cores(workers)
+    runtime = ClassifierRuntime(
+        model,
+        provider=provider,
+        precision=precision,
+        max_batch_size=batch_size,
+        intra_op_threads=ort_threads,
+    )
+    summary = run_score(
+        inputs,
+        runtime,
+        output,
+        output_format=output_format,
+        top_k=top_k,
+        chunk_size=max(256, batch_size * 4),
+        workers=decode_workers,
+        progress=progress,
+    )
+    typer.echo(summary.line())
+    for path in summary.failures:
+        typer.echo(f"  failed: {path}", err=True)
+    if summary.failed > len(summary.failures):
+        typer.echo(
+            f"  ... and {summary.failed - len(summary.failures)} more (error column)", err=True
+        )
+    if summary.interrupted:
+        typer.echo(f"interrupted; rerun the same command to resume into {output}", err=True)
+        raise typer.Exit(130)
+    if summary.drift_report is not None:
+        typer.echo(f"drift: {summary.drift_status} ({summary.drift_report})")
+    if summary.failed:
+        raise typer.Exit(4)
+
+
+@app.command()
+@user_errors
 def drift(
     inputs: Annotated[
         str, typer.Argument(help="Folder (recursive), glob, or text/CSV file listing images.")
@@ -331,7 +400,9 @@ def drift(
 
     if fail_on not in ("never", "warning", "critical"):
         raise ConfigError(f"--fail-on must be never, warning or critical, got {fail_on!r}")
-    runtime = ClassifierRuntime(model, provider=provider)
+    from serving.batch import split_cores
+
+    runtime = ClassifierRuntime(model, provider=provider, intra_op_threads=split_cores()[1])
     report = drift_report(runtime, inputs)
     with atomic_write(output) as handle:
         json.dump(report, handle, indent=2)

@@ -1,0 +1,129 @@
+"""Batch scoring throughput and memory: ``imgclf score`` vs the in-process ceiling.
+
+Generates 10,000 JPEG images from the digits set, then, each in its own process so peak
+memory (maximum RSS, from /usr/bin/time) is measured separately:
+- the ceiling: decode + ONNX Runtime in one loop (batches of 64, no output);
+- ``imgclf score`` on all 10,000 images (CSV output, drift report included);
+- ``imgclf score`` on 1,000 of them, for peak memory at 1,000 vs 10,000.
+
+    .venv/bin/python benchmarks/bench_scoring.py [--model model_repository/digits]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageEnhance  # noqa: E402
+
+from benchmarks.common import machine, table  # noqa: E402
+from serving.model_dir import resolve_model_dir  # noqa: E402
+from training.datasets import discover, write_digits  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CEILING = """
+import sys, time, numpy as np
+from pathlib import Path
+from serving.runtime import ClassifierRuntime
+runtime = ClassifierRuntime(sys.argv[1], provider="cpu", max_batch_size=64)
+paths = Path(sys.argv[2]).read_text().split()
+start = time.perf_counter()
+for i in range(0, len(paths), 64):
+    batch = np.stack([runtime.preprocess(Path(p).read_bytes()) for p in paths[i:i + 64]])
+    runtime.predict(batch)
+print(f"IMAGES_PER_SECOND {len(paths) / (time.perf_counter() - start):.1f}")
+"""
+
+
+def generate(folder: Path, count: int) -> list[str]:
+    """``count`` JPEGs from the digits: upscaled, with a little brightness jitter."""
+    samples = discover(write_digits()).samples
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        sample = samples[index % len(samples)]
+        target = folder / sample.label / f"img_{index:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(sample.path) as image:
+            resized = image.convert("RGB").resize((64, 64), Image.BILINEAR)
+            ImageEnhance.Brightness(resized).enhance(float(rng.uniform(0.85, 1.15))).save(
+                target, "JPEG", quality=90
+            )
+        paths.append(str(target))
+    return paths
+
+
+def timed(args: list[str]) -> tuple[str, float, float]:
+    """Run a command; return its stdout, wall seconds and peak RSS in MiB."""
+    start = time.perf_counter()
+    result = subprocess.run(
+        ["/usr/bin/time", "-f", "PEAK_KB %M", *args], capture_output=True, text=True, cwd=ROOT
+    )
+    seconds = time.perf_counter() - start
+    if result.returncode not in (0, 4):
+        raise RuntimeError(result.stderr[-2000:])
+    peak = int(re.search(r"PEAK_KB (\d+)", result.stderr).group(1)) / 1024
+    return result.stdout, seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "digits")
+    parser.add_argument("--images", type=int, default=10_000)
+    args = parser.parse_args()
+    model_dir = resolve_model_dir(args.model).resolve()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        paths = generate(scratch / "images", args.images)
+        all_list = scratch / "all.txt"
+        all_list.write_text("\n".join(paths) + "\n")
+        small_list = scratch / "small.txt"
+        small_list.write_text("\n".join(paths[: args.images // 10]) + "\n")
+
+        out, _, ceiling_peak = timed(
+            [str(BIN / "python"), "-c", CEILING, str(model_dir), str(all_list)]
+        )
+        ceiling = float(re.search(r"IMAGES_PER_SECOND ([\d.]+)", out).group(1))
+        rows = [
+            ["ceiling: decode + ONNX Runtime, one loop", args.images, ceiling, "1.00", ceiling_peak]
+        ]
+        for label, listing, count in (
+            ("imgclf score", all_list, args.images),
+            ("imgclf score", small_list, args.images // 10),
+        ):
+            out, _, peak = timed(
+                [
+                    str(BIN / "imgclf"),
+                    "score",
+                    str(listing),
+                    "--model",
+                    str(model_dir),
+                    "--output",
+                    str(scratch / f"{count}.csv"),
+                    "--no-progress",
+                    "--provider",
+                    "cpu",
+                ]
+            )
+            rate = float(re.search(r"([\d.]+) images/s", out).group(1))
+            rows.append([label, count, rate, f"{rate / ceiling:.2f}", peak])
+    print(f"machine: {machine()}")
+    print(f"model: {model_dir}; {args.images} JPEGs (64x64) generated from the digits\n")
+    print(table(["job", "images", "images/s", "vs ceiling", "peak RSS MiB"], rows))
+    print(
+        f"\npeak memory at {args.images} vs {args.images // 10} images: "
+        f"{rows[1][4] / rows[2][4]:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
