@@ -75,9 +75,6 @@ class Frontend:
         self.describe = describe
         self.observer = observer
 
-    def top_k_limit(self) -> int:
-        return min(self.limits.max_top_k, len(self.card.classes))
-
 
 def safe_text(text: str | None, limit: int = 120) -> str:
     """User-supplied text for logs and messages: no control characters, bounded length."""
@@ -169,10 +166,12 @@ async def _multipart(request: Request, body: bytes, *, field: str, limits: Limit
 
 
 def parse_top_k(request: Request, form: dict, frontend: Frontend) -> int:
+    """``top_k`` from the query or a form field: 1 to ``max_top_k``; more than the model has
+    classes returns them all."""
     raw = request.query_params.get("top_k", form.get("top_k"))
-    limit = frontend.top_k_limit()
+    limit = frontend.limits.max_top_k
     if raw is None:
-        return min(frontend.limits.default_top_k, limit)
+        return frontend.limits.default_top_k
     try:
         value = int(str(raw).strip())
     except ValueError:
@@ -211,11 +210,16 @@ async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int)
     ]
 
 
-def build_app(get_frontend: Callable[[], Frontend]) -> Starlette:
-    """The Starlette app; ``get_frontend`` returns the running service's frontend."""
+def build_app() -> Starlette:
+    """The Starlette app. The service puts its ``Frontend`` in ``app.state.frontend`` when it
+    is constructed (each worker process holds one service)."""
 
     async def handle(request: Request, endpoint: str, work) -> JSONResponse:
-        frontend = get_frontend()
+        frontend = getattr(request.app.state, "frontend", None)
+        if frontend is None:
+            return JSONResponse(
+                {"error": "the service is starting"}, status_code=503, headers={"Retry-After": "1"}
+            )
         started = time.perf_counter()
         try:
             response = JSONResponse(await work(frontend))

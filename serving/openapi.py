@@ -32,117 +32,130 @@ PREDICTION = {
         "model_version": {"type": "integer"},
     },
 }
-TOP_K = {
-    "name": "top_k",
-    "in": "query",
-    "required": False,
-    "description": "How many classes to return, best first (1 to min(max_top_k, classes)).",
-    "schema": {"type": "integer"},
-}
+
+
+def top_k_parameter(max_top_k: int) -> dict:
+    return {
+        "name": "top_k",
+        "in": "query",
+        "required": False,
+        "description": "How many classes to return, best first (all of them if the model has "
+        "fewer).",
+        "schema": {"type": "integer", "minimum": 1, "maximum": max_top_k},
+    }
+
+
 ERRORS = {"400": ERROR, "413": ERROR, "415": ERROR}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 
-PATHS = {
-    "/predict": {
-        "post": {
-            "tags": ["Service APIs"],
-            "summary": "Classify one image",
-            "description": "One image as the raw body (image/jpeg, image/png, ...) or as the "
-            "multipart field `image`.",
-            "parameters": [TOP_K],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["image"],
-                            "properties": {"image": {"type": "string", "format": "binary"}},
-                        }
-                    },
-                    "image/jpeg": BINARY,
-                    "image/png": BINARY,
-                    "application/octet-stream": BINARY,
-                },
-            },
-            "responses": {
-                "200": {
-                    "description": "The prediction",
-                    "content": {"application/json": {"schema": PREDICTION}},
-                },
-                **ERRORS,
-            },
-        }
-    },
-    "/predict_batch": {
-        "post": {
-            "tags": ["Service APIs"],
-            "summary": "Classify several images",
-            "description": "Images as repeated multipart fields `images`; results in input "
-            "order. One bad image fails the request, naming its index.",
-            "parameters": [TOP_K],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["images"],
-                            "properties": {
-                                "images": {
-                                    "type": "array",
-                                    "items": {"type": "string", "format": "binary"},
-                                }
-                            },
-                        }
-                    }
-                },
-            },
-            "responses": {
-                "200": {
-                    "description": "One prediction per image, in input order",
+
+def paths(max_top_k: int = 20, max_images: int = 32) -> dict:
+    """The three endpoints with the server's limits (IMGCLF_MAX_TOP_K,
+    IMGCLF_MAX_IMAGES_PER_REQUEST)."""
+    top_k = top_k_parameter(max_top_k)
+    return {
+        "/predict": {
+            "post": {
+                "tags": ["Service APIs"],
+                "summary": "Classify one image",
+                "description": "One image as the raw body (image/jpeg, image/png, ...) or as the "
+                "multipart field `image`.",
+                "parameters": [top_k],
+                "requestBody": {
+                    "required": True,
                     "content": {
-                        "application/json": {"schema": {"type": "array", "items": PREDICTION}}
-                    },
-                },
-                **ERRORS,
-            },
-        }
-    },
-    "/metadata": {
-        "get": {
-            "tags": ["Service APIs"],
-            "summary": "The model being served",
-            "responses": {
-                "200": {
-                    "description": "Name, version, classes, input, execution provider, metrics",
-                    "content": {
-                        "application/json": {
+                        "multipart/form-data": {
                             "schema": {
                                 "type": "object",
-                                "required": [
-                                    "name",
-                                    "version",
-                                    "classes",
-                                    "input",
-                                    "execution_provider",
-                                ],
+                                "required": ["image"],
+                                "properties": {"image": {"type": "string", "format": "binary"}},
+                            }
+                        },
+                        "image/jpeg": BINARY,
+                        "image/png": BINARY,
+                        "application/octet-stream": BINARY,
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The prediction",
+                        "content": {"application/json": {"schema": PREDICTION}},
+                    },
+                    **ERRORS,
+                },
+            }
+        },
+        "/predict_batch": {
+            "post": {
+                "tags": ["Service APIs"],
+                "summary": "Classify several images",
+                "description": "Images as repeated multipart fields `images`; results in input "
+                "order. One bad image fails the request, naming its index.",
+                "parameters": [top_k],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["images"],
+                                "properties": {
+                                    "images": {
+                                        "type": "array",
+                                        "items": {"type": "string", "format": "binary"},
+                                        "minItems": 1,
+                                        "maxItems": max_images,
+                                    }
+                                },
                             }
                         }
                     },
-                }
-            },
-        }
-    },
-}
+                },
+                "responses": {
+                    "200": {
+                        "description": "One prediction per image, in input order",
+                        "content": {
+                            "application/json": {"schema": {"type": "array", "items": PREDICTION}}
+                        },
+                    },
+                    **ERRORS,
+                },
+            }
+        },
+        "/metadata": {
+            "get": {
+                "tags": ["Service APIs"],
+                "summary": "The model being served",
+                "responses": {
+                    "200": {
+                        "description": "Name, version, classes, input, execution provider, metrics",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": [
+                                        "name",
+                                        "version",
+                                        "classes",
+                                        "input",
+                                        "execution_provider",
+                                    ],
+                                }
+                            }
+                        },
+                    }
+                },
+            }
+        },
+    }
 
 
 class MergeOpenAPIPaths:
-    """ASGI middleware: add ``PATHS`` to the JSON that ``GET /docs.json`` returns."""
+    """ASGI middleware: add ``paths()`` to the JSON that ``GET /docs.json`` returns."""
 
-    def __init__(self, app, paths: dict | None = None) -> None:
+    def __init__(self, app, max_top_k: int = 20, max_images: int = 32) -> None:
         self.app = app
-        self.paths = paths or PATHS
+        self.paths = paths(max_top_k, max_images)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != "/docs.json":

@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import bentoml
 import numpy as np
+from bentoml.exceptions import ServiceUnavailable
 
 from monitoring.observers import PredictionObserver, RequestObserver
 from serving.http import Frontend, Limits, build_app
@@ -102,7 +103,7 @@ def prediction_observer(runtime: ClassifierRuntime) -> PredictionObserver:
     )
 
 
-app = build_app(lambda: bentoml.get_current_service().frontend)
+app = build_app()
 
 
 @bentoml.service(name="imgclf", workers=SETTINGS.workers, traffic=TRAFFIC)
@@ -126,6 +127,7 @@ class ImageClassifier:
         self._description: dict | None = None
         observer = RequestObserver() if SETTINGS.monitoring else None
         self.frontend = Frontend(card, self.classify, limits, self.describe_model, observer)
+        app.state.frontend = self.frontend
 
     async def classify(self, images: np.ndarray) -> np.ndarray:
         # Looked up per call: BentoML connects the remote proxy after __init__. BentoML 1.4.40
@@ -137,8 +139,11 @@ class ImageClassifier:
                 return await self.model.to_async.classify(images)
             except (aiohttp.ClientConnectionError, RuntimeError) as error:
                 closed = isinstance(error, aiohttp.ClientConnectionError) or "closed" in str(error)
-                if not closed or attempt == CONNECTION_RETRIES:
+                if not closed:
                     raise
+                if attempt == CONNECTION_RETRIES:
+                    # The model service is gone (stopping, or crashed): a retryable 503.
+                    raise ServiceUnavailable("the model service is unavailable") from error
                 log.debug("retrying classify after %s", type(error).__name__)
         raise AssertionError("unreachable")
 
@@ -148,4 +153,8 @@ class ImageClassifier:
         return self._description
 
 
-ImageClassifier.add_asgi_middleware(MergeOpenAPIPaths)
+ImageClassifier.add_asgi_middleware(
+    MergeOpenAPIPaths,
+    max_top_k=SETTINGS.max_top_k,
+    max_images=SETTINGS.max_images_per_request,
+)
