@@ -1,0 +1,32 @@
+"""The command line: --help on every command, and no TensorFlow just to start it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+COMMANDS = ["train", "export", "register", "serve", "score", "drift"]
+
+
+def test_top_level_help_lists_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout and "--help" in result.stdout
+
+
+def test_the_cli_does_not_import_tensorflow_until_a_command_needs_it():
+    code = "import sys, imgclf.cli; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
