@@ -13,6 +13,7 @@ directory (``IMGCLF_MODEL_DIR``). No TensorFlow anywhere on this path.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import bentoml
 import numpy as np
+import psutil
 from bentoml.exceptions import ServiceUnavailable
 
 from monitoring.observers import PredictionObserver, RequestObserver
@@ -60,7 +62,33 @@ class OnnxModel:
         # background so /livez answers while /readyz stays 503 until the model is warm.
         self.runtime = ClassifierRuntime.from_settings(model_dir(self.stored_model), SETTINGS)
         self.observer = prediction_observer(self.runtime) if SETTINGS.monitoring else None
+        self._last_call = time.monotonic()
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+        self._outlive_http_workers()
+
+    def _outlive_http_workers(self) -> None:
+        """BentoML's process manager sends SIGTERM to every service at once, so HTTP workers
+        still draining their requests would lose the model. Pass SIGTERM on to uvicorn only
+        once they have exited and classify has been idle briefly (or after
+        ``drain_timeout_s``)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # in-process (tests): no signals to handle
+        stop_now = signal.getsignal(signal.SIGTERM)
+        if not callable(stop_now):
+            return
+
+        def when_drained(signum, frame) -> None:
+            def wait_then_stop() -> None:
+                deadline = time.monotonic() + SETTINGS.drain_timeout_s
+                while time.monotonic() < deadline and (
+                    http_workers_alive() or time.monotonic() - self._last_call < 0.5
+                ):
+                    time.sleep(0.05)
+                stop_now(signum, frame)
+
+            threading.Thread(target=wait_then_stop, name="drain", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, when_drained)
 
     def _warm_up(self) -> None:
         try:
@@ -78,6 +106,7 @@ class OnnxModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def classify(self, images: np.ndarray) -> np.ndarray:
+        self._last_call = time.monotonic()
         started = time.perf_counter()
         probabilities = self.runtime.predict(images)
         if self.observer is not None:
@@ -87,6 +116,29 @@ class OnnxModel:
     @bentoml.api
     def describe(self) -> dict:
         return self.runtime.describe()
+
+
+def http_workers_alive() -> bool:
+    """Whether a worker of another service (the HTTP workers) still runs beside this process.
+    Under BentoML's arbiter every service's workers are sibling processes started as
+    ``-m _bentoml_impl.worker.service ... --service-name NAME``."""
+    me = psutil.Process()
+    parent = me.parent()
+    if parent is None:
+        return False
+    mine = _service_name(me.cmdline())
+    for sibling in parent.children():
+        try:
+            command = sibling.cmdline()
+        except psutil.Error:
+            continue
+        if "_bentoml_impl.worker.service" in command and _service_name(command) != mine:
+            return True
+    return False
+
+
+def _service_name(command: list[str]) -> str | None:
+    return command[command.index("--service-name") + 1] if "--service-name" in command else None
 
 
 def prediction_observer(runtime: ClassifierRuntime) -> PredictionObserver:

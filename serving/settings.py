@@ -52,6 +52,12 @@ class ServingSettings(BaseModel):
         None, ge=1, description="Requests in flight per worker before 429/503 load shedding."
     )
     timeout_s: int = Field(30, ge=1, description="Request timeout in seconds.")
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM the model service keeps answering while it is still "
+        "being called (the HTTP workers drain their requests), for at most this long.",
+    )
     monitoring: bool = Field(True, description="Prediction metrics and drift monitor.")
     drift_window: int = Field(1000, ge=10, description="Predictions in the live drift window.")
     drift_min_samples: int = Field(
