@@ -391,11 +391,10 @@ def drift(
     ] = "never",
 ) -> None:
     """Compare a set of images with the model's reference profile (PSI, JS, KS per signal)."""
-    import json
 
     from monitoring.offline import drift_report, format_report
     from serving.errors import ConfigError
-    from serving.files import atomic_write
+    from serving.files import write_json
     from serving.runtime import ClassifierRuntime
 
     if fail_on not in ("never", "warning", "critical"):
@@ -404,8 +403,7 @@ def drift(
 
     runtime = ClassifierRuntime(model, provider=provider, intra_op_threads=split_cores()[1])
     report = drift_report(runtime, inputs)
-    with atomic_write(output) as handle:
-        json.dump(report, handle, indent=2)
+    write_json(output, report)
     typer.echo(format_report(report))
     typer.echo(f"report: {output}")
     levels = {"stable": 0, "warning": 1, "critical": 2}

@@ -21,7 +21,11 @@ class SignalCollector:
         self.parts: dict[str, list[np.ndarray]] = {name: [] for name in SIGNALS}
 
     def add(self, images: np.ndarray, probabilities: np.ndarray) -> None:
-        for name, values in image_signals(images, probabilities).items():
+        self.extend(image_signals(images, probabilities))
+
+    def extend(self, signals: dict[str, np.ndarray]) -> None:
+        """Signals computed earlier (a score file's columns, say)."""
+        for name, values in signals.items():
             self.parts[name].append(values)
 
     def signals(self) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -35,6 +36,13 @@ class atomic_write:  # noqa: N801 - used like open()
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
+
+
+def write_json(path: str | Path, payload) -> None:
+    """JSON, indented, written atomically."""
+    with atomic_write(path) as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
 
 
 def _current_umask() -> int:

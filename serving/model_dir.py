@@ -6,6 +6,7 @@ batch scoring and drift reports. It describes itself through ``metadata.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -76,16 +77,32 @@ def load_metadata(model_dir: Path) -> dict:
 def verify_files(model_dir: Path, metadata: dict, names: tuple[str, ...] | None = None) -> None:
     """Check sha256 of the listed files (all of them by default) against metadata.json."""
     model_dir = Path(model_dir)
-    expected = metadata["files"]
-    for name in names or tuple(expected):
-        if name not in expected:
-            raise ModelError(f"{METADATA} in {model_dir} has no hash for {name}")
-        path = model_dir / name
-        if not path.is_file():
-            raise ModelError(f"{path} is missing")
-        actual = sha256_file(path)
-        if actual != expected[name]:
-            raise ModelError(
-                f"{path} does not match its hash in {METADATA} "
-                f"(expected {expected[name][:12]}..., got {actual[:12]}...): modified or corrupt"
-            )
+    for name in names or tuple(metadata["files"]):
+        path = _existing(model_dir / name)
+        _check_hash(model_dir, metadata, name, sha256_file(path))
+
+
+def read_verified(model_dir: Path, metadata: dict, name: str, *, missing_hint: str = "") -> bytes:
+    """Read a file once and check those bytes: a file swapped after the check is never the one
+    used."""
+    model_dir = Path(model_dir)
+    data = _existing(model_dir / name, missing_hint).read_bytes()
+    _check_hash(model_dir, metadata, name, hashlib.sha256(data).hexdigest())
+    return data
+
+
+def _existing(path: Path, hint: str = "") -> Path:
+    if not path.is_file():
+        raise ModelError(f"{path} is missing{hint}")
+    return path
+
+
+def _check_hash(model_dir: Path, metadata: dict, name: str, actual: str) -> None:
+    expected = metadata["files"].get(name)
+    if expected is None:
+        raise ModelError(f"{METADATA} in {model_dir} has no hash for {name}")
+    if actual != expected:
+        raise ModelError(
+            f"{model_dir / name} does not match its hash in {METADATA} "
+            f"(expected {expected[:12]}..., got {actual[:12]}...): modified or corrupt"
+        )

@@ -7,7 +7,6 @@ inference path. No TensorFlow here.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -23,8 +22,8 @@ from serving.model_dir import (
     OUTPUT_NAME,
     REFERENCE_PROFILE,
     load_metadata,
+    read_verified,
     resolve_model_dir,
-    verify_files,
 )
 from serving.preprocessing import PreprocessSpec, preprocess_bytes
 
@@ -85,7 +84,8 @@ class ClassifierRuntime(ModelCard):
         self.precision = precision
         self.max_batch_size = max_batch_size
         model_file = INT8_MODEL if precision == "int8" else ONNX_MODEL
-        model_bytes = self._read_verified(model_file)
+        hint = " (INT8 was not exported or not kept)" if model_file == INT8_MODEL else ""
+        model_bytes = read_verified(self.model_dir, self.metadata, model_file, missing_hint=hint)
         self.session, self.provider = create_session(model_bytes, provider, intra_op_threads)
         self._check_graph()
         self.ready = False
@@ -127,8 +127,7 @@ class ClassifierRuntime(ModelCard):
         """The drift reference written at export time (hash-checked), or None if absent."""
         if REFERENCE_PROFILE not in self.metadata["files"]:
             return None
-        verify_files(self.model_dir, self.metadata, (REFERENCE_PROFILE,))
-        return json.loads((self.model_dir / REFERENCE_PROFILE).read_text())
+        return json.loads(read_verified(self.model_dir, self.metadata, REFERENCE_PROFILE))
 
     def describe(self) -> dict:
         """What ``GET /metadata`` answers."""
@@ -147,25 +146,6 @@ class ClassifierRuntime(ModelCard):
             "int8": meta.get("int8"),
             "created_at": meta.get("created_at"),
         }
-
-    def _read_verified(self, model_file: str) -> bytes:
-        """Read the model once and hash those bytes: a file swapped after the check is never
-        the one loaded."""
-        path = self.model_dir / model_file
-        if not path.is_file():
-            hint = " (INT8 was not exported or not kept)" if model_file == INT8_MODEL else ""
-            raise ModelError(f"{path} is missing{hint}")
-        expected = self.metadata["files"].get(model_file)
-        if expected is None:
-            raise ModelError(f"metadata.json in {self.model_dir} has no hash for {model_file}")
-        data = path.read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
-            raise ModelError(
-                f"{path} does not match its hash in metadata.json "
-                f"(expected {expected[:12]}..., got {actual[:12]}...): modified or corrupt"
-            )
-        return data
 
     def _check_graph(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

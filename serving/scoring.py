@@ -20,7 +20,7 @@ from monitoring.drift import image_signals
 from monitoring.offline import SignalCollector
 from serving.batch import Scored, list_inputs, score_paths
 from serving.errors import ConfigError
-from serving.files import atomic_write, fsync_dir
+from serving.files import fsync_dir, write_json
 from serving.runtime import ClassifierRuntime
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,7 @@ def write_drift_report(runtime: ClassifierRuntime, writer) -> tuple[Path | None,
         input=str(writer.path),
     )
     path = writer.path.with_name(writer.path.name + ".drift.json")
-    with atomic_write(path) as handle:
-        json.dump(report, handle, indent=2)
+    write_json(path, report)
     return path, report["status"]
 
 

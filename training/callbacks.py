@@ -8,7 +8,7 @@ from pathlib import Path
 
 import keras
 
-from serving.files import atomic_write, fsync_dir
+from serving.files import fsync_dir, write_json
 
 BEST_STATE = "best.json"
 
@@ -40,8 +40,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
                 os.fsync(handle.fileno())
             os.replace(partial, self.final_path)
             fsync_dir(self.final_path.parent)
-            with atomic_write(self.state_path) as handle:
-                json.dump({"epoch": epoch + 1, self.monitor: float(self.best)}, handle)
+            write_json(self.state_path, {"epoch": epoch + 1, self.monitor: float(self.best)})
 
 
 def read_best_state(run_dir: Path) -> dict:

@@ -26,7 +26,7 @@ import training.augmentation
 import training.models  # noqa: F401  (registers BackbonePreprocess for load_model)
 from monitoring.drift import build_reference_profile, image_signals
 from serving.errors import ConfigError, ModelError
-from serving.files import atomic_write, fsync_dir, fsync_tree
+from serving.files import fsync_dir, fsync_tree, write_json
 from serving.model_dir import (
     INPUT_NAME,
     INT8_MODEL,
@@ -108,8 +108,8 @@ def export(
                 staging, calibration, test_images, test_labels, int8_activation_type
             )
             report["int8"] = int8_report
-        _write_json(staging / PARITY, report)
-        _write_json(
+        write_json(staging / PARITY, report)
+        write_json(
             staging / REFERENCE_PROFILE,
             reference_profile(staging / ONNX_MODEL, splits, classes, spec, run_dir, profile_images),
         )
@@ -119,7 +119,7 @@ def export(
             if (staging / onnx_file).exists():
                 set_onnx_metadata(staging / onnx_file, metadata)
         metadata["files"] = file_hashes(staging)
-        _write_json(staging / METADATA, metadata)
+        write_json(staging / METADATA, metadata)
         destination = _publish(staging, model_root, version, force=force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -334,9 +334,3 @@ def _publish(staging: Path, model_root: Path, version: int, *, force: bool) -> P
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
     return destination
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    with atomic_write(path) as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")

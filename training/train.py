@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from serving.errors import ConfigError
-from serving.files import atomic_write
+from serving.files import atomic_write, write_json
 from training import datasets, evaluate, plots
 from training.augmentation import build_augmentation
 from training.callbacks import AtomicModelCheckpoint, read_best_state
@@ -98,7 +98,7 @@ def train(
     metrics = _evaluate_best(run, loaders["test"], splits, classes, skipped)
     _dedupe_history(run.history)
     plots.plot_training_curves(run.history, run.plots / "training_curves.png")
-    _write_json(
+    write_json(
         run.run,
         {
             "arch": config.model.arch,
@@ -287,7 +287,7 @@ def _evaluate_best(run: RunPaths, test_loader, splits, classes, skipped) -> dict
         report["confusion_matrix"], classes, run.plots / "confusion_matrix.png"
     )
     plots.plot_roc_curves(true_labels, probabilities, classes, run.plots / "roc_curves.png")
-    _write_json(run.metrics, metrics)
+    write_json(run.metrics, metrics)
     return metrics
 
 
@@ -317,13 +317,7 @@ def _read_state(run: RunPaths) -> dict:
 
 
 def _update_state(run: RunPaths, **values) -> None:
-    _write_json(run.state, {**_read_state(run), **values})
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    with atomic_write(path) as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
+    write_json(run.state, {**_read_state(run), **values})
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
