@@ -225,21 +225,70 @@ def serve(
         ),
     ] = None,
     bento_model: Annotated[
-        str, typer.Option(help="BentoML model store tag, used when --model is not given.")
+        str,
+        typer.Option(
+            envvar="IMGCLF_BENTO_MODEL",
+            help="BentoML model store tag, used when --model is not given.",
+        ),
     ] = "digits:latest",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 or int8 (model.int8.onnx).")] = "fp32",
-    workers: Annotated[int, typer.Option(help="HTTP worker processes.")] = 1,
-    max_batch_size: Annotated[int, typer.Option(help="Adaptive batching: largest batch.")] = 64,
-    max_latency_ms: Annotated[
-        int, typer.Option(help="Adaptive batching deadline; requests past it get 503.")
-    ] = 1000,
-    max_concurrency: Annotated[
-        Optional[int], typer.Option(help="Requests in flight per worker before shedding (429).")
+    provider: Annotated[
+        str, typer.Option(envvar="IMGCLF_PROVIDER", help="auto, cuda or cpu.")
+    ] = "auto",
+    precision: Annotated[
+        str, typer.Option(envvar="IMGCLF_PRECISION", help="fp32 or int8 (model.int8.onnx).")
+    ] = "fp32",
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            envvar="IMGCLF_WORKERS",
+            help="Worker processes, each with its own ONNX Runtime session and batcher "
+            "(default: one per core on the CPU, one per four cores on a GPU, at most four).",
+        ),
     ] = None,
-    timeout: Annotated[int, typer.Option(help="Request timeout in seconds.")] = 30,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(
+            envvar="IMGCLF_MAX_BATCH_SIZE",
+            help="Adaptive batching: most images per ONNX Runtime call.",
+        ),
+    ] = 64,
+    batch_wait_ms: Annotated[
+        float,
+        typer.Option(
+            envvar="IMGCLF_BATCH_WAIT_MS",
+            help="Wait this long for a batch to fill (0: run when the model is free).",
+        ),
+    ] = 0.0,
+    max_latency_ms: Annotated[
+        int,
+        typer.Option(
+            envvar="IMGCLF_MAX_LATENCY_MS",
+            help="Requests that waited this long for a batch get 503.",
+        ),
+    ] = 1000,
+    max_queue_size: Annotated[
+        int,
+        typer.Option(
+            envvar="IMGCLF_MAX_QUEUE_SIZE",
+            help="Images waiting per worker before new requests get 503.",
+        ),
+    ] = 512,
+    max_concurrency: Annotated[
+        Optional[int],
+        typer.Option(
+            envvar="IMGCLF_MAX_CONCURRENCY",
+            help="Requests in flight per worker before shedding (429).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        int, typer.Option(envvar="IMGCLF_TIMEOUT_S", help="Request timeout in seconds.")
+    ] = 30,
+    access_log: Annotated[
+        bool,
+        typer.Option(envvar="IMGCLF_ACCESS_LOG", help="BentoML's access log, a line per request."),
+    ] = False,
 ) -> None:
     """Serve a model over HTTP with BentoML on ONNX Runtime (wraps `bentoml serve`)."""
     import shutil
@@ -257,9 +306,12 @@ def serve(
         "precision": precision,
         "workers": workers,
         "max_batch_size": max_batch_size,
+        "batch_wait_ms": batch_wait_ms,
         "max_latency_ms": max_latency_ms,
+        "max_queue_size": max_queue_size,
         "max_concurrency": max_concurrency,
         "timeout_s": timeout,
+        "access_log": str(access_log).lower(),
     }
     settings = ServingSettings.from_env(
         {
@@ -392,7 +444,8 @@ def drift(
 ) -> None:
     """Compare a set of images with the model's reference profile (PSI, JS, KS per signal)."""
 
-    from monitoring.offline import drift_report, format_report
+    from monitoring.offline import format_report
+    from serving.batch import drift_report
     from serving.errors import ConfigError
     from serving.files import write_json
     from serving.runtime import ClassifierRuntime

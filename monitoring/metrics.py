@@ -31,6 +31,8 @@ INFERENCE_BUCKETS = (
     1.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Waiting for a batch spans the same range as running one.
+QUEUE_WAIT_BUCKETS = INFERENCE_BUCKETS
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 ENTROPY_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -65,6 +67,43 @@ BATCH_SIZE = Histogram(
     "imgclf_batch_size",
     "Images per ONNX Runtime batch (after adaptive batching).",
     buckets=BATCH_BUCKETS,
+)
+BATCH_QUEUE = Gauge(
+    "imgclf_batch_queue_requests",
+    "Requests waiting for a batch, summed over the live workers.",
+    multiprocess_mode="livesum",
+)
+BATCH_QUEUE_WAIT = Histogram(
+    "imgclf_batch_queue_wait_seconds",
+    "Time a request waited between joining the queue and its batch starting to run.",
+    buckets=QUEUE_WAIT_BUCKETS,
+)
+READY = Gauge(
+    "imgclf_ready",
+    "1 when every live worker is loaded and warmed up and not draining, else 0.",
+    multiprocess_mode="livemin",
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "imgclf_model_load_seconds",
+    "Seconds a worker took to verify and load the model (the slowest worker).",
+    multiprocess_mode="max",
+)
+WARM_UP_SECONDS = Gauge(
+    "imgclf_warm_up_seconds",
+    "Seconds a worker took to run every batch size once (the slowest worker).",
+    multiprocess_mode="max",
+)
+WARMED_BATCH_SIZE = Gauge(
+    "imgclf_warmed_batch_size",
+    "Batch sizes ONNX Runtime is called with, each run once before ready (value 1).",
+    ["batch_size"],
+    multiprocess_mode="max",
+)
+EXECUTION_PROVIDER = Gauge(
+    "imgclf_execution_provider_info",
+    "The ONNX Runtime provider in use and the options we set (value 1).",
+    ["provider", "device_id", "cudnn_conv_algo_search", "tf32"],
+    multiprocess_mode="max",
 )
 PREDICTIONS = Counter(
     "imgclf_predictions_total",

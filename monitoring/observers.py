@@ -1,5 +1,6 @@
-"""What the service records: request-level metrics in the HTTP workers, prediction-level
-metrics and the drift monitor next to the model (it sees every prediction of every worker)."""
+"""What the service records. Each worker process records its own requests, batches,
+predictions and start-up facts; counters and histograms add up across workers, and each
+worker keeps its own drift window over the share of traffic it serves."""
 
 from __future__ import annotations
 
@@ -39,6 +40,33 @@ class RequestObserver:
 
     def decoded(self, seconds: float) -> None:
         metrics.DECODE_DURATION.observe(seconds)
+
+
+class WorkerObserver:
+    """A worker's readiness, start-up facts and batch queue."""
+
+    def ready(self, ready: bool) -> None:
+        metrics.READY.set(1 if ready else 0)
+
+    def queued(self, requests: int) -> None:
+        metrics.BATCH_QUEUE.set(requests)
+
+    def waited(self, seconds: float) -> None:
+        metrics.BATCH_QUEUE_WAIT.observe(seconds)
+
+    def loaded(self, provider: str, options: dict[str, str], seconds: float) -> None:
+        metrics.MODEL_LOAD_SECONDS.set(seconds)
+        metrics.EXECUTION_PROVIDER.labels(
+            provider,
+            options.get("device_id", ""),
+            options.get("cudnn_conv_algo_search", ""),
+            options.get("use_tf32", ""),
+        ).set(1)
+
+    def warmed(self, batch_sizes: list[int], seconds: float) -> None:
+        metrics.WARM_UP_SECONDS.set(seconds)
+        for size in batch_sizes:
+            metrics.WARMED_BATCH_SIZE.labels(str(size)).set(1)
 
 
 class PredictionObserver:

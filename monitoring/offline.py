@@ -1,16 +1,13 @@
-"""``imgclf drift``: the service's drift computation over a folder or list of images, for
-batch jobs and for investigating an alert."""
+"""Offline drift reports: the signals of a whole batch job, compared with the reference.
+
+Fed by the caller (``serving.batch.drift_report``, batch scoring): monitoring never imports
+serving."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from monitoring.drift import SIGNALS, compare, image_signals
-from serving.batch import list_inputs, score_paths
-from serving.errors import ModelError
-from serving.runtime import ClassifierRuntime
 
 
 class SignalCollector:
@@ -40,30 +37,6 @@ class SignalCollector:
             return {**context, "samples": 0, "status": "no images scored", "signals": {}}
         signals["class"] = signals["class"].astype(np.int64)
         return {**context, **compare(profile, signals)}
-
-
-def drift_report(runtime: ClassifierRuntime, inputs: str | Path, *, chunk_size: int = 256) -> dict:
-    profile = runtime.reference_profile()
-    if profile is None:
-        raise ModelError(f"{runtime.model_dir} has no reference_profile.json; re-export it")
-    paths = list_inputs(inputs)
-    collector = SignalCollector()
-    failed = []
-    for chunk in score_paths(runtime, paths, chunk_size=chunk_size):
-        good = [item for item in chunk if item.error is None]
-        failed += [{"path": item.path, "error": item.error} for item in chunk if item.error]
-        if good:
-            collector.add(
-                np.stack([item.image for item in good]),
-                np.stack([item.probabilities for item in good]),
-            )
-    return collector.report(
-        profile,
-        model={"name": runtime.name, "version": runtime.version},
-        input=str(inputs),
-        images=len(paths),
-        failed=failed,
-    )
 
 
 def format_report(report: dict) -> str:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.errors import ConfigError, InvalidImageError
+from monitoring.offline import SignalCollector
+from serving.errors import ConfigError, InvalidImageError, ModelError
 from serving.preprocessing import IMAGE_SUFFIXES, read_image_file, sniff_format
 from serving.runtime import ClassifierRuntime
 
@@ -85,6 +86,32 @@ def score_paths(
             pending = submitted
         if pending is not None:
             yield _infer(runtime, [future.result() for future in pending])
+
+
+def drift_report(runtime: ClassifierRuntime, inputs: str | Path, *, chunk_size: int = 256) -> dict:
+    """``imgclf drift``: the service's drift computation over a folder or list of images,
+    for batch jobs and for investigating an alert."""
+    profile = runtime.reference_profile()
+    if profile is None:
+        raise ModelError(f"{runtime.model_dir} has no reference_profile.json; re-export it")
+    paths = list_inputs(inputs)
+    collector = SignalCollector()
+    failed = []
+    for chunk in score_paths(runtime, paths, chunk_size=chunk_size):
+        good = [item for item in chunk if item.error is None]
+        failed += [{"path": item.path, "error": item.error} for item in chunk if item.error]
+        if good:
+            collector.add(
+                np.stack([item.image for item in good]),
+                np.stack([item.probabilities for item in good]),
+            )
+    return collector.report(
+        profile,
+        model={"name": runtime.name, "version": runtime.version},
+        input=str(inputs),
+        images=len(paths),
+        failed=failed,
+    )
 
 
 def _decode(runtime: ClassifierRuntime, path: str) -> Scored:

@@ -8,15 +8,15 @@ is ever fetched, and every user mistake is ``{"error": "..."}`` with a 4xx statu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
-import anyio
 import numpy as np
-from bentoml.exceptions import ServiceUnavailable
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -59,21 +59,33 @@ class Limits:
 
 
 class Frontend:
-    """What the routes need from the service: a card to decode and format, a model to call."""
+    """What the routes need from the service: a card to decode and format answers, a thread
+    pool to decode on, the batcher to classify with, and what ``/metadata`` says."""
 
     def __init__(
         self,
         card,
         classify: Callable[[np.ndarray], Awaitable[np.ndarray]],
         limits: Limits,
-        describe: Callable[[], Awaitable[dict]],
+        describe: Callable[[], dict],
+        decoder: Executor,
         observer=None,
     ) -> None:
         self.card = card
         self.classify = classify
         self.limits = limits
         self.describe = describe
+        self.decoder = decoder
         self.observer = observer
+
+    async def decode(self, upload: Upload) -> np.ndarray:
+        """Decode and preprocess one image on the decode pool (Pillow releases the GIL)."""
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        array = await loop.run_in_executor(self.decoder, self.card.preprocess, upload.data)
+        if self.observer is not None:
+            self.observer.decoded(time.perf_counter() - started)
+        return array
 
 
 def safe_text(text: str | None, limit: int = 120) -> str:
@@ -184,21 +196,22 @@ def parse_top_k(request: Request, form: dict, frontend: Frontend) -> int:
 
 
 async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int):
-    """Decode every image (a bad one fails this request alone), then classify them together."""
+    """Decode every image side by side (a bad one fails this request alone, named by its
+    index), then classify them in one batch with whatever else is queued."""
     card = frontend.card
-    arrays = []
-    for index, upload in enumerate(uploads):
-        started = time.perf_counter()
-        try:
-            arrays.append(await anyio.to_thread.run_sync(card.preprocess, upload.data))
-        except InvalidImageError as error:
-            if len(uploads) > 1:
-                name = f" ({safe_text(upload.filename, 60)})" if upload.filename else ""
-                error.args = (f"image {index}{name}: {error.message}",)
-            raise
-        if frontend.observer is not None:
-            frontend.observer.decoded(time.perf_counter() - started)
-    probabilities = np.asarray(await frontend.classify(np.stack(arrays)))
+    if len(uploads) == 1:
+        decoded = [await frontend.decode(uploads[0])]
+    else:
+        decoded = await asyncio.gather(
+            *(frontend.decode(upload) for upload in uploads), return_exceptions=True
+        )
+    for index, (upload, result) in enumerate(zip(uploads, decoded, strict=True)):
+        if isinstance(result, InvalidImageError) and len(uploads) > 1:
+            name = f" ({safe_text(upload.filename, 60)})" if upload.filename else ""
+            result.args = (f"image {index}{name}: {result.message}",)
+        if isinstance(result, BaseException):
+            raise result
+    probabilities = np.asarray(await frontend.classify(np.stack(decoded)))
     return [
         {
             "label": best[0]["label"],
@@ -229,9 +242,6 @@ def build_app() -> Starlette:
         except ImgclfError as error:
             reason, status, message = error.reason, error.status_code, error.message
             log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
-        except ServiceUnavailable:
-            # BentoML's batcher sheds requests it cannot serve within max_latency_ms.
-            reason, status, message = "overloaded", 503, "the model is overloaded; retry shortly"
         except Exception:
             log.exception("%s failed", endpoint)
             reason, status, message = "internal", 500, "internal error; see the server log"
@@ -274,7 +284,7 @@ def build_app() -> Starlette:
 
     async def metadata(request: Request) -> JSONResponse:
         async def work(frontend: Frontend):
-            return {**await frontend.describe(), "limits": vars(frontend.limits)}
+            return {**frontend.describe(), "limits": vars(frontend.limits)}
 
         return await handle(request, "metadata", work)
 

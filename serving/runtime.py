@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,23 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """CUDA provider options we set (the rest stay ONNX Runtime's defaults). Reported by
+    ``/metadata`` so a latency or parity figure can be traced to its settings."""
+
+    device_id: int = 0
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    tf32: bool = True
+
+    def provider_options(self) -> dict[str, str]:
+        return {
+            "device_id": str(self.device_id),
+            "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
+            "use_tf32": "1" if self.tf32 else "0",
+        }
 
 
 class ModelCard:
@@ -77,7 +96,9 @@ class ClassifierRuntime(ModelCard):
         max_batch_size: int = 64,
         max_image_bytes: int | None = None,
         max_image_pixels: int | None = None,
+        cuda: CudaOptions | None = None,
     ) -> None:
+        started = time.perf_counter()
         super().__init__(
             model_dir, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels
         )
@@ -86,27 +107,46 @@ class ClassifierRuntime(ModelCard):
         model_file = INT8_MODEL if precision == "int8" else ONNX_MODEL
         hint = " (INT8 was not exported or not kept)" if model_file == INT8_MODEL else ""
         model_bytes = read_verified(self.model_dir, self.metadata, model_file, missing_hint=hint)
-        self.session, self.provider = create_session(model_bytes, provider, intra_op_threads)
+        self.session, self.provider = create_session(
+            model_bytes, provider, intra_op_threads, cuda or CudaOptions()
+        )
         self._check_graph()
-        self.ready = False
+        self.load_seconds = time.perf_counter() - started
+        self.warmed_batch_sizes: list[int] = []
+        self.warm_up_seconds: float | None = None
 
     @classmethod
-    def from_settings(cls, model_dir: Path, settings) -> ClassifierRuntime:
+    def from_settings(
+        cls, model_dir: Path, settings, *, intra_op_threads: int | None = None
+    ) -> ClassifierRuntime:
         return cls(
             model_dir,
             provider=settings.provider,
             precision=settings.precision,
-            intra_op_threads=settings.intra_op_threads,
+            intra_op_threads=(
+                settings.intra_op_threads if intra_op_threads is None else intra_op_threads
+            ),
             max_batch_size=settings.max_batch_size,
             max_image_bytes=settings.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
+            cuda=CudaOptions(
+                settings.cuda_device_id, settings.cudnn_conv_algo_search, settings.cuda_tf32
+            ),
         )
 
-    def warm_up(self) -> None:
-        """Run batch 1 and the largest batch once, so the first request pays no set-up cost."""
-        for size in sorted({1, self.max_batch_size}):
+    @property
+    def provider_options(self) -> dict[str, str]:
+        """The options of the provider in use, as ONNX Runtime reports them back."""
+        return dict(self.session.get_provider_options().get(self.provider, {}))
+
+    def warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
+        """Run each batch size once, so no request pays a first-shape set-up cost (on CUDA,
+        cuDNN's algorithm search: 0.5-1.5 s per new shape). Default: 1 and the largest."""
+        started = time.perf_counter()
+        for size in sorted(set(sizes or (1, self.max_batch_size))):
             self.predict(np.zeros((size, *self.spec.input_shape), dtype=np.float32))
-        self.ready = True
+            self.warmed_batch_sizes.append(size)
+        self.warm_up_seconds = time.perf_counter() - started
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """float32 NHWC batch in [0, 255] -> probabilities, in chunks of ``max_batch_size``."""
@@ -140,7 +180,13 @@ class ClassifierRuntime(ModelCard):
             "preprocessing": meta["preprocessing"],
             "precision": self.precision,
             "execution_provider": self.provider,
+            "provider_options": self.provider_options,
             "max_batch_size": self.max_batch_size,
+            "startup": {
+                "model_load_seconds": self.load_seconds,
+                "warm_up_seconds": self.warm_up_seconds,
+                "warmed_batch_sizes": self.warmed_batch_sizes,
+            },
             "metrics": meta.get("metrics"),
             "parity": meta.get("parity"),
             "int8": meta.get("int8"),
@@ -170,7 +216,10 @@ class ClassifierRuntime(ModelCard):
 
 
 def create_session(
-    model: bytes | str, provider: str, intra_op_threads: int = 0
+    model: bytes | str,
+    provider: str,
+    intra_op_threads: int = 0,
+    cuda: CudaOptions | None = None,
 ) -> tuple[ort.InferenceSession, str]:
     """An ONNX Runtime session on the requested provider; returns it and the provider in use.
 
@@ -197,7 +246,8 @@ def create_session(
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    providers = [CUDA, CPU] if wants_cuda else [CPU]
+    cuda_options = (cuda or CudaOptions()).provider_options()
+    providers = [(CUDA, cuda_options), CPU] if wants_cuda else [CPU]
     try:
         session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as error:
@@ -213,6 +263,13 @@ def create_session(
         log.warning("CUDA is available but could not be initialised; running on %s", in_use)
     log.info("ONNX Runtime session on %s (requested %s)", in_use, provider)
     return session, in_use
+
+
+def expected_provider(provider: str) -> str:
+    """``cuda`` or ``cpu``: what ``provider`` (auto, cuda, cpu) will run on if CUDA loads."""
+    if provider == "auto":
+        return "cuda" if CUDA in ort.get_available_providers() else "cpu"
+    return provider
 
 
 def _spec(metadata: dict, max_bytes: int | None, max_pixels: int | None) -> PreprocessSpec:

@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from serving.errors import ConfigError
 
@@ -33,30 +40,70 @@ class ServingSettings(BaseModel):
     precision: Literal["fp32", "int8"] = Field("fp32", description="Which ONNX file to run.")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0: all cores.")
     max_batch_size: int = Field(
-        64, ge=2, description="Adaptive batching limit (>= 2: BentoML issue #4856)."
+        64, ge=1, description="Adaptive batching: most images in one ONNX Runtime call."
+    )
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="How long a batch waits for more requests before it runs. 0: it runs as "
+        "soon as the session is free, with whatever queued while the last batch ran.",
     )
     max_latency_ms: int = Field(
         1000,
         ge=1,
-        description="BentoML's batching deadline: requests it cannot serve within it get 503.",
+        description="A request that has waited this long for a batch is answered 503.",
     )
-    max_images_per_request: int = Field(32, ge=1, description="Images in one /predict_batch.")
+    max_queue_size: int = Field(
+        512, ge=1, description="Images waiting for a batch per worker before new ones get 503."
+    )
+    batch_buckets: tuple[int, ...] | None = Field(
+        None,
+        description="Batch sizes ONNX Runtime is called with (batches are zero-padded up to "
+        "the next one; each is warmed before /readyz is 200). Default: powers of two up to "
+        "max_batch_size, and max_batch_size.",
+    )
+    max_images_per_request: int = Field(
+        32, ge=1, description="Images in one /predict_batch (default: 32, or max_batch_size)."
+    )
     max_image_bytes: int = Field(20 * 1024**2, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_request_bytes: int = Field(64 * 1024**2, ge=1024)
     default_top_k: int = Field(5, ge=1)
     max_top_k: int = Field(20, ge=1)
-    workers: int = Field(1, ge=1, description="HTTP worker processes (decode, validate).")
-    model_workers: int = Field(1, ge=1, description="ONNX Runtime worker processes.")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Worker processes, each with its own session and batcher. Default: one "
+        "per core on the CPU provider, one per GPU... see default_workers().",
+    )
+    decode_threads: int = Field(
+        4, ge=1, description="Threads per worker that decode images (Pillow releases the GIL)."
+    )
+    cuda_device_id: int = Field(0, ge=0, description="GPU the CUDA provider runs on.")
+    cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
+        "HEURISTIC",
+        description="cuDNN convolution algorithm search. EXHAUSTIVE may find faster kernels but "
+        "costs about a second per batch size at warm-up.",
+    )
+    cuda_tf32: bool = Field(
+        True,
+        description="TF32 matmuls/convolutions on Ampere and newer GPUs: about 30 % more "
+        "images/s at batch 64, max |difference| 8.6e-4 against the CPU on the digits model.",
+    )
     max_concurrency: int | None = Field(
         None, ge=1, description="Requests in flight per worker before 429/503 load shedding."
     )
     timeout_s: int = Field(30, ge=1, description="Request timeout in seconds.")
     drain_timeout_s: float = Field(
-        30.0,
+        25.0,
         ge=0,
-        description="On SIGTERM the model service keeps answering while it is still "
-        "being called (the HTTP workers drain their requests), for at most this long.",
+        description="On SIGTERM a worker answers /readyz 503 and finishes the requests in "
+        "flight for at most this long before it exits (BentoML's process manager kills "
+        "workers 30 s after SIGTERM).",
+    )
+    access_log: bool = Field(False, description="BentoML's access log, one line per request.")
+    tracing: bool = Field(
+        False, description="BentoML's OpenTelemetry spans (about 0.2 ms per request)."
     )
     monitoring: bool = Field(True, description="Prediction metrics and drift monitor.")
     drift_window: int = Field(1000, ge=10, description="Predictions in the live drift window.")
@@ -65,10 +112,49 @@ class ServingSettings(BaseModel):
     )
     drift_interval_s: float = Field(15.0, gt=0, description="How often drift is recomputed.")
 
-    @field_validator("model_dir", mode="before")
+    @field_validator("model_dir", "workers", "max_concurrency", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         return None if value in ("", None) else value
+
+    @field_validator("batch_buckets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.split(",") if part.strip()) or None
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _request_fits_a_batch(cls, values):
+        """Unless set, a request may hold as many images as one batch (at most 32)."""
+        if isinstance(values, dict) and values.get("max_images_per_request") is None:
+            batch = int(values.get("max_batch_size") or cls.model_fields["max_batch_size"].default)
+            values = {**values, "max_images_per_request": min(32, batch)}
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServingSettings:
+        if self.max_images_per_request > self.max_batch_size:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) cannot exceed "
+                f"max_batch_size ({self.max_batch_size}): one request must fit one batch"
+            )
+        if self.batch_buckets is not None and (
+            min(self.batch_buckets) < 1 or max(self.batch_buckets) != self.max_batch_size
+        ):
+            raise ValueError(
+                f"batch_buckets must be positive and end at max_batch_size "
+                f"({self.max_batch_size}), got {list(self.batch_buckets)}"
+            )
+        return self
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The batch sizes ONNX Runtime sees, ascending."""
+        if self.batch_buckets is not None:
+            return tuple(sorted(set(self.batch_buckets)))
+        return power_of_two_buckets(self.max_batch_size)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -89,8 +175,36 @@ class ServingSettings(BaseModel):
         """The environment that reproduces these settings in a server process."""
         env = {}
         for name, value in self.model_dump().items():
-            if value is not None:
-                env[ENV_PREFIX + name.upper()] = (
-                    str(value).lower() if isinstance(value, bool) else str(value)
-                )
+            if isinstance(value, bool):
+                env[ENV_PREFIX + name.upper()] = str(value).lower()
+            elif isinstance(value, tuple):
+                env[ENV_PREFIX + name.upper()] = ",".join(str(v) for v in value)
+            elif value is not None:
+                env[ENV_PREFIX + name.upper()] = str(value)
         return env
+
+
+def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below ``max_batch_size``, then ``max_batch_size``: at most half of a
+    padded batch is padding, and log2(max) + 1 shapes to warm."""
+    sizes = []
+    size = 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_batch_size)
+
+
+def default_workers(provider: str, cores: int | None = None) -> int:
+    """Worker processes when ``--workers`` is not given.
+
+    CPU: one per core, each with a one-thread ONNX Runtime session, so that decoding, HTTP
+    handling and inference of different requests run on every core without oversubscription.
+    CUDA: every worker holds its own session (GPU memory) and batch queue, and batches
+    grow with the requests per worker; decoding is the CPU-bound part, so one worker per four
+    cores, at most four, each with its decode thread pool.
+    """
+    cores = cores or os.cpu_count() or 1
+    if provider == "cpu":
+        return cores
+    return max(1, min(4, cores // 4))

@@ -57,6 +57,11 @@ class Server:
             time.sleep(0.02)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()[-3000:]}")
 
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send a signal to every process of the server, as ``docker stop`` or a pod's
+        termination does to its process group."""
+        os.killpg(self.process.pid, signum)
+
     def output(self) -> str:
         self.log.flush()
         self.log.seek(0)
@@ -90,12 +95,18 @@ def client(service_module):
     from starlette.testclient import TestClient
 
     with TestClient(service_module.ImageClassifier.to_asgi()) as test_client:
+        deadline = time.time() + 60
+        while test_client.get("/readyz").status_code != 200:
+            assert time.time() < deadline, "the in-process service never became ready"
+            time.sleep(0.02)
         yield test_client
 
 
 @pytest.fixture(scope="session")
 def server(published_model):
-    running = Server(published_model)
+    """One worker, so that concurrent requests are batched together (the Prometheus tests
+    run the default, one worker per core)."""
+    running = Server(published_model, args=("--workers", "1"))
     running.wait_ready()
     yield running
     running.stop()

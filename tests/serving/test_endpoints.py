@@ -83,6 +83,10 @@ def test_metadata(api, published_model):
     assert body["classes"] == ["0", "1", "2", "3", "4"]
     assert body["input"]["height"] == 16 and body["input"]["channels"] == 3
     assert body["execution_provider"] == "CPUExecutionProvider"
+    assert body["startup"]["warmed_batch_sizes"] == [1, 2, 4, 8, 16, 32, 64]
+    assert body["startup"]["warm_up_seconds"] > 0 and body["startup"]["model_load_seconds"] > 0
+    assert body["batching"]["buckets"] == [1, 2, 4, 8, 16, 32, 64]
+    assert body["state"] == "ready"
     assert body["parity"]["onnx"]["top1_agreement"] == 1.0
     assert 0 <= body["metrics"]["accuracy"] <= 1
     assert body["limits"]["max_images_per_request"] == 8
@@ -150,28 +154,40 @@ def test_a_url_instead_of_a_file_is_never_fetched(http):
     assert hits == []
 
 
-def test_concurrent_requests_are_batched_and_each_answered(server, http):
+def batch_size_totals(http) -> tuple[float, float]:
+    """(images, batches) run so far, from the imgclf_batch_size histogram."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in http.get("/metrics").text.splitlines():
+        for kind in totals:
+            if line.startswith(f"imgclf_batch_size_{kind}"):
+                totals[kind] += float(line.split()[-1])
+    return totals["sum"], totals["count"]
+
+
+def test_concurrent_requests_are_batched_each_with_its_own_top_k(server, http):
+    """The test server has one worker: concurrent requests to it share ONNX Runtime batches,
+    and each still gets the top_k it asked for."""
     from concurrent.futures import ThreadPoolExecutor
 
     data, content_type, _ = GOOD["png"]
+    images_before, batches_before = batch_size_totals(http)
 
-    def one(_):
-        return http.post("/predict", content=data, headers={"Content-Type": content_type})
+    def one(index):
+        top_k = index % 5 + 1
+        response = http.post(
+            "/predict",
+            content=data,
+            headers={"Content-Type": content_type},
+            params={"top_k": str(top_k)},
+        )
+        return top_k, response
 
     with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(one, range(96)))
-    assert [r.status_code for r in responses] == [200] * 96
-    assert len({r.json()["label"] for r in responses}) == 1
-    metrics = http.get("/metrics").text
-    sums = [
-        float(line.split()[-1])
-        for line in metrics.splitlines()
-        if line.startswith("imgclf_batch_size_sum")
-    ]
-    counts = [
-        float(line.split()[-1])
-        for line in metrics.splitlines()
-        if line.startswith("imgclf_batch_size_count")
-    ]
-    assert sums and counts
-    assert sum(sums) > sum(counts), "no batch ever held more than one image"
+        answers = list(pool.map(one, range(96)))
+    assert [r.status_code for _, r in answers] == [200] * 96
+    assert [len(r.json()["top_k"]) for _, r in answers] == [k for k, _ in answers]
+    assert len({r.json()["label"] for _, r in answers}) == 1
+    images_after, batches_after = batch_size_totals(http)
+    images, batches = images_after - images_before, batches_after - batches_before
+    assert images == 96
+    assert batches < images, f"{images:.0f} images in {batches:.0f} batches: never batched"

@@ -124,6 +124,11 @@ def test_metric_labels_hold_only_known_values_after_hostile_traffic(http, server
         "version": {"1"},
         "precision": {"fp32"},
         "provider": {"CPUExecutionProvider"},
+        "batch_size": {"1", "2", "4", "8", "16", "32", "64"},
+        # CUDA options; empty on the CPU provider
+        "device_id": {""},
+        "cudnn_conv_algo_search": {""},
+        "tf32": {""},
     }
     text = http.get("/metrics").text
     for line in text.splitlines():

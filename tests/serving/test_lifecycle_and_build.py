@@ -12,8 +12,9 @@ import yaml
 from tests.conftest import REPO, assert_one_line_error, run_cli
 
 
-def test_model_service_is_live_but_unready_until_warm(service_module, monkeypatch):
-    """Warm-up is held back by an event, so the not-yet-ready window is certain."""
+def test_service_is_live_but_unready_until_warm(service_module, monkeypatch):
+    """Warm-up is held back by an event, so the not-yet-ready window is certain; /readyz
+    says why it is not ready."""
     import threading
     import time
 
@@ -24,24 +25,101 @@ def test_model_service_is_live_but_unready_until_warm(service_module, monkeypatc
     gate = threading.Event()
     real_warm_up = ClassifierRuntime.warm_up
 
-    def held_warm_up(self):
+    def held_warm_up(self, sizes=None):
         gate.wait(30)
-        real_warm_up(self)
+        real_warm_up(self, sizes)
 
     monkeypatch.setattr(ClassifierRuntime, "warm_up", held_warm_up)
     # BentoML's own HTTP metrics are process-global and the in-process ImageClassifier app has
     # registered them already; this second app is built with them off.
     from _bentoml_impl.server.app import ServiceAppFactory
 
-    app = ServiceAppFactory(service_module.OnnxModel, is_main=False, enable_metrics=False)()
-    with TestClient(app) as model_service:
-        assert model_service.get("/livez").status_code == 200
-        assert model_service.get("/readyz").status_code == 503
-        gate.set()
-        deadline = time.time() + 30
-        while model_service.get("/readyz").status_code != 200:
-            assert time.time() < deadline, "never became ready"
-            time.sleep(0.02)
+    service_module.ImageClassifier.inject_config()
+    app = ServiceAppFactory(service_module.ImageClassifier, is_main=True, enable_metrics=False)()
+    # One service instance per process is the rule: give the routes back to the session's.
+    frontend = getattr(service_module.app.state, "frontend", None)
+    try:
+        with TestClient(app) as service:
+            assert service.get("/livez").status_code == 200
+            unready = service.get("/readyz")
+            assert unready.status_code == 503
+            assert unready.json()["status"] == "warming"
+            assert "batch sizes 1, 2, 4, 8, 16, 32, 64" in unready.json()["error"]
+            gate.set()
+            deadline = time.time() + 30
+            while (ready := service.get("/readyz")).status_code != 200:
+                assert time.time() < deadline, "never became ready"
+                time.sleep(0.02)
+            assert ready.json() == {"status": "ready"}
+    finally:
+        service_module.app.state.frontend = frontend
+
+
+def test_sigterm_drains_requests_in_flight(published_model):
+    """24 slow /predict_batch calls (two 12-megapixel JPEGs each, uploaded over about two
+    seconds, as a phone on a poor network would) are in flight when the server's process
+    group gets SIGTERM: /readyz turns 503 at once, every call is answered 200, then the
+    server exits."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.serving.cases import large_photo
+    from tests.serving.conftest import Server
+
+    boundary = "drainboundary"
+    photo = large_photo()
+    part = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="p.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + photo
+        + b"\r\n"
+    )
+    body = part * 2 + f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    server = Server(published_model, args=("--workers", "1"))
+    try:
+        server.wait_ready()
+        connected = threading.Barrier(25)
+
+        def slowly():
+            chunk = len(body) // 20 + 1
+            for start in range(0, len(body), chunk):
+                yield body[start : start + chunk]
+                time.sleep(0.1)
+
+        def slow_call(_):
+            with httpx.Client(base_url=server.url, timeout=120) as client:
+                client.get("/livez")  # connected
+                connected.wait()
+                return client.post(
+                    "/predict_batch", content=slowly(), headers=headers, params={"top_k": "1"}
+                )
+
+        with ThreadPoolExecutor(24) as pool:
+            calls = [pool.submit(slow_call, i) for i in range(24)]
+            connected.wait()
+            time.sleep(0.7)  # every call is sending its body
+            server.signal()
+            readiness = []
+            while not all(call.done() for call in calls):
+                try:
+                    readiness.append(httpx.get(server.url + "/readyz", timeout=2).status_code)
+                except httpx.TransportError:
+                    readiness.append(0)
+                time.sleep(0.1)
+            answers = [call.result() for call in calls]
+        assert [a.status_code for a in answers] == [200] * 24, [a.text for a in answers]
+        assert all(len(a.json()) == 2 for a in answers)
+        assert readiness and set(readiness) == {503}, readiness
+        server.process.wait(timeout=60)
+        log = server.output()
+        assert "SIGTERM; finishing 24 request(s)" in log, log[-2000:]
+        assert "drain complete" in log, log[-2000:]
+    finally:
+        server.stop()
 
 
 def test_real_server_becomes_ready_and_answers(server):

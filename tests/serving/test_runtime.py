@@ -34,7 +34,7 @@ def test_runtime_matches_a_plain_onnxruntime_session(runtime, published_model, t
     got = runtime.predict(images)  # len(test) > max_batch_size: chunked
     assert len(images) > runtime.max_batch_size
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    assert runtime.ready and runtime.provider == "CPUExecutionProvider"
+    assert runtime.warmed_batch_sizes and runtime.provider == "CPUExecutionProvider"
 
 
 def test_top_k_is_sorted_labelled_and_bounded(runtime):

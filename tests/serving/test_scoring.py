@@ -223,6 +223,7 @@ def test_same_predictions_as_the_http_service(tmp_path, images, runtime, client)
             params={"top_k": "3"},
             headers={"Content-Type": "application/octet-stream"},
         ).json()
+        assert "error" not in answer, answer
         assert answer["label"] == row["label"]
         assert answer["score"] == pytest.approx(float(row["score"]), rel=1e-6)
         assert [e["label"] for e in answer["top_k"]] == json.loads(row["top_k_labels"])

@@ -1,0 +1,199 @@
+"""Adaptive batching inside one worker process.
+
+Requests queue up while ONNX Runtime runs the previous batch; when the session is free, the
+next batch takes everything queued (up to ``max_batch_size`` images, whole requests only),
+optionally after waiting ``max_wait_s`` for more. A quiet server answers a lone request at
+once; a busy one runs large batches. Each batch is zero-padded to the next bucket size, so
+ONNX Runtime only ever sees the few shapes that were warmed up.
+
+Why not BentoML's ``batchable=True``: it batches one argument per API, answers some
+failures as plain-text 500s, cannot pad to warmed shapes, and lives behind a second
+service hop. This one is ~150 lines, used by the HTTP routes of each worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import ImgclfError
+
+
+class OverloadedError(ImgclfError):
+    """The queue is full, or a request waited past its deadline: retry later (503)."""
+
+    status_code = 503
+    reason = "overloaded"
+
+
+@dataclass
+class _Waiting:
+    images: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+
+
+def pad_to_bucket(images: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+    """``images`` with zero rows appended up to the smallest bucket that holds them."""
+    index = bisect.bisect_left(buckets, len(images))
+    if index == len(buckets):
+        raise ValueError(f"a batch of {len(images)} exceeds the largest bucket {buckets[-1]}")
+    missing = buckets[index] - len(images)
+    if missing == 0:
+        return images
+    return np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])
+
+
+class AdaptiveBatcher:
+    """Batches concurrent ``submit`` calls of one event loop into calls of ``infer``.
+
+    ``infer`` runs on one dedicated thread (ONNX Runtime releases the GIL), so the event
+    loop keeps reading, decoding and answering while a batch runs. ``on_batch(images,
+    probabilities, seconds)`` is called on that thread after each batch (metrics, drift).
+    """
+
+    def __init__(
+        self,
+        infer: Callable[[np.ndarray], np.ndarray],
+        *,
+        buckets: tuple[int, ...],
+        max_wait_s: float = 0.0,
+        max_latency_s: float = 1.0,
+        max_queue_size: int = 512,
+        on_batch: Callable[[np.ndarray, np.ndarray, float], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
+        self.buckets = tuple(sorted(set(buckets)))
+        self.max_batch_size = self.buckets[-1]
+        self.max_wait_s = max_wait_s
+        self.max_latency_s = max_latency_s
+        self.max_queue_size = max_queue_size
+        self._infer = infer
+        self._on_batch = on_batch
+        self._on_queue = on_queue
+        self._on_wait = on_wait
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._queue: deque[_Waiting] = deque()
+        self._queued_images = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queued_requests(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for ``images`` (one request's), computed in a shared batch."""
+        if not 1 <= len(images) <= self.max_batch_size:
+            raise ValueError(f"a request must hold 1 to {self.max_batch_size} images")
+        if self._queued_images + len(images) > self.max_queue_size:
+            raise OverloadedError(
+                f"the batch queue is full ({self._queued_images} images waiting); retry shortly"
+            )
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        future = loop.create_future()
+        self._queue.append(_Waiting(images, future, time.perf_counter()))
+        self._queued_images += len(images)
+        self._queue_changed()
+        self._wakeup.set()
+        return await future
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop and self._task is not None and not self._task.done():
+            return
+        self._loop = loop
+        self._wakeup = asyncio.Event()
+        self._task = loop.create_task(self._run(), name="adaptive-batcher")
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_wait_s > 0:
+                await self._wait_for_more()
+            batch = self._take()
+            if batch:
+                await self._run_batch(batch)
+
+    async def _wait_for_more(self) -> None:
+        deadline = self._queue[0].enqueued + self.max_wait_s
+        while self._queued_images < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Waiting]:
+        """Whole requests from the front of the queue, up to ``max_batch_size`` images.
+        Requests whose caller has gone are dropped; those past their deadline get 503."""
+        batch: list[_Waiting] = []
+        size = 0
+        now = time.perf_counter()
+        while self._queue and size + len(self._queue[0].images) <= self.max_batch_size:
+            waiting = self._queue.popleft()
+            self._queued_images -= len(waiting.images)
+            if waiting.future.done():  # cancelled: the client disconnected
+                continue
+            waited = now - waiting.enqueued
+            if waited > self.max_latency_s:
+                waiting.future.set_exception(
+                    OverloadedError(
+                        f"waited {waited * 1000:.0f} ms for a batch (limit "
+                        f"{self.max_latency_s * 1000:.0f} ms); retry shortly"
+                    )
+                )
+                continue
+            if self._on_wait is not None:
+                self._on_wait(waited)
+            batch.append(waiting)
+            size += len(waiting.images)
+        self._queue_changed()
+        return batch
+
+    async def _run_batch(self, batch: list[_Waiting]) -> None:
+        images = np.concatenate([waiting.images for waiting in batch])
+        try:
+            probabilities = await self._loop.run_in_executor(self._executor, self._call, images)
+        except Exception as error:
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(error)
+            return
+        start = 0
+        for waiting in batch:
+            end = start + len(waiting.images)
+            if not waiting.future.done():
+                waiting.future.set_result(probabilities[start:end])
+            start = end
+
+    def _call(self, images: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        probabilities = self._infer(pad_to_bucket(images, self.buckets))[: len(images)]
+        if self._on_batch is not None:
+            self._on_batch(images, probabilities, time.perf_counter() - started)
+        return probabilities
+
+    def _queue_changed(self) -> None:
+        if self._on_queue is not None:
+            self._on_queue(len(self._queue))

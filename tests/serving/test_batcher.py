@@ -1,0 +1,161 @@
+"""The in-process adaptive batcher, on the real runtime: batching, padding to warmed shapes,
+per-request answers, overload and deadlines as 503, failures confined to their batch."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batcher import AdaptiveBatcher, OverloadedError, pad_to_bucket
+from serving.runtime import ClassifierRuntime
+from serving.settings import ServingSettings, power_of_two_buckets
+from tests.serving.cases import good_images
+
+
+@pytest.fixture(scope="module")
+def runtime(published_model):
+    return ClassifierRuntime(published_model, provider="cpu", max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def images(runtime):
+    arrays = [runtime.preprocess(data) for data, _, _ in good_images().values()]
+    return np.stack([arrays[i % len(arrays)] for i in range(12)])
+
+
+class Recorder:
+    """The real runtime, noting the batch shapes it is called with."""
+
+    def __init__(self, runtime, gate: threading.Event | None = None) -> None:
+        self.runtime, self.gate, self.shapes = runtime, gate, []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        self.shapes.append(len(batch))
+        return self.runtime.predict(batch)
+
+
+def test_power_of_two_buckets_end_at_the_maximum():
+    assert power_of_two_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert power_of_two_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert power_of_two_buckets(1) == (1,)
+    assert ServingSettings(max_batch_size=8).buckets == (1, 2, 4, 8)
+
+
+def test_settings_refuse_requests_larger_than_a_batch_and_bad_buckets():
+    with pytest.raises(ValueError, match="max_images_per_request"):
+        ServingSettings(max_batch_size=4, max_images_per_request=8)
+    with pytest.raises(ValueError, match="end at max_batch_size"):
+        ServingSettings.model_validate({"max_batch_size": 8, "batch_buckets": "1,4"})
+    custom = ServingSettings.from_env(
+        {"IMGCLF_MAX_BATCH_SIZE": "12", "IMGCLF_BATCH_BUCKETS": "12,1,6"}
+    )
+    assert custom.buckets == (1, 6, 12)
+    assert ServingSettings.from_env(custom.to_env()).buckets == (1, 6, 12)
+
+
+def test_pad_to_bucket_appends_zero_rows_only():
+    images = np.ones((5, 2, 2, 3), np.float32)
+    padded = pad_to_bucket(images, (1, 2, 4, 8))
+    assert padded.shape == (8, 2, 2, 3)
+    assert (padded[:5] == 1).all() and (padded[5:] == 0).all()
+    assert pad_to_bucket(images[:4], (1, 2, 4, 8)).shape[0] == 4
+    with pytest.raises(ValueError):
+        pad_to_bucket(np.ones((9, 2, 2, 3), np.float32), (1, 2, 4, 8))
+
+
+def test_concurrent_requests_share_padded_batches_and_get_their_own_rows(runtime, images):
+    gate = threading.Event()
+    recorder = Recorder(runtime, gate)
+    batcher = AdaptiveBatcher(recorder, buckets=(1, 2, 4, 8))
+    requests = [images[i : i + 1] for i in range(7)] + [images[7:10]]
+
+    async def scenario():
+        tasks = [asyncio.create_task(batcher.submit(requests[0]))]
+        await asyncio.sleep(0.02)  # the first request runs alone, held by the gate
+        tasks += [asyncio.create_task(batcher.submit(r)) for r in requests[1:]]
+        await asyncio.sleep(0.02)  # the rest queue behind it
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    answers = asyncio.run(scenario())
+    batcher.close()
+    # 1 alone; then 6 singles (padded to 8), and the 3-image request that no longer fit (4).
+    assert recorder.shapes == [1, 8, 4]
+    assert set(recorder.shapes) <= {1, 2, 4, 8}, "a shape that was not a bucket"
+    for request, answer in zip(requests, answers, strict=True):
+        assert answer.shape == (len(request), len(runtime.classes))
+        np.testing.assert_allclose(answer, runtime.predict(request), rtol=1e-5, atol=1e-6)
+
+
+def test_a_full_queue_and_a_missed_deadline_are_503(runtime, images):
+    gate = threading.Event()
+    batcher = AdaptiveBatcher(
+        Recorder(runtime, gate), buckets=(1, 2, 4, 8), max_queue_size=3, max_latency_s=0.1
+    )
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(images[:1]))
+        await asyncio.sleep(0.02)  # running, held by the gate
+        queued = asyncio.create_task(batcher.submit(images[:3]))
+        await asyncio.sleep(0.02)
+        with pytest.raises(OverloadedError, match="queue is full") as full:
+            await batcher.submit(images[:1])
+        assert full.value.status_code == 503
+        await asyncio.sleep(0.15)  # the queued request is now past its deadline
+        gate.set()
+        assert (await first).shape[0] == 1
+        with pytest.raises(OverloadedError, match="waited"):
+            await queued
+        return await batcher.submit(images[:2])  # the batcher still serves
+
+    assert asyncio.run(scenario()).shape[0] == 2
+    batcher.close()
+
+
+def test_a_failing_batch_fails_only_its_requests_and_cancelled_callers_are_skipped(runtime, images):
+    calls = []
+
+    def flaky(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            time.sleep(0.05)
+            raise RuntimeError("device lost")
+        return runtime.predict(batch)
+
+    batcher = AdaptiveBatcher(flaky, buckets=(1, 2, 4, 8))
+
+    async def scenario():
+        doomed = asyncio.create_task(batcher.submit(images[:1]))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(batcher.submit(images[1:2]))
+        kept = asyncio.create_task(batcher.submit(images[2:4]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        with pytest.raises(RuntimeError, match="device lost"):
+            await doomed
+        return await kept
+
+    assert asyncio.run(scenario()).shape[0] == 2
+    assert calls == [1, 2], "the cancelled request was still run"
+    batcher.close()
+
+
+def test_batch_wait_gathers_requests_that_arrive_close_together(runtime, images):
+    recorder = Recorder(runtime)
+    batcher = AdaptiveBatcher(recorder, buckets=(1, 2, 4, 8), max_wait_s=0.2)
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(images[:1]))
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(batcher.submit(images[1:3]))
+        return await asyncio.gather(first, second)
+
+    asyncio.run(scenario())
+    batcher.close()
+    assert recorder.shapes == [4], "3 images padded to one batch of 4"
