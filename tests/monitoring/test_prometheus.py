@@ -157,6 +157,10 @@ def test_every_imgclf_metric_is_exported_and_scraped(served, prometheus):
         "1",
         "CPUExecutionProvider",
     )
+    # Every worker (one per core by default) is ready and warmed the same batch sizes.
+    assert float(query(prometheus, "min(imgclf_ready)")[0]["value"][1]) == 1
+    warmed = {s["metric"]["batch_size"] for s in query(prometheus, "imgclf_warmed_batch_size")}
+    assert warmed == {"1", "2", "4", "8", "16", "32", "64"}
 
 
 def test_promtool_check_metrics_has_nothing_to_say_about_ours(served):
@@ -232,6 +236,9 @@ def test_dashboard_is_provisionable():
         "psi",
         "freshness",
         "model version",
+        "waiting for a batch",
+        "workers ready",
+        "start-up",
     ):
         assert needed in titles, needed
     psi_panel = next(p for p in dashboard["panels"] if "PSI" in p["title"])
