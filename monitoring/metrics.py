@@ -156,8 +156,9 @@ DRIFT_JS = Gauge(
 )
 DRIFT_WINDOW = Gauge(
     "imgclf_drift_window_samples",
-    "Predictions in the live drift window.",
-    multiprocess_mode="mostrecent",
+    "Predictions in the live drift window (the fullest worker's: each worker keeps its own, "
+    "and only a window of at least the minimum size publishes drift).",
+    multiprocess_mode="livemax",
 )
 DRIFT_WINDOW_CAPACITY = Gauge(
     "imgclf_drift_window_capacity_samples",
