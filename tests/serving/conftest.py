@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,9 @@ class Server:
             [IMGCLF, "serve", "--model", str(model_dir), "--port", str(self.port), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **TEST_ENV, **(env or {})},
+            # Its own BentoML home: each `bentoml serve` empties the Prometheus folder under
+            # BENTOML_HOME when it starts, which would wipe another running server's metrics.
+            env={**os.environ, **TEST_ENV, "BENTOML_HOME": tempfile.mkdtemp(), **(env or {})},
             cwd=REPO,
             start_new_session=True,
         )

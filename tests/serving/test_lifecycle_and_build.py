@@ -101,7 +101,10 @@ def test_sigterm_drains_requests_in_flight(published_model):
         with ThreadPoolExecutor(24) as pool:
             calls = [pool.submit(slow_call, i) for i in range(24)]
             connected.wait()
-            time.sleep(0.7)  # every call is sending its body
+            deadline = time.time() + 1.5  # each upload lasts two seconds
+            while in_progress(server, "/predict_batch") < 24:
+                assert time.time() < deadline, "the 24 calls never were in flight together"
+                time.sleep(0.05)
             server.signal()
             readiness = []
             while not all(call.done() for call in calls):
@@ -120,6 +123,17 @@ def test_sigterm_drains_requests_in_flight(published_model):
         assert "drain complete" in log, log[-2000:]
     finally:
         server.stop()
+
+
+def in_progress(server, endpoint: str) -> float:
+    """Requests in progress on ``endpoint``, from BentoML's own gauge."""
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("bentoml_service_request_in_progress{")
+        and f'endpoint="{endpoint}"' in line
+    )
 
 
 def test_real_server_becomes_ready_and_answers(server):
