@@ -11,7 +11,18 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-ENDPOINTS = ("predict", "predict_batch", "metadata")
+#: Endpoint label values: our routes, and the Open Inference Protocol's by route template.
+ENDPOINTS = (
+    "predict",
+    "predict_batch",
+    "metadata",
+    "v2_server_metadata",
+    "v2_health",
+    "v2_model_ready",
+    "v2_model_metadata",
+    "v2_model_config",
+    "v2_infer",
+)
 
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DECODE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)

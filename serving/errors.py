@@ -21,6 +21,8 @@ ERROR_REASONS = (
     "too_many_images",
     "bad_top_k",
     "overloaded",
+    "not_found",
+    "not_ready",
     "internal",
 )
 
@@ -60,6 +62,13 @@ class ModelError(ImgclfError):
 
     status_code = 503
     reason = "model"
+
+
+class NotFoundError(ImgclfError):
+    """A model name or version this server does not serve."""
+
+    status_code = 404
+    reason = "not_found"
 
 
 class InvalidImageError(ImgclfError):

@@ -9,12 +9,14 @@ is ever fetched, and every user mistake is ``{"error": "..."}`` with a 4xx statu
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import numpy as np
 from starlette.applications import Starlette
@@ -22,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.errors import ImgclfError, InvalidImageError
@@ -70,13 +72,32 @@ class Frontend:
         describe: Callable[[], dict],
         decoder: Executor,
         observer=None,
+        is_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.card = card
+        self.is_ready = is_ready
         self.classify = classify
         self.limits = limits
         self.describe = describe
         self.decoder = decoder
         self.observer = observer
+
+    async def decode_all(self, uploads: list[Upload]) -> np.ndarray:
+        """Decode every image side by side; the first bad one fails the request, named by its
+        index (and file name) when there are several."""
+        if len(uploads) == 1:
+            decoded = [await self.decode(uploads[0])]
+        else:
+            decoded = await asyncio.gather(
+                *(self.decode(upload) for upload in uploads), return_exceptions=True
+            )
+        for index, (upload, result) in enumerate(zip(uploads, decoded, strict=True)):
+            if isinstance(result, InvalidImageError) and len(uploads) > 1:
+                name = f" ({safe_text(upload.filename, 60)})" if upload.filename else ""
+                result.args = (f"image {index}{name}: {result.message}",)
+            if isinstance(result, BaseException):
+                raise result
+        return np.stack(decoded)
 
     async def decode(self, upload: Upload) -> np.ndarray:
         """Decode and preprocess one image on the decode pool (Pillow releases the GIL)."""
@@ -196,22 +217,10 @@ def parse_top_k(request: Request, form: dict, frontend: Frontend) -> int:
 
 
 async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int):
-    """Decode every image side by side (a bad one fails this request alone, named by its
-    index), then classify them in one batch with whatever else is queued."""
+    """Decode every image (a bad one fails this request alone), then classify them in one
+    batch with whatever else is queued."""
     card = frontend.card
-    if len(uploads) == 1:
-        decoded = [await frontend.decode(uploads[0])]
-    else:
-        decoded = await asyncio.gather(
-            *(frontend.decode(upload) for upload in uploads), return_exceptions=True
-        )
-    for index, (upload, result) in enumerate(zip(uploads, decoded, strict=True)):
-        if isinstance(result, InvalidImageError) and len(uploads) > 1:
-            name = f" ({safe_text(upload.filename, 60)})" if upload.filename else ""
-            result.args = (f"image {index}{name}: {result.message}",)
-        if isinstance(result, BaseException):
-            raise result
-    probabilities = np.asarray(await frontend.classify(np.stack(decoded)))
+    probabilities = np.asarray(await frontend.classify(await frontend.decode_all(uploads)))
     return [
         {
             "label": best[0]["label"],
@@ -223,33 +232,37 @@ async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int)
     ]
 
 
+async def handle(request: Request, endpoint: str, work) -> Response:
+    """Run ``work(frontend)`` for ``endpoint``: its result (a Response, or JSON content), or
+    ``{"error": ...}`` with the error's status; every outcome counted by endpoint."""
+    frontend = getattr(request.app.state, "frontend", None)
+    if frontend is None:
+        return JSONResponse(
+            {"error": "the service is starting"}, status_code=503, headers={"Retry-After": "1"}
+        )
+    started = time.perf_counter()
+    try:
+        result = await work(frontend)
+        response = result if isinstance(result, Response) else JSONResponse(result)
+        if frontend.observer is not None:
+            frontend.observer.request(endpoint, response.status_code, time.perf_counter() - started)
+        return response
+    except ImgclfError as error:
+        reason, status, message = error.reason, error.status_code, error.message
+        log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
+    except Exception:
+        log.exception("%s failed", endpoint)
+        reason, status, message = "internal", 500, "internal error; see the server log"
+    if frontend.observer is not None:
+        frontend.observer.error(endpoint, reason)
+        frontend.observer.request(endpoint, status, time.perf_counter() - started)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 def build_app() -> Starlette:
     """The Starlette app. The service puts its ``Frontend`` in ``app.state.frontend`` when it
     is constructed (each worker process holds one service)."""
-
-    async def handle(request: Request, endpoint: str, work) -> JSONResponse:
-        frontend = getattr(request.app.state, "frontend", None)
-        if frontend is None:
-            return JSONResponse(
-                {"error": "the service is starting"}, status_code=503, headers={"Retry-After": "1"}
-            )
-        started = time.perf_counter()
-        try:
-            response = JSONResponse(await work(frontend))
-            if frontend.observer is not None:
-                frontend.observer.request(endpoint, 200, time.perf_counter() - started)
-            return response
-        except ImgclfError as error:
-            reason, status, message = error.reason, error.status_code, error.message
-            log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
-        except Exception:
-            log.exception("%s failed", endpoint)
-            reason, status, message = "internal", 500, "internal error; see the server log"
-        if frontend.observer is not None:
-            frontend.observer.error(endpoint, reason)
-            frontend.observer.request(endpoint, status, time.perf_counter() - started)
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     async def predict(request: Request) -> JSONResponse:
         async def work(frontend: Frontend):
@@ -293,11 +306,58 @@ def build_app() -> Starlette:
             {"error": error.detail}, status_code=error.status_code, headers=error.headers
         )
 
+    from serving.oip import oip_routes  # the V2 routes share this module's handling
+
     return Starlette(
         exception_handlers={HTTPException: http_error},
         routes=[
             Route("/predict", predict, methods=["POST"]),
             Route("/predict_batch", predict_batch, methods=["POST"]),
             Route("/metadata", metadata, methods=["GET"]),
+            *oip_routes(),
         ],
     )
+
+
+_BODY_HEADERS = (b"content-type", b"content-length")
+
+
+class PlainErrorsAsJSON:
+    """ASGI middleware: BentoML's own router answers an unknown path (one with a newline in
+    it, say, which no mount matches) with a plain-text 404; make every such error JSON, like
+    ours."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def json_errors(message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", [])
+                plain = dict(headers).get(b"content-type", b"").startswith(b"text/plain")
+                if message["status"] in (404, 405) and plain:
+                    replaced = True
+                    body = json.dumps({"error": HTTPStatus(message["status"]).phrase}).encode()
+                    await send(
+                        {
+                            **message,
+                            "headers": [
+                                *(h for h in headers if h[0] not in _BODY_HEADERS),
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            elif replaced:
+                return  # the plain-text body
+            await send(message)
+
+        await self.app(scope, receive, json_errors)

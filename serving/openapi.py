@@ -1,5 +1,6 @@
-"""The OpenAPI description of /predict, /predict_batch and /metadata, merged into BentoML's
-``/docs.json`` (BentoML documents only FastAPI mounts, and FastAPI is not a dependency)."""
+"""The OpenAPI description of /predict, /predict_batch and /metadata (the /v2 routes: see
+``openapi_v2.py``), merged into BentoML's ``/docs.json`` (BentoML documents only FastAPI
+mounts, and FastAPI is not a dependency)."""
 
 from __future__ import annotations
 
@@ -153,9 +154,12 @@ def paths(max_top_k: int = 20, max_images: int = 32) -> dict:
 class MergeOpenAPIPaths:
     """ASGI middleware: add ``paths()`` to the JSON that ``GET /docs.json`` returns."""
 
-    def __init__(self, app, max_top_k: int = 20, max_images: int = 32) -> None:
+    def __init__(
+        self, app, max_top_k: int = 20, max_images: int = 32, served=lambda: (None, None)
+    ) -> None:
         self.app = app
         self.paths = paths(max_top_k, max_images)
+        self.served = served  # () -> (model name, version), once the model is loaded
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != "/docs.json":
@@ -173,8 +177,11 @@ class MergeOpenAPIPaths:
         await self.app(scope, receive, capture)
         body = b"".join(chunks)
         if start.get("status") == 200:
+            from serving import openapi_v2
+
             spec = json.loads(body)
             spec.setdefault("paths", {}).update(self.paths)
+            spec["paths"].update(openapi_v2.paths(*self.served()))
             body = json.dumps(spec).encode()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))

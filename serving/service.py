@@ -22,7 +22,7 @@ import bentoml
 
 from monitoring.observers import PredictionObserver, RequestObserver, WorkerObserver
 from serving.batcher import AdaptiveBatcher
-from serving.http import Frontend, Limits, build_app
+from serving.http import Frontend, Limits, PlainErrorsAsJSON, build_app
 from serving.lifecycle import (
     FAILED,
     READY,
@@ -91,6 +91,7 @@ class ImageClassifier:
             self.describe,
             ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode"),
             RequestObserver() if SETTINGS.monitoring else None,
+            is_ready=lambda: LIFECYCLE.ready,
         )
         if WORKER:
             WORKER.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)
@@ -148,8 +149,17 @@ def prediction_observer(runtime: ClassifierRuntime) -> PredictionObserver:
 
 
 ImageClassifier.add_asgi_middleware(LifecycleMiddleware, lifecycle=LIFECYCLE)
+ImageClassifier.add_asgi_middleware(PlainErrorsAsJSON)
+
+
+def served_model() -> tuple[str | None, int | None]:
+    frontend = getattr(app.state, "frontend", None)
+    return (frontend.card.name, frontend.card.version) if frontend else (None, None)
+
+
 ImageClassifier.add_asgi_middleware(
     MergeOpenAPIPaths,
     max_top_k=SETTINGS.max_top_k,
     max_images=SETTINGS.max_images_per_request,
+    served=served_model,
 )

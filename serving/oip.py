@@ -1,0 +1,174 @@
+"""The Open Inference Protocol (KServe V2, Triton's HTTP API) on the same batching path as
+``/predict``: health, server and model metadata, Triton's model configuration, and ``infer``
+with JSON tensors, the binary tensor data extension and the classification extension.
+
+One model, named as in ``metadata.json``, its published version as the model version. Its
+input ``image`` takes encoded images (``BYTES``, shape ``[N, 1]`` or ``[N]``; decoded by the
+same preprocessing contract as ``/predict``) or pixels (``FP32`` or ``UINT8``,
+``[N, H, W, 3]``, the graph's own input); its output ``probabilities`` is ``FP32 [N, K]``.
+Errors are ``{"error": "..."}``: 400 for a bad request, 404 for an unknown model or version,
+503 when not ready or overloaded. tritonclient sends no Content-Type: the body is read raw.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from serving import __version__
+from serving.errors import ImgclfError, NotFoundError
+from serving.http import Frontend, handle, read_body
+from serving.model_dir import INPUT_NAME, OUTPUT_NAME
+from serving.oip_tensors import (
+    HEADER_LENGTH,
+    build_response,
+    input_images,
+    quoted,
+    requested_outputs,
+    split_request,
+)
+
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+
+
+def oip_routes() -> list[Route]:
+    """The ``/v2`` routes, each with and without ``/versions/{version}``."""
+    routes = [
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/health/live", server_live, methods=["GET"]),
+        Route("/v2/health/ready", server_ready, methods=["GET"]),
+    ]
+    for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [
+            Route(base, model_metadata, methods=["GET"]),
+            Route(base + "/ready", model_ready, methods=["GET"]),
+            Route(base + "/config", model_config, methods=["GET"]),
+            Route(base + "/infer", infer, methods=["POST"]),
+        ]
+    return routes
+
+
+async def server_metadata(request: Request) -> Response:
+    async def work(frontend: Frontend):
+        return {"name": "imgclf", "version": __version__, "extensions": EXTENSIONS}
+
+    return await handle(request, "v2_server_metadata", work)
+
+
+async def server_live(request: Request) -> Response:
+    return await handle(request, "v2_health", _live)
+
+
+async def _live(frontend: Frontend):
+    return {"live": True}
+
+
+async def server_ready(request: Request) -> Response:
+    async def work(frontend: Frontend):
+        return _ready(frontend)
+
+    return await handle(request, "v2_health", work)
+
+
+async def model_ready(request: Request) -> Response:
+    async def work(frontend: Frontend):
+        _check_model(request, frontend)
+        return _ready(frontend)
+
+    return await handle(request, "v2_model_ready", work)
+
+
+def _ready(frontend: Frontend) -> dict:
+    if not frontend.is_ready():
+        raise ImgclfError("not ready (loading, warming up or draining)", reason="not_ready")
+    return {"ready": True}
+
+
+async def model_metadata(request: Request) -> Response:
+    async def work(frontend: Frontend):
+        _check_model(request, frontend)
+        card = frontend.card
+        height, width, channels = card.spec.input_shape
+        return {
+            "name": card.name,
+            "versions": [str(card.version)],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, height, width, channels]}
+            ],
+            "outputs": [
+                {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(card.classes)]}
+            ],
+            "parameters": {
+                "input_datatypes": ["FP32", "UINT8", "BYTES"],
+                "bytes_input": "encoded images, shape [-1, 1]: decoded as /predict decodes them",
+            },
+        }
+
+    return await handle(request, "v2_model_metadata", work)
+
+
+async def model_config(request: Request) -> Response:
+    """Triton's model configuration, enough for ``image_client.py`` and ``perf_analyzer``."""
+
+    async def work(frontend: Frontend):
+        _check_model(request, frontend)
+        card, batching = frontend.card, frontend.describe().get("batching", {})
+        # A request may hold up to max_images_per_request images: that is the batch size a
+        # Triton client may send (the server batches requests together beyond it).
+        height, width, channels = card.spec.input_shape
+        return {
+            "name": card.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "version_policy": {"specific": {"versions": [str(card.version)]}},
+            "max_batch_size": frontend.limits.max_images_per_request,
+            "input": [
+                {
+                    "name": INPUT_NAME,
+                    "data_type": "TYPE_FP32",
+                    "format": "FORMAT_NHWC",
+                    "dims": [height, width, channels],
+                }
+            ],
+            "output": [
+                {
+                    "name": OUTPUT_NAME,
+                    "data_type": "TYPE_FP32",
+                    "dims": [len(card.classes)],
+                    "labels": card.classes,
+                }
+            ],
+            "dynamic_batching": {
+                "preferred_batch_size": batching.get("buckets", []),
+                "max_queue_delay_microseconds": int(batching.get("batch_wait_ms", 0) * 1000),
+            },
+        }
+
+    return await handle(request, "v2_model_config", work)
+
+
+async def infer(request: Request) -> Response:
+    async def work(frontend: Frontend):
+        _check_model(request, frontend)
+        body = await read_body(request, frontend.limits.max_request_bytes)
+        header, binary = split_request(request.headers.get(HEADER_LENGTH), body)
+        outputs = requested_outputs(header, len(frontend.card.classes))
+        probabilities = await frontend.classify(await input_images(frontend, header, binary))
+        return build_response(frontend.card, header, outputs, probabilities)
+
+    return await handle(request, "v2_infer", work)
+
+
+def _check_model(request: Request, frontend: Frontend) -> None:
+    card = frontend.card
+    name = request.path_params["name"]
+    version = request.path_params.get("version")
+    if name != card.name:
+        raise NotFoundError(f"unknown model {quoted(name)}; this server serves {card.name!r}")
+    if version not in (None, "", str(card.version)):
+        raise NotFoundError(
+            f"unknown version {quoted(version)} of model {card.name!r}; "
+            f"this server serves version {card.version}"
+        )
