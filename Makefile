@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= train,serve,dev
+EXTRAS ?= train,serve,ray,dev
 
 RUN_DIR ?= runs/digits
 REPOSITORY ?= model_repository

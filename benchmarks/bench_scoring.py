@@ -4,7 +4,10 @@ Generates 10,000 JPEG images from the digits set, then, each in its own process 
 memory (maximum RSS, from /usr/bin/time) is measured separately:
 - the ceiling: decode + ONNX Runtime in one loop (batches of 64, no output);
 - ``imgclf score`` on all 10,000 images (CSV output, drift report included);
-- ``imgclf score`` on 1,000 of them, for peak memory at 1,000 vs 10,000.
+- ``imgclf score`` on 1,000 of them, for peak memory at 1,000 vs 10,000;
+- ``imgclf score --engine ray`` (a local one-node cluster started by the job) on both, so its
+  fixed start-up (cluster, actors) is told apart from its steady rate:
+  steady = 9,000 images / (wall at 10,000 - wall at 1,000); start-up = the rest.
 
     .venv/bin/python benchmarks/bench_scoring.py [--model model_repository/digits]
 """
@@ -89,40 +92,52 @@ def main() -> None:
         small_list = scratch / "small.txt"
         small_list.write_text("\n".join(paths[: args.images // 10]) + "\n")
 
-        out, _, ceiling_peak = timed(
+        out, ceiling_wall, ceiling_peak = timed(
             [str(BIN / "python"), "-c", CEILING, str(model_dir), str(all_list)]
         )
         ceiling = float(re.search(r"IMAGES_PER_SECOND ([\d.]+)", out).group(1))
         rows = [
-            ["ceiling: decode + ONNX Runtime, one loop", args.images, ceiling, "1.00", ceiling_peak]
+            [
+                "ceiling: decode + ONNX Runtime, one loop",
+                args.images,
+                ceiling,
+                "1.00",
+                ceiling_wall,
+                ceiling_peak,
+            ]
         ]
-        for label, listing, count in (
-            ("imgclf score", all_list, args.images),
-            ("imgclf score", small_list, args.images // 10),
-        ):
-            out, _, peak = timed(
-                [
-                    str(BIN / "imgclf"),
-                    "score",
-                    str(listing),
-                    "--model",
-                    str(model_dir),
-                    "--output",
-                    str(scratch / f"{count}.csv"),
-                    "--no-progress",
-                    "--provider",
-                    "cpu",
-                ]
-            )
-            rate = float(re.search(r"([\d.]+) images/s", out).group(1))
-            rows.append([label, count, rate, f"{rate / ceiling:.2f}", peak])
+        walls = {}
+        for engine in ("local", "ray"):
+            for listing, count in ((all_list, args.images), (small_list, args.images // 10)):
+                output = scratch / f"{engine}-{count}.parquet"
+                out, wall, peak = timed(
+                    [
+                        *(str(BIN / "imgclf"), "score", str(listing), "--model", str(model_dir)),
+                        *("--output", str(output), "--no-progress", "--provider", "cpu"),
+                        *("--engine", engine),
+                    ]
+                )
+                rate = float(re.search(r"([\d.]+) images/s", out).group(1))
+                walls[engine, count] = wall
+                label = "imgclf score" + (" --engine ray" if engine == "ray" else "")
+                rows.append([label, count, rate, f"{rate / ceiling:.2f}", wall, peak])
     print(f"machine: {machine()}")
     print(f"model: {model_dir}; {args.images} JPEGs (64x64) generated from the digits\n")
-    print(table(["job", "images", "images/s", "vs ceiling", "peak RSS MiB"], rows))
+    headers = ["job", "images", "images/s (scoring loop)", "vs ceiling", "wall s", "peak RSS MiB"]
+    print(table(headers, rows))
     print(
         f"\npeak memory at {args.images} vs {args.images // 10} images: "
-        f"{rows[1][4] / rows[2][4]:.2f}x"
+        f"{rows[1][5] / rows[2][5]:.2f}x (local engine)"
     )
+    extra = args.images - args.images // 10
+    for engine in ("local", "ray"):
+        steady = extra / (walls[engine, args.images] - walls[engine, args.images // 10])
+        startup = walls[engine, args.images // 10] - (args.images // 10) / steady
+        print(
+            f"{engine} engine: steady {steady:,.0f} images/s ({steady / ceiling:.2f}x the "
+            f"ceiling), fixed start-up {startup:.1f} s (process, model, "
+            f"{'Ray cluster and actors' if engine == 'ray' else 'no cluster'})"
+        )
 
 
 if __name__ == "__main__":

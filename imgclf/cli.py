@@ -362,7 +362,11 @@ def serve(
 @user_errors
 def score(
     inputs: Annotated[
-        str, typer.Argument(help="Folder (recursive), glob, or text/CSV file listing images.")
+        str,
+        typer.Argument(
+            help="Folder (recursive), glob, text/CSV file listing images, or an s3:// gs:// "
+            "file:// prefix."
+        ),
     ],
     model: Annotated[Path, typer.Option(help="Published model directory or <repository>/<name>.")],
     output: Annotated[
@@ -380,6 +384,22 @@ def score(
     provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 or int8.")] = "fp32",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    engine: Annotated[
+        str, typer.Option(help="local (this machine) or ray (a Ray cluster; the ray extra).")
+    ] = "local",
+    address: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Ray cluster: auto, host:port or ray://host:10001 (default: start a "
+            "local one-node cluster for this job)."
+        ),
+    ] = None,
+    actors: Annotated[
+        Optional[int], typer.Option(help="Ray actors, each with one model session.")
+    ] = None,
+    gpus_per_actor: Annotated[
+        float, typer.Option(help="GPUs per Ray actor (> 0 runs the actors on CUDA).")
+    ] = 0.0,
 ) -> None:
     """Score many images into CSV or Parquet; resumable; writes a drift report next to it.
 
@@ -391,6 +411,12 @@ def score(
 
     if batch_size < 1 or top_k < 1 or (workers is not None and workers < 1):
         raise ConfigError("--batch-size, --top-k and --workers must be positive")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (address or actors or gpus_per_actor):
+        raise ConfigError("--address, --actors and --gpus-per-actor need --engine ray")
+    if (actors is not None and actors < 1) or gpus_per_actor < 0:
+        raise ConfigError("--actors must be positive and --gpus-per-actor not negative")
     from serving.batch import split_cores
 
     decode_workers, ort_threads = split_cores(workers)
@@ -401,16 +427,33 @@ def score(
         max_batch_size=batch_size,
         intra_op_threads=ort_threads,
     )
-    summary = run_score(
-        inputs,
-        runtime,
-        output,
-        output_format=output_format,
-        top_k=top_k,
-        chunk_size=max(256, batch_size * 4),
-        workers=decode_workers,
-        progress=progress,
-    )
+    started_cluster = False
+    scoring_engine = None
+    try:
+        if engine == "ray":
+            from serving import ray_engine
+
+            ray_engine.import_ray()  # one line if the extra is missing, before any work
+            started_cluster = ray_engine.connect(address)
+            scoring_engine = ray_engine.ray_engine(
+                runtime, top_k, actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size
+            )
+        summary = run_score(
+            inputs,
+            runtime,
+            output,
+            output_format=output_format,
+            top_k=top_k,
+            chunk_size=max(256, batch_size * 4),
+            workers=decode_workers,
+            progress=progress,
+            engine=scoring_engine,
+        )
+    finally:
+        if started_cluster:
+            import ray
+
+            ray.shutdown()  # the local cluster this job started, on success, error or Ctrl-C
     typer.echo(summary.line())
     for path in summary.failures:
         typer.echo(f"  failed: {path}", err=True)
@@ -431,7 +474,11 @@ def score(
 @user_errors
 def drift(
     inputs: Annotated[
-        str, typer.Argument(help="Folder (recursive), glob, or text/CSV file listing images.")
+        str,
+        typer.Argument(
+            help="Folder (recursive), glob, text/CSV file listing images, or an s3:// gs:// "
+            "file:// prefix."
+        ),
     ],
     model: Annotated[Path, typer.Option(help="Published model directory or <repository>/<name>.")],
     output: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path(

@@ -22,6 +22,9 @@ from serving.preprocessing import IMAGE_SUFFIXES, read_image_file, sniff_format
 from serving.runtime import ClassifierRuntime
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
+#: Object-store prefixes read through pyarrow.fs (S3 and GCS support ship in pyarrow's wheels;
+#: file:// is the same code path on a local disk).
+URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://")
 
 
 @dataclass
@@ -38,6 +41,8 @@ def list_inputs(spec: str | Path) -> list[str]:
     """A folder (recursive; image files by extension or by content), a glob, a text/CSV file
     listing paths (first column, or a column named ``path``), or one image file."""
     text = str(spec)
+    if text.startswith(URI_SCHEMES):
+        return _list_uri(text)
     path = Path(text)
     if path.is_dir():
         found = sorted(
@@ -80,12 +85,12 @@ def score_paths(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: list[Future] | None = None
         for chunk in _chunks(paths, chunk_size):
-            submitted = [pool.submit(_decode, runtime, path) for path in chunk]
+            submitted = [pool.submit(decode_path, runtime, path) for path in chunk]
             if pending is not None:
-                yield _infer(runtime, [future.result() for future in pending])
+                yield infer_decoded(runtime, [future.result() for future in pending])
             pending = submitted
         if pending is not None:
-            yield _infer(runtime, [future.result() for future in pending])
+            yield infer_decoded(runtime, [future.result() for future in pending])
 
 
 def drift_report(runtime: ClassifierRuntime, inputs: str | Path, *, chunk_size: int = 256) -> dict:
@@ -114,14 +119,21 @@ def drift_report(runtime: ClassifierRuntime, inputs: str | Path, *, chunk_size: 
     )
 
 
-def _decode(runtime: ClassifierRuntime, path: str) -> Scored:
+def decode_path(runtime: ClassifierRuntime, path: str) -> Scored:
+    """One input decoded for the model, or the error that stopped it: never raises for a
+    bad file, so one file cannot fail a job."""
     try:
-        return Scored(path, image=runtime.preprocess(read_image_file(path, runtime.spec)))
+        if path.startswith(URI_SCHEMES):
+            data = _read_uri(path, runtime)
+        else:
+            data = read_image_file(path, runtime.spec)
+        return Scored(path, image=runtime.preprocess(data))
     except InvalidImageError as error:
         return Scored(path, error=error.message)
 
 
-def _infer(runtime: ClassifierRuntime, decoded: list[Scored]) -> list[Scored]:
+def infer_decoded(runtime: ClassifierRuntime, decoded: list[Scored]) -> list[Scored]:
+    """Run the decoded inputs of a chunk through the model in one batch; errors stay errors."""
     good = [item for item in decoded if item.error is None]
     if good:
         probabilities = runtime.predict(np.stack([item.image for item in good]))
@@ -139,6 +151,51 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _list_uri(uri: str) -> list[str]:
+    """Image objects under an object-store prefix (or one object), by extension."""
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            return [uri]
+        if info.type != pafs.FileType.Directory:
+            raise ConfigError(f"input {uri} does not exist")
+        found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"cannot list {uri}: {error}") from None
+    scheme = uri.split("://", 1)[0]
+    prefix = "file://" if scheme == "file" else f"{scheme}://"
+    listed = sorted(
+        prefix + item.path
+        for item in found
+        if item.type == pafs.FileType.File
+        and Path(item.path).suffix.lower() in IMAGE_SUFFIXES
+        and not Path(item.path).name.startswith(".")
+    )
+    if not listed:
+        raise ConfigError(f"input {uri} holds no images")
+    return listed
+
+
+def _read_uri(uri: str, runtime: ClassifierRuntime) -> bytes:
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        with filesystem.open_input_file(path) as handle:
+            if handle.size() > runtime.spec.max_bytes:
+                raise InvalidImageError(
+                    f"{uri} is {handle.size()} bytes; the limit is {runtime.spec.max_bytes}",
+                    reason="too_large",
+                    status_code=413,
+                )
+            return handle.read()
+    except (OSError, ValueError) as error:
+        raise InvalidImageError(f"cannot read {uri}: {error}", reason="corrupt") from error
 
 
 def _looks_like_image(path: Path) -> bool:

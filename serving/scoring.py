@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from serving.files import fsync_dir, write_json
 from serving.runtime import ClassifierRuntime
 
 log = logging.getLogger(__name__)
+
+#: An engine: the paths still to score in, output rows out, a chunk at a time.
+Engine = Callable[[list[str]], Iterator[list[dict]]]
 
 COLUMNS = (
     "path",
@@ -74,8 +78,15 @@ def score(
     chunk_size: int = 256,
     workers: int | None = None,
     progress: bool = True,
+    engine: Engine | None = None,
 ) -> Summary:
-    """Score every image of ``inputs`` into ``output``; then write the drift report next to it."""
+    """Score every image of ``inputs`` into ``output``; then write the drift report next to it.
+
+    ``engine`` turns the paths still to score into output rows, chunk by chunk; the default
+    is this machine (``local_engine``), ``serving.ray_engine`` spreads it over a Ray cluster.
+    Whichever runs, this function writes the rows, so both write one schema and resume alike.
+    """
+    engine = engine or local_engine(runtime, top_k, chunk_size=chunk_size, workers=workers)
     writer = open_output(Path(output), output_format)
     writer.check_model(runtime.name, runtime.version)
     paths = list_inputs(inputs)
@@ -83,10 +94,9 @@ def score(
     todo = [path for path in paths if path not in done]
     summary = Summary(total=len(paths), skipped=len(paths) - len(todo))
     started = time.perf_counter()
-    bar = _progress(len(todo), progress)
+    bar = progress_bar(len(todo), progress)
     try:
-        for chunk in score_paths(runtime, todo, chunk_size=chunk_size, workers=workers):
-            rows = _rows(runtime, chunk, top_k)
+        for rows in engine(todo):
             writer.append(rows)
             failures = [row["path"] for row in rows if row["error"]]
             summary.failed += len(failures)
@@ -101,6 +111,18 @@ def score(
     if not summary.interrupted:
         summary.drift_report, summary.drift_status = write_drift_report(runtime, writer)
     return summary
+
+
+def local_engine(
+    runtime: ClassifierRuntime, top_k: int, *, chunk_size: int = 256, workers: int | None = None
+) -> Engine:
+    """Decode on a thread pool while ONNX Runtime runs the previous chunk, on this machine."""
+
+    def run(paths: list[str]) -> Iterator[list[dict]]:
+        for chunk in score_paths(runtime, paths, chunk_size=chunk_size, workers=workers):
+            yield rows_for(runtime, chunk, top_k)
+
+    return run
 
 
 def write_drift_report(runtime: ClassifierRuntime, writer) -> tuple[Path | None, str | None]:
@@ -132,7 +154,7 @@ def write_drift_report(runtime: ClassifierRuntime, writer) -> tuple[Path | None,
     return path, report["status"]
 
 
-def _rows(runtime: ClassifierRuntime, chunk: list[Scored], top_k: int) -> list[dict]:
+def rows_for(runtime: ClassifierRuntime, chunk: list[Scored], top_k: int) -> list[dict]:
     """Output rows for a chunk, in input order; top-k and signals computed for the chunk."""
     good = [item for item in chunk if item.error is None]
     computed = {}
@@ -172,7 +194,28 @@ def _rows(runtime: ClassifierRuntime, chunk: list[Scored], top_k: int) -> list[d
     ]
 
 
-def _progress(total: int, enabled: bool):
+def parquet_schema():
+    """The Parquet columns every engine writes (COLUMNS, typed)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.string()),
+            ("score", pa.float64()),
+            ("top_k_labels", pa.list_(pa.string())),
+            ("top_k_scores", pa.list_(pa.float64())),
+            ("entropy", pa.float64()),
+            ("brightness", pa.float64()),
+            ("contrast", pa.float64()),
+            ("model_name", pa.string()),
+            ("model_version", pa.int64()),
+            ("error", pa.string()),
+        ]
+    )
+
+
+def progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(
@@ -307,22 +350,7 @@ class ParquetOutput(_Output):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema(
-            [
-                ("path", pa.string()),
-                ("label", pa.string()),
-                ("score", pa.float64()),
-                ("top_k_labels", pa.list_(pa.string())),
-                ("top_k_scores", pa.list_(pa.float64())),
-                ("entropy", pa.float64()),
-                ("brightness", pa.float64()),
-                ("contrast", pa.float64()),
-                ("model_name", pa.string()),
-                ("model_version", pa.int64()),
-                ("error", pa.string()),
-            ]
-        )
-        table = pa.Table.from_pylist(rows, schema=schema)
+        table = pa.Table.from_pylist(rows, schema=parquet_schema())
         self.path.mkdir(parents=True, exist_ok=True)
         parts = self._parts()
         number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 1

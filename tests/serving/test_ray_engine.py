@@ -1,0 +1,196 @@
+"""``imgclf score --engine ray`` on a real one-node Ray cluster (started here): the same rows
+as the local engine, broken files as error rows, a killed job resumed, a killed actor
+retried, and one line when Ray is not installed."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from serving.runtime import ClassifierRuntime
+from serving.scoring import score
+from tests.conftest import IMGCLF, REPO, assert_one_line_error, make_image_folder, run_cli
+from tests.serving.conftest import free_port
+from tests.serving.test_hostile import ACCEPTED, CORPUS, REFUSED
+
+pytestmark = pytest.mark.timeout(180)
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """``ray start --head`` with 4 logical CPUs (on 2 cores an actor pool that takes every
+    CPU would starve Ray Data's own tasks); stopped afterwards."""
+    port = free_port()
+    env = {**os.environ, **RAY_ENV}
+    started = subprocess.run(
+        [RAY, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+    yield f"127.0.0.1:{port}"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def read_rows(output: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(output).to_pylist(), key=lambda row: row["path"])
+
+
+def score_with_ray(cluster: str, inputs: Path, model: Path, output: Path, *extra: str):
+    return run_cli(
+        "score",
+        str(inputs),
+        "--model",
+        str(model),
+        "--output",
+        str(output),
+        "--engine",
+        "ray",
+        "--address",
+        cluster,
+        "--no-progress",
+        *extra,
+        env=RAY_ENV,
+        timeout=170,
+    )
+
+
+def test_ray_and_local_engines_write_the_same_rows(tmp_path, published_model, cluster):
+    folder = make_image_folder(tmp_path / "images", 6)
+    for name in [*ACCEPTED, *list(REFUSED)[:6]]:
+        shutil.copy(CORPUS / name, folder / name)
+    local = tmp_path / "local.parquet"
+    score(folder, ClassifierRuntime(published_model, provider="cpu"), local, progress=False)
+    ray_output = tmp_path / "ray.parquet"
+    result = score_with_ray(cluster, folder, published_model, ray_output, "--batch-size", "4")
+    assert result.returncode == 4, result.stderr[-3000:]  # finished, some files unreadable
+    expected, actual = read_rows(local), read_rows(ray_output)
+    assert [row["path"] for row in actual] == [row["path"] for row in expected]
+    assert sum(1 for row in actual if row["error"]) == 6
+    for mine, theirs in zip(actual, expected, strict=True):
+        assert (mine["label"], mine["error"], mine["top_k_labels"]) == (
+            theirs["label"],
+            theirs["error"],
+            theirs["top_k_labels"],
+        )
+        if theirs["score"] is not None:
+            assert mine["score"] == pytest.approx(theirs["score"], abs=1e-6)
+    assert (tmp_path / "ray.parquet.drift.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def large_images(tmp_path_factory) -> Path:
+    """240 digit photos of 1200x1200 pixels: slow enough to decode to interrupt a job."""
+    folder = tmp_path_factory.mktemp("large")
+    rng = np.random.default_rng(0)
+    small = make_image_folder(tmp_path_factory.mktemp("small"), 80)
+    for index, path in enumerate(sorted(p for p in small.rglob("*") if p.is_file())):
+        with Image.open(path) as image:
+            photo = np.asarray(image.convert("RGB").resize((1200, 1200)), np.float32)
+        noisy = np.clip(photo + rng.normal(0, 10, photo.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noisy).save(buffer, "JPEG", quality=80)
+        (folder / f"photo_{index:04d}.jpg").write_bytes(buffer.getvalue())
+    return folder
+
+
+def start_job(cluster, inputs, model, output) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            *(IMGCLF, "score", str(inputs), "--model", str(model), "--output", str(output)),
+            *("--engine", "ray", "--address", cluster, "--actors", "1", "--batch-size", "8"),
+            "--no-progress",
+        ],
+        env={**os.environ, **RAY_ENV},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def wait_for_parts(output: Path, job: subprocess.Popen, count: int = 2) -> None:
+    deadline = time.time() + 120
+    while len(list(output.glob("part-*.parquet"))) < count:
+        assert job.poll() is None, job.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no rows were written"
+        time.sleep(0.05)
+
+
+def test_a_killed_job_resumes_with_every_path_exactly_once(
+    tmp_path, published_model, cluster, large_images
+):
+    output = tmp_path / "scores.parquet"
+    job = start_job(cluster, large_images, published_model, output)
+    wait_for_parts(output, job)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver dies mid-job
+    job.wait(timeout=30)
+    partial = len(read_rows(output))
+    total = len(list(large_images.iterdir()))
+    assert 0 < partial < total, "the job was not interrupted half-way"
+    resumed = score_with_ray(cluster, large_images, published_model, output, "--actors", "1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{partial} skipped" in resumed.stdout
+    paths = [row["path"] for row in read_rows(output)]
+    assert len(paths) == len(set(paths)) == total
+    assert not list(output.glob(".part-*"))
+
+
+def test_an_actor_killed_mid_job_is_retried_and_nothing_is_lost(
+    tmp_path, published_model, cluster, large_images
+):
+    output = tmp_path / "scores.parquet"
+    job = start_job(cluster, large_images, published_model, output)
+    wait_for_parts(output, job, count=1)
+    actors = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if any(
+            "MapWorker" in part and "ScoreBatch" in part for part in process.info["cmdline"] or []
+        )
+    ]
+    assert actors, "no scoring actor found"
+    for actor in actors:
+        actor.kill()
+    _, errors = job.communicate(timeout=170)
+    assert job.returncode == 0, errors.decode()[-3000:]
+    rows = read_rows(output)
+    assert len(rows) == len({row["path"] for row in rows}) == len(list(large_images.iterdir()))
+    assert not any(row["error"] for row in rows)
+
+
+def test_ray_engine_without_ray_installed_is_one_line(tmp_path, published_model):
+    shim = tmp_path / "no_ray" / "ray"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    result = run_cli(
+        "score",
+        str(CORPUS),
+        "--model",
+        str(published_model),
+        "--output",
+        str(tmp_path / "x.parquet"),
+        "--engine",
+        "ray",
+        env={"PYTHONPATH": str(shim.parent)},
+        timeout=120,
+    )
+    assert_one_line_error(result, "--engine ray needs Ray Data")
+    assert not (tmp_path / "x.parquet").exists()
