@@ -8,7 +8,8 @@ Checks and prints, for the digits model and a MobileNetV2 at 224x224 (export one
 --epochs 1 -o runs/mnv2 && imgclf export runs/mnv2 --name mobilenetv2``):
 
 1. CUDA actually in use (the session's provider, read back, not asked for);
-2. CPU vs CUDA parity on real digit images: max |difference| and top-1 agreement;
+2. CPU vs CUDA parity on real digit images, with TF32 on (the default) and off: max
+   |difference| and top-1 agreement;
 3. images/s at batch 1, 8 and 64 on each provider, ONNX Runtime alone;
 4. the in-process ceiling on each provider: decode on a thread pool + infer, one process;
 5. ``imgclf serve`` (default settings) under 64 concurrent real JPEG uploads for 30 s on each
@@ -40,7 +41,7 @@ import onnxruntime as ort  # noqa: E402
 from benchmarks.bench_service import BIN, Process, digit_jpegs, free_port  # noqa: E402
 from benchmarks.common import machine, table  # noqa: E402
 from serving.model_dir import resolve_model_dir  # noqa: E402
-from serving.runtime import CUDA, ClassifierRuntime  # noqa: E402
+from serving.runtime import CUDA, ClassifierRuntime, CudaOptions  # noqa: E402
 
 PROVIDERS = ("cpu", "cuda")
 BATCHES = (1, 8, 64)
@@ -53,8 +54,12 @@ def cuda_available() -> tuple[bool, str]:
     return True, ""
 
 
-def runtime_for(model_dir: Path, provider: str, max_batch_size: int = 64) -> ClassifierRuntime:
-    runtime = ClassifierRuntime(model_dir, provider=provider, max_batch_size=max_batch_size)
+def runtime_for(
+    model_dir: Path, provider: str, max_batch_size: int = 64, tf32: bool = True
+) -> ClassifierRuntime:
+    runtime = ClassifierRuntime(
+        model_dir, provider=provider, max_batch_size=max_batch_size, cuda=CudaOptions(tf32=tf32)
+    )
     runtime.warm_up((1, 8, 64))
     return runtime
 
@@ -185,11 +190,16 @@ def main() -> None:
         if has_cuda:
             in_use = runtimes["cuda"].provider
             checks.append(f"{name}: CUDA session runs on {in_use}")
-            difference, agreement = parity(runtimes["cpu"], runtimes["cuda"], jpegs)
-            checks.append(
-                f"{name}: CPU vs CUDA max |difference| {difference:.2e}, "
-                f"top-1 agreement {agreement:.2%} on {len(jpegs)} real digit JPEGs"
-            )
+            for tf32, cuda in (
+                (True, runtimes["cuda"]),
+                (False, runtime_for(model_dir, "cuda", tf32=False)),
+            ):
+                difference, agreement = parity(runtimes["cpu"], cuda, jpegs)
+                checks.append(
+                    f"{name}: CPU vs CUDA (TF32 {'on' if tf32 else 'off'}) max |difference| "
+                    f"{difference:.2e}, top-1 agreement {agreement:.2%} on {len(jpegs)} real "
+                    "digit JPEGs"
+                )
         for provider, runtime in runtimes.items():
             speeds = [images_per_second(runtime, batch) for batch in BATCHES]
             best = ceiling(runtime, jpegs)
