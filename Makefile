@@ -25,7 +25,7 @@ run: export
 	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT)
 
 train: $(STAMP)
-	$(BIN)/imgclf train --config configs/digits.yaml --output $(RUN_DIR) --force
+	$(BIN)/imgclf train --dataset digits --output $(RUN_DIR) --force
 
 export: train
 	$(BIN)/imgclf export $(RUN_DIR) --repository $(REPOSITORY) --name $(MODEL_NAME) --int8

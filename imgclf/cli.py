@@ -43,10 +43,27 @@ def user_errors(command):
     return wrapper
 
 
+#: ``imgclf train``'s exit status when the run finished but the model did not learn.
+DID_NOT_LEARN = 3
+
+#: Set by ``imgclf --verbose``: TensorFlow's native start-up lines are shown too.
+VERBOSE = {"on": False}
+
+
+def quiet_native_logs():
+    """TensorFlow's and absl's native start-up lines hidden, unless --verbose."""
+    from contextlib import nullcontext
+
+    from imgclf.quiet import native_log_filter
+
+    return nullcontext() if VERBOSE["on"] else native_log_filter()
+
+
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
+    VERBOSE["on"] = verbose
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -96,9 +113,12 @@ def train(
         typer.Option(help="Replace a finished run (or one with another config) in --output."),
     ] = False,
 ) -> None:
-    """Train a classifier and keep the best checkpoint with its evaluation report."""
+    """Train a classifier and keep the best checkpoint with its evaluation report.
+
+    Exit status: 0 trained, 3 trained but the model did not learn (no better than chance or
+    the largest class; metrics.json says so), 1 a mistake in the command."""
     from serving.errors import ConfigError
-    from training.config import ARCHITECTURES, load_config, parse_override
+    from training.config import ARCHITECTURES, parse_override, resolve_config
 
     if config is not None and not config.is_file():
         raise ConfigError(f"config file {config} does not exist")
@@ -118,22 +138,31 @@ def train(
         "train.learning_rate": learning_rate,
         "seed": seed,
     }
-    overrides.update({key: value for key, value in flags.items() if value is not None})
+    given = {key: value for key, value in flags.items() if value is not None}
+    overrides.update(given)
     if data is not None:
         overrides.setdefault("data.dataset", None)
     if dataset is not None:
         overrides.setdefault("data.data_dir", None)
-    resolved = load_config(config, overrides)
+    # A built-in data set brings its own recipe unless a config file is given.
+    implied = ({"data.dataset"} if data else set()) | ({"data.data_dir"} if dataset else set())
+    resolved, sources = resolve_config(
+        config, overrides, flags=set(given) | implied, preset=dataset if config is None else None
+    )
 
-    from training.train import train as run_training
+    with quiet_native_logs():
+        from training.train import train as run_training
 
-    metrics = run_training(resolved, output, force=force)
+        metrics = run_training(resolved, output, force=force, sources=sources)
     test = metrics["test"]
     auc = "n/a" if test["macro_auc"] is None else f"{test['macro_auc']:.4f}"
     typer.echo(
         f"test accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  "
         f"macro AUC {auc}  -> {output}/best.keras"
     )
+    if not metrics["learning"]["learned"]:
+        typer.echo(f"warning: {metrics['learning']['warning']}", err=True)
+        raise typer.Exit(DID_NOT_LEARN)
 
 
 @app.command()
@@ -168,18 +197,23 @@ def export(
 
     if int8_activations not in (None, "uint8", "int8"):
         raise ConfigError(f"--int8-activations must be uint8 or int8, got {int8_activations!r}")
-    from training.export import export as run_export
+    from serving.registry import store_versions
 
-    result = run_export(
-        run_dir,
-        repository,
-        name=name,
-        version=version,
-        int8=int8,
-        int8_activation_type=int8_activations,
-        force=force,
-        max_batch_size=max_batch_size,
-    )
+    with quiet_native_logs():
+        from training.export import export as run_export
+
+        result = run_export(
+            run_dir,
+            repository,
+            name=name,
+            version=version,
+            int8=int8,
+            int8_activation_type=int8_activations,
+            force=force,
+            max_batch_size=max_batch_size,
+            # A version new in the store too: it outlives `make clean` of the repository.
+            taken_versions=store_versions if register else None,
+        )
     for runtime, summary in result.parity["summary"].items():
         typer.echo(
             f"parity {runtime}: max abs diff {summary['max_abs_diff']:.2e}, "
@@ -190,11 +224,65 @@ def export(
             f"int8: {result.int8['decision']} (fp32 {result.int8['fp32_test_accuracy']:.4f}, "
             f"int8 {result.int8['int8_test_accuracy']:.4f})"
         )
-    typer.echo(f"published {result.path}")
     if register:
+        import shutil
+
+        from serving.errors import ImgclfError
         from serving.registry import register as register_model
 
-        typer.echo(f"registered BentoML model {register_model(result.path, replace=force)}")
+        try:
+            tag = register_model(result.path, replace=force)
+        except ImgclfError as error:
+            shutil.rmtree(result.path, ignore_errors=True)  # no half-done export behind exit 1
+            raise type(error)(f"{error.message} (so {result.path} was not kept)") from error
+        typer.echo(f"published {result.path}\nregistered BentoML model {tag}")
+    else:
+        typer.echo(f"published {result.path}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model_dir: Annotated[
+        Path, typer.Argument(help="Published model directory or <repository>/<name>.")
+    ],
+    output: Annotated[Path, typer.Option(help="Folder for evaluation.json and the plots.")],
+    data: Annotated[
+        Optional[Path],
+        typer.Option(help="Labelled image folder: one sub-folder per class, named as the model's."),
+    ] = None,
+    run: Annotated[
+        Optional[Path], typer.Option(help="A training run directory, with --split.")
+    ] = None,
+    split: Annotated[
+        Optional[str], typer.Option(help="train, validation or test: that split of --run.")
+    ] = None,
+) -> None:
+    """Evaluate a published model on labelled images, through the serving runtime."""
+    from serving.errors import ConfigError
+    from serving.model_dir import resolve_model_dir
+
+    if (data is None) == (run is None):
+        raise ConfigError("give either --data FOLDER or --run RUN_DIR --split test")
+    if run is not None and split not in ("train", "validation", "test"):
+        raise ConfigError("--run needs --split train, validation or test")
+    if data is not None and split is not None:
+        raise ConfigError("--split goes with --run, not --data")
+    with quiet_native_logs():
+        from training import datasets
+        from training.evaluate import evaluate_published
+
+        if data is not None:
+            samples = datasets.discover(data).samples
+        else:
+            samples = datasets.read_manifest(run)[split]
+        result = evaluate_published(resolve_model_dir(model_dir), samples, output)
+    auc = "n/a" if result["macro_auc"] is None else f"{result['macro_auc']:.4f}"
+    typer.echo(
+        f"accuracy {result['accuracy']:.4f}  macro F1 {result['macro_f1']:.4f}  macro AUC {auc}  "
+        f"ECE {result['calibration']['ece']:.4f}  on {result['count']} images "
+        f"({result['unreadable_count']} unreadable) -> {output}/evaluation.json"
+    )
 
 
 @app.command("register")

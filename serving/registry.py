@@ -72,6 +72,24 @@ def register(model_dir: Path, *, replace: bool = False) -> str:
     return tag
 
 
+def store_versions(name: str) -> set[int]:
+    """Numbered versions of ``name`` in BentoML's local model store (empty without BentoML)."""
+    try:
+        import bentoml
+        from bentoml.exceptions import NotFound
+    except ImportError:
+        return set()
+    try:
+        models = bentoml.models.list(name)
+    except NotFound:
+        return set()
+    return {
+        int(model.tag.version)
+        for model in models
+        if model.tag.version and model.tag.version.isdigit()
+    }
+
+
 def stored_model_path(tag: str) -> Path:
     """Where the BentoML store keeps ``tag`` (``name:version`` or ``name:latest``)."""
     try:

@@ -62,7 +62,7 @@ class ModelConfig(_Section):
         description="Backbone weights: imagenet, none, or a local weights file "
         "(for seed-cnn: none or a file).",
     )
-    dropout: float = Field(0.5, ge=0, lt=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
     l2: float = Field(1e-4, ge=0, description="L2 penalty on conv and dense kernels.")
     fine_tune_layers: int = Field(
         20, ge=0, description="Backbone layers unfrozen in the second stage."
@@ -84,6 +84,12 @@ class TrainConfig(_Section):
     plateau_patience: int = Field(3, ge=1)
     min_learning_rate: float = Field(1e-6, ge=0)
     early_stopping_patience: int = Field(8, ge=1)
+    min_epochs: int = Field(
+        10,
+        ge=0,
+        description="EarlyStopping never stops a stage before this epoch: on a small data set "
+        "validation is noisy while BatchNormalization's statistics settle.",
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
 
@@ -110,25 +116,89 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+#: Built-in data sets' own recipes, used when no --config is given.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML file (optional), apply dotted overrides (``train.epochs: 5``) and validate."""
+    return resolve_config(path, overrides)[0]
+
+
+def resolve_config(
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    flags: set[str] = frozenset(),
+    preset: str | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """The validated config and, per dotted key, where its value came from: ``default``,
+    ``preset <name>`` (a built-in data set's recipe, the base when there is no file),
+    ``config file``, ``flag`` (the keys in ``flags``) or ``--set``."""
     raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if preset is not None and path is None:
+        raw = _read_yaml(PRESETS_DIR / f"{preset}.yaml")
+        sources.update(dict.fromkeys(_dotted_keys(raw), f"preset {preset}"))
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as error:
-            raise ConfigError(f"cannot read config {path}: {error.strerror}") from error
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config {path} is not valid YAML: {_one_line(error)}") from error
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
-        raw = loaded or {}
+        raw = _read_yaml(Path(path))
+        sources.update(dict.fromkeys(_dotted_keys(raw), "config file"))
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
+        sources[dotted] = "flag" if dotted in flags else "--set"
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_describe_validation_error(error)) from error
+    every = _dotted_keys(config.model_dump(mode="json"))
+    return config, {key: sources.get(key, "default") for key in every}
+
+
+def annotated_yaml(config: Config, sources: dict[str, str]) -> str:
+    """``config.to_yaml()`` with each value's source as a comment (YAML ignores comments, so
+    the file still loads as the same config)."""
+    sections = {name for name, field in Config.model_fields.items() if _is_section(field)}
+    lines, section = [], None
+    for line in config.to_yaml().splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith("- ") or ":" not in stripped:
+            lines.append(line)
+            continue
+        key = stripped.split(":", 1)[0]
+        if line == stripped:  # top level
+            section = key if key in sections else None
+            dotted = key
+        else:
+            dotted = f"{section}.{key}"
+        source = sources.get(dotted)
+        lines.append(f"{line}  # {source}" if source and dotted not in sections else line)
+    return "\n".join(lines) + "\n"
+
+
+def _is_section(field) -> bool:
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def _dotted_keys(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {_one_line(error)}") from error
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
+    return loaded or {}
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -1,6 +1,10 @@
-"""Test-set evaluation of the best checkpoint: the numbers in ``metrics.json`` and the plots."""
+"""Evaluation: the numbers in a run's ``metrics.json``, and ``imgclf evaluate`` of a published
+model on labelled images through the serving runtime and preprocessing (the way production
+sees it)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import (
@@ -48,3 +52,79 @@ def classification_report(
         },
         "confusion_matrix": confusion_matrix(true_labels, predicted, labels=indices).tolist(),
     }
+
+
+def calibration(true_labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error over equal-width confidence bins, and the bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == true_labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for index in range(bins):
+        members = which == index
+        count = int(members.sum())
+        accuracy = float(correct[members].mean()) if count else None
+        mean_confidence = float(confidence[members].mean()) if count else None
+        if count:
+            ece += count / len(true_labels) * abs(accuracy - mean_confidence)
+        table.append(
+            {
+                "lower": float(edges[index]),
+                "upper": float(edges[index + 1]),
+                "count": count,
+                "accuracy": accuracy,
+                "confidence": mean_confidence,
+            }
+        )
+    return {"ece": float(ece), "bins": table, "mean_confidence": float(confidence.mean())}
+
+
+def evaluate_published(model_dir: Path, samples: list, output: Path) -> dict:
+    """Score labelled ``samples`` with the published ONNX model through ``ClassifierRuntime``
+    and the serving preprocessing; write ``evaluation.json`` and the plots into ``output``.
+    Unreadable files are counted and skipped."""
+    from serving.batch import score_paths
+    from serving.errors import DataError
+    from serving.files import write_json
+    from serving.runtime import ClassifierRuntime
+    from training import plots
+
+    runtime = ClassifierRuntime(model_dir, provider="cpu")
+    index = {name: i for i, name in enumerate(runtime.classes)}
+    unknown = sorted({s.label for s in samples} - set(index))
+    if unknown:
+        raise DataError(
+            f"class folder(s) {', '.join(unknown[:5])} are not classes of "
+            f"{runtime.name} v{runtime.version} ({', '.join(runtime.classes[:10])})"
+        )
+    labels = {str(s.path): index[s.label] for s in samples}
+    true, rows, unreadable = [], [], []
+    for chunk in score_paths(runtime, [str(s.path) for s in samples]):
+        for item in chunk:
+            if item.error is not None:
+                unreadable.append({"path": item.path, "error": item.error})
+            else:
+                true.append(labels[item.path])
+                rows.append(item.probabilities)
+    if not rows:
+        raise DataError("no image could be read; nothing to evaluate")
+    true_labels, probabilities = np.asarray(true), np.stack(rows)
+    report = classification_report(true_labels, probabilities, runtime.classes)
+    reliability = calibration(true_labels, probabilities)
+    result = {
+        "model": {"name": runtime.name, "version": runtime.version, "dir": str(runtime.model_dir)},
+        **report,
+        "calibration": reliability,
+        "unreadable_count": len(unreadable),
+        "unreadable": unreadable[:100],
+    }
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "evaluation.json", result)
+    plots.plot_confusion_matrix(
+        report["confusion_matrix"], runtime.classes, output / "confusion_matrix.png"
+    )
+    plots.plot_roc_curves(true_labels, probabilities, runtime.classes, output / "roc_curves.png")
+    plots.plot_reliability(reliability, output / "reliability.png")
+    return result

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def export(
     max_batch_size: int = 64,
     parity_images: int = 512,
     profile_images: int = 5000,
+    taken_versions: Callable[[str], set[int]] | None = None,
 ) -> ExportResult:
     """Convert, check and publish; raises ``ImgclfError`` (nothing published) on any failure."""
     run_dir = Path(run_dir)
@@ -82,7 +84,8 @@ def export(
 
     name = check_model_name(name or _default_name(run_dir))
     model_root = Path(repository) / name
-    version = _choose_version(model_root, version, force=force)
+    taken = taken_versions(name) if taken_versions is not None else set()
+    version = _choose_version(model_root, version, force=force, taken=taken)
     model_root.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(model_root)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_root))
@@ -297,10 +300,19 @@ def _default_name(run_dir: Path) -> str:
     return cleaned.strip("-_.") or "model"
 
 
-def _choose_version(model_root: Path, version: int | None, *, force: bool) -> int:
+def _choose_version(
+    model_root: Path, version: int | None, *, force: bool, taken: set[int] = frozenset()
+) -> int:
+    """The next version free in the repository and in ``taken`` (BentoML's model store,
+    which outlives a `make clean` of the repository), or ``version`` if it is free."""
     existing = version_numbers(model_root)
     if version is None:
-        return (existing[-1] + 1) if existing else 1
+        return max([0, *existing, *taken]) + 1
+    if version in taken and not force:
+        raise ConfigError(
+            f"version {version} of {model_root.name} is already in BentoML's model store; "
+            "pass --force to replace it, or leave --version out"
+        )
     if version < 1:
         raise ConfigError(f"--version must be a positive integer, got {version}")
     if version in existing and not force:

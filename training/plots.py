@@ -1,4 +1,5 @@
-"""Plots a person looks at after a run: learning curves, confusion matrix, ROC curves."""
+"""Plots a person looks at after a run or an evaluation: learning curves, confusion matrix, ROC
+curves, reliability diagram."""
 
 from __future__ import annotations
 
@@ -55,6 +56,37 @@ def plot_roc_curves(
         )
     axis.set_title("test set ROC, one vs rest")
     axis.legend(fontsize="small", loc="lower right")
+    figure.tight_layout()
+    _save(figure, output)
+
+
+def plot_reliability(calibration: dict, output: Path) -> None:
+    """Accuracy against confidence per bin: a calibrated model follows the diagonal."""
+    bins = [b for b in calibration["bins"] if b["count"]]
+    figure, axis = plt.subplots(figsize=(6, 6))
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    width = 1.0 / len(calibration["bins"])
+    axis.bar(
+        [b["lower"] for b in bins],
+        [b["accuracy"] for b in bins],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy in bin",
+    )
+    axis.plot(
+        [b["confidence"] for b in bins],
+        [b["accuracy"] for b in bins],
+        "o-",
+        label="mean confidence",
+    )
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("top-1 confidence")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"reliability, expected calibration error {calibration['ece']:.4f}")
+    axis.legend(loc="upper left")
     figure.tight_layout()
     _save(figure, output)
 

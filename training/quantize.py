@@ -91,7 +91,8 @@ def quantize(
 
 def fold_positive_scales(model: onnx.ModelProto) -> int:
     """Rewrite ``Conv -> Relu -> Mul(a)`` as ``Conv(W*a, b*a) -> Relu`` where every per-channel
-    ``a`` is positive (``a * relu(z) == relu(a * z)``); returns how many Muls were removed."""
+    ``a`` is positive (``a * relu(z) == relu(a * z)``), and ``MatMul -> Mul(a)`` as
+    ``MatMul(W*a)``; returns how many Muls were removed."""
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     consumers = collections.defaultdict(list)
@@ -104,6 +105,9 @@ def fold_positive_scales(model: onnx.ModelProto) -> int:
         source, constant = mul.input
         if constant not in initializers:
             source, constant = constant, source
+        if _fold_into_matmul(mul, source, constant, initializers, producer, consumers, graph):
+            folded += 1
+            continue
         relu = producer.get(source)
         conv = producer.get(relu.input[0]) if relu is not None and relu.op_type == "Relu" else None
         if (
@@ -138,6 +142,34 @@ def fold_positive_scales(model: onnx.ModelProto) -> int:
             graph.initializer.remove(initializers[constant])
         folded += 1
     return folded
+
+
+def _fold_into_matmul(mul, source, constant, initializers, producer, consumers, graph) -> bool:
+    """``MatMul(x, W) -> Mul(a)`` (a BatchNormalization right after a Dense layer) becomes
+    ``MatMul(x, W*a)``: exact for any sign, since nothing non-linear sits between them."""
+    matmul = producer.get(source)
+    if (
+        constant not in initializers
+        or matmul is None
+        or matmul.op_type != "MatMul"
+        or matmul.input[1] not in initializers
+        or len(consumers[matmul.output[0]]) != 1
+        or len(consumers[matmul.input[1]]) != 1
+    ):
+        return False
+    weights = numpy_helper.to_array(initializers[matmul.input[1]])
+    scale = numpy_helper.to_array(initializers[constant])
+    if weights.ndim != 2 or scale.reshape(-1).shape != (weights.shape[1],):
+        return False
+    _replace(initializers[matmul.input[1]], weights * scale.reshape(1, -1))
+    for node in consumers[mul.output[0]]:
+        for position, name in enumerate(node.input):
+            if name == mul.output[0]:
+                node.input[position] = matmul.output[0]
+    graph.node.remove(mul)
+    if len(consumers[constant]) == 1:
+        graph.initializer.remove(initializers[constant])
+    return True
 
 
 def _replace(tensor: onnx.TensorProto, values: np.ndarray) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from serving.files import atomic_write, write_json
 from training import datasets, evaluate, plots
 from training.augmentation import build_augmentation
 from training.callbacks import AtomicModelCheckpoint, read_best_state
-from training.config import Config
+from training.config import Config, annotated_yaml
 from training.models import build_model, unfreeze_top
 from training.pipeline import make_dataset, preprocess_spec
 
@@ -51,12 +52,19 @@ class RunPaths:
 
 
 def train(
-    config: Config, output_dir: Path, *, force: bool = False, verbose: str | int = "auto"
+    config: Config,
+    output_dir: Path,
+    *,
+    force: bool = False,
+    verbose: str | int = "auto",
+    sources: dict[str, str] | None = None,
 ) -> dict:
-    """Train, keep the best checkpoint and evaluate it; returns the contents of ``metrics.json``."""
+    """Train, keep the best checkpoint and evaluate it; returns the contents of ``metrics.json``.
+
+    ``sources`` (where each config value came from) is written into the run's config.yaml."""
     started = time.time()
     run = RunPaths(Path(output_dir))
-    resuming = _prepare_run_dir(run, config, force=force)
+    resuming = _prepare_run_dir(run, config, force=force, sources=sources)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -119,7 +127,9 @@ def train(
     return metrics
 
 
-def _prepare_run_dir(run: RunPaths, config: Config, *, force: bool) -> bool:
+def _prepare_run_dir(
+    run: RunPaths, config: Config, *, force: bool, sources: dict[str, str] | None = None
+) -> bool:
     """Create the run directory; resume an interrupted run that has the same configuration.
 
     ``force`` replaces a finished run or one with another configuration, never a folder that
@@ -151,7 +161,7 @@ def _prepare_run_dir(run: RunPaths, config: Config, *, force: bool) -> bool:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     with atomic_write(run.config) as handle:
-        handle.write(config.to_yaml())
+        handle.write(annotated_yaml(config, sources) if sources else config.to_yaml())
     return False
 
 
@@ -243,6 +253,7 @@ def _fit_stage(model, config, loaders, run, stage, initial_epoch, epochs, class_
             monitor="val_loss",
             patience=train_cfg.early_stopping_patience,
             restore_best_weights=True,
+            start_from_epoch=train_cfg.min_epochs,
         ),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.CSVLogger(str(run.history), append=True),
@@ -275,11 +286,13 @@ def _evaluate_best(run: RunPaths, test_loader, splits, classes, skipped) -> dict
     index = {name: i for i, name in enumerate(classes)}
     true_labels = np.array([index[s.label] for s in splits["test"]])
     report = evaluate.classification_report(true_labels, probabilities, classes)
+    best_state = read_best_state(run.root)
     metrics = {
         "test": report,
         "classes": classes,
         "split_sizes": {name: len(items) for name, items in splits.items()},
-        "best_epoch": read_best_state(run.root).get("epoch"),
+        "best_epoch": best_state.get("epoch"),
+        "learning": learning_check(best_state.get("val_accuracy"), splits["validation"], classes),
         "skipped_files": skipped,
         "skipped_count": len(skipped),
     }
@@ -289,6 +302,30 @@ def _evaluate_best(run: RunPaths, test_loader, splits, classes, skipped) -> dict
     plots.plot_roc_curves(true_labels, probabilities, classes, run.plots / "roc_curves.png")
     write_json(run.metrics, metrics)
     return metrics
+
+
+def learning_check(best_validation_accuracy: float | None, validation, classes) -> dict:
+    """Did the run learn? Its best validation accuracy must beat both chance and always
+    answering the largest class by more than two standard errors of that baseline."""
+    counts = [sum(1 for s in validation if s.label == name) for name in classes]
+    total = max(sum(counts), 1)
+    baseline = max(1.0 / len(classes), max(counts) / total)
+    margin = 2.0 * math.sqrt(baseline * (1.0 - baseline) / total)
+    best = float(best_validation_accuracy or 0.0)
+    learned = best > baseline + margin
+    check = {
+        "learned": learned,
+        "best_validation_accuracy": best,
+        "baseline_accuracy": baseline,
+        "margin": margin,
+    }
+    if not learned:
+        check["warning"] = (
+            f"the model did not learn: best validation accuracy {best:.3f} is no better than "
+            f"chance or the largest class ({baseline:.3f}, +/- {margin:.3f}); check the labels, "
+            "the learning rate and the augmentation"
+        )
+    return check
 
 
 def _class_weights(samples, classes) -> dict[int, float]:
