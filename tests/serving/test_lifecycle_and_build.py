@@ -109,7 +109,7 @@ def test_sigterm_drains_requests_in_flight(published_model):
             readiness = []
             while not all(call.done() for call in calls):
                 try:
-                    readiness.append(httpx.get(server.url + "/readyz", timeout=2).status_code)
+                    readiness.append(httpx.get(server.url + "/readyz", timeout=5).status_code)
                 except httpx.TransportError:
                     readiness.append(0)
                 time.sleep(0.1)
