@@ -70,7 +70,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(40, ge=1)
     head_epochs: int = Field(
         5, ge=1, description="First-stage epochs with the backbone frozen (transfer learning)."
     )
