@@ -133,13 +133,7 @@ def fold_positive_scales(model: onnx.ModelProto) -> int:
                 initializers[conv.input[2]],
                 numpy_helper.to_array(initializers[conv.input[2]]) * scale,
             )
-        for node in consumers[mul.output[0]]:
-            for position, name in enumerate(node.input):
-                if name == mul.output[0]:
-                    node.input[position] = relu.output[0]
-        graph.node.remove(mul)
-        if len(consumers[constant]) == 1:
-            graph.initializer.remove(initializers[constant])
+        _bypass(mul, relu.output[0], constant, initializers, consumers, graph)
         folded += 1
     return folded
 
@@ -162,14 +156,20 @@ def _fold_into_matmul(mul, source, constant, initializers, producer, consumers, 
     if weights.ndim != 2 or scale.reshape(-1).shape != (weights.shape[1],):
         return False
     _replace(initializers[matmul.input[1]], weights * scale.reshape(1, -1))
+    _bypass(mul, matmul.output[0], constant, initializers, consumers, graph)
+    return True
+
+
+def _bypass(mul, replacement: str, constant: str, initializers, consumers, graph) -> None:
+    """Remove a folded ``Mul``: its consumers read ``replacement`` instead, and its constant
+    goes too unless something else uses it."""
     for node in consumers[mul.output[0]]:
         for position, name in enumerate(node.input):
             if name == mul.output[0]:
-                node.input[position] = matmul.output[0]
+                node.input[position] = replacement
     graph.node.remove(mul)
     if len(consumers[constant]) == 1:
         graph.initializer.remove(initializers[constant])
-    return True
 
 
 def _replace(tensor: onnx.TensorProto, values: np.ndarray) -> None:
