@@ -2,7 +2,8 @@
 
 Plain numpy, no TensorFlow and no SciPy, so the service, batch scoring and the export step
 share it. The reference comes from held-out images; a live (or offline) window is compared
-with it signal by signal.
+with it signal by signal, and each statistic with its own threshold
+(``monitoring.thresholds``: calibrated on the reference at export, or the fixed bands).
 """
 
 from __future__ import annotations
@@ -14,16 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
+from monitoring import thresholds
+from monitoring.statistics import js_distance, ks_at_points, ks_statistic, psi
+
+__all__ = ["js_distance", "ks_statistic", "psi"]  # the statistics, re-exported
+
 #: Continuous per-image signals; the class distribution is handled separately.
 CONTINUOUS_SIGNALS = ("confidence", "entropy", "brightness", "contrast")
 SIGNALS = ("class", *CONTINUOUS_SIGNALS)
 DEFAULT_BINS = 10
-#: Reference values kept per signal for the KS statistic (exact below this many samples).
+#: Continuous signals are compared on a grid this fine: a difference below it (ONNX Runtime's
+#: batch-size-dependent rounding of a 0.99999994 confidence, say) never moves a prediction
+#: into another bin, and a signal that saturates (confidence 1, entropy 0) becomes a tie.
+RESOLUTION = 1e-4
+#: Reference points at which the KS statistic compares the two empirical CDFs.
+KS_POINTS = 100
+#: Reference values kept per signal, for the record and for profiles of the first format.
 REFERENCE_QUANTILES = 2000
-PSI_EPSILON = 1e-4
-#: The usual PSI bands: below 0.1 stable, 0.1-0.25 moderate, above 0.25 significant.
-PSI_WARNING = 0.1
-PSI_CRITICAL = 0.25
+PROFILE_FORMAT = 2
 
 
 def image_signals(images: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
@@ -41,35 +50,8 @@ def image_signals(images: np.ndarray, probabilities: np.ndarray) -> dict[str, np
     }
 
 
-def psi(expected: np.ndarray, actual: np.ndarray, epsilon: float = PSI_EPSILON) -> float:
-    """Population stability index of two distributions over the same bins (fractions)."""
-    expected = np.clip(np.asarray(expected, dtype=np.float64), epsilon, None)
-    actual = np.clip(np.asarray(actual, dtype=np.float64), epsilon, None)
-    return float(np.sum((actual - expected) * np.log(actual / expected)))
-
-
-def js_distance(p: np.ndarray, q: np.ndarray) -> float:
-    """Jensen-Shannon distance (base 2, in [0, 1]) of two discrete distributions."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
-
-    def kl(a: np.ndarray, b: np.ndarray) -> float:
-        mask = a > 0
-        return float(np.sum(a[mask] * np.log2(a[mask] / b[mask])))
-
-    return float(np.sqrt(max(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0)))
-
-
-def ks_statistic(reference: np.ndarray, sample: np.ndarray) -> float:
-    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
-    reference = np.sort(np.asarray(reference, dtype=np.float64))
-    sample = np.sort(np.asarray(sample, dtype=np.float64))
-    points = np.concatenate([reference, sample])
-    cdf_reference = np.searchsorted(reference, points, side="right") / len(reference)
-    cdf_sample = np.searchsorted(sample, points, side="right") / len(sample)
-    return float(np.max(np.abs(cdf_reference - cdf_sample)))
+def quantize(values: np.ndarray, resolution: float = RESOLUTION) -> np.ndarray:
+    return np.round(np.asarray(values, dtype=np.float64) / resolution) * resolution
 
 
 def bin_fractions(values: np.ndarray, interior_edges: np.ndarray) -> np.ndarray:
@@ -85,13 +67,57 @@ def class_fractions(classes: np.ndarray, num_classes: int) -> np.ndarray:
     return counts / max(len(classes), 1)
 
 
+def saturating_edges(
+    values: np.ndarray, bins: int = DEFAULT_BINS, resolution: float = RESOLUTION
+) -> np.ndarray:
+    """Interior bin edges at the reference's quantiles, half-way between grid values.
+
+    A value holding at least one bin's share of the reference (confidence 1 or entropy 0 of a
+    confident model, say) gets a bin of its own; edges closer than ``resolution`` merge, so no
+    bin is narrower than the grid, and no bin is empty in the reference.
+    """
+    grid = np.sort(quantize(values, resolution))
+    if grid.size == 0:
+        return np.zeros(0)
+    half = resolution / 2
+    cuts = np.quantile(grid, np.arange(1, bins) / bins, method="inverted_cdf") + half
+    distinct, counts = np.unique(grid, return_counts=True)
+    heavy = distinct[counts >= len(grid) / bins]
+    candidates = np.unique(np.concatenate([cuts, heavy - half, heavy + half]))
+    edges: list[float] = []
+    for edge in candidates:
+        if edge <= grid[0] or edge >= grid[-1]:
+            continue  # nothing of the reference below (or above) it
+        if edges and edge - edges[-1] < resolution * 0.999:
+            continue
+        edges.append(float(edge))
+    return np.asarray(edges)
+
+
+def ks_reference(values: np.ndarray, points: int = KS_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``points`` distinct reference values (quantiles, ties kept once) and the
+    reference CDF there: what the live KS statistic and its calibration both evaluate."""
+    grid = np.sort(quantize(values))
+    chosen = np.unique(np.quantile(grid, np.linspace(0, 1, points), method="inverted_cdf"))
+    cdf = np.searchsorted(grid, chosen, side="right") / len(grid)
+    return chosen, cdf
+
+
 def build_reference_profile(
-    signals: dict[str, np.ndarray], classes: list[str], *, source: str, bins: int = DEFAULT_BINS
+    signals: dict[str, np.ndarray],
+    classes: list[str],
+    *,
+    source: str,
+    bins: int = DEFAULT_BINS,
+    performance: dict | None = None,
+    calibrate: bool = True,
 ) -> dict:
-    """What "no drift" looks like: class mix, and for each continuous signal the bin edges at
-    reference quantiles, the reference fractions in those bins, and its quantiles for KS."""
+    """What "no drift" looks like: the class mix; for each continuous signal its bins (see
+    ``saturating_edges``), the reference fractions in them and its CDF at the KS points; the
+    held-out performance when labels were known; and the thresholds calibrated on all that."""
     samples = len(signals["class"])
     profile = {
+        "format": PROFILE_FORMAT,
         "source": source,
         "samples": samples,
         "classes": classes,
@@ -100,49 +126,69 @@ def build_reference_profile(
         "signals": {},
     }
     for name in CONTINUOUS_SIGNALS:
-        values = np.asarray(signals[name], dtype=np.float64)
-        interior = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
-        kept = min(samples, REFERENCE_QUANTILES)
+        values = quantize(signals[name])
+        edges = saturating_edges(values, bins)
+        points, cdf = ks_reference(values)
         profile["signals"][name] = {
-            "bin_edges": interior.tolist(),
-            "bin_fractions": bin_fractions(values, interior).tolist(),
-            "quantiles": np.quantile(values, np.linspace(0, 1, kept)).tolist(),
+            "resolution": RESOLUTION,
+            "bin_edges": edges.tolist(),
+            "bin_fractions": bin_fractions(values, edges).tolist(),
+            "ks_points": points.tolist(),
+            "ks_cdf": cdf.tolist(),
+            "quantiles": np.quantile(values, np.linspace(0, 1, min(samples, 2000))).tolist(),
             "mean": float(values.mean()),
         }
+    if performance is not None:
+        profile["performance"] = performance
+    if calibrate:
+        profile["thresholds"] = thresholds.calibrate(profile)
     return profile
 
 
-def compare(profile: dict, signals: dict[str, np.ndarray]) -> dict:
-    """Drift of a window (``image_signals`` output) against a reference profile."""
+def compare(profile: dict, signals: dict[str, np.ndarray], *, mode: str = "calibrated") -> dict:
+    """Drift of a window (``image_signals`` output) against a reference profile: every
+    statistic next to its thresholds for a window of this size, each signal's level and the
+    worst of them as ``status``."""
     count = len(signals["class"])
+    used, bounds = thresholds.thresholds_at(profile, count, mode)
     observed = class_fractions(signals["class"], len(profile["classes"]))
-    report = {
-        "samples": count,
-        "reference_samples": profile["samples"],
-        "signals": {
-            "class": {
-                "psi": psi(profile["class_distribution"], observed),
-                "js_distance": js_distance(profile["class_distribution"], observed),
-                "distribution": dict(zip(profile["classes"], observed.tolist(), strict=True)),
-            }
-        },
+    found = {
+        "class": {
+            "psi": psi(profile["class_distribution"], observed),
+            "js_distance": js_distance(profile["class_distribution"], observed),
+            "distribution": dict(zip(profile["classes"], observed.tolist(), strict=True)),
+        }
     }
     for name in CONTINUOUS_SIGNALS:
         reference = profile["signals"][name]
+        resolution = reference.get("resolution")
         values = np.asarray(signals[name], dtype=np.float64)
+        if resolution:
+            values = quantize(values, resolution)
         edges = np.asarray(reference["bin_edges"])
-        report["signals"][name] = {
-            "psi": psi(reference["bin_fractions"], bin_fractions(values, edges)),
-            "ks": ks_statistic(np.asarray(reference["quantiles"]), values),
+        window = bin_fractions(values, edges)
+        found[name] = {
+            "psi": psi(reference["bin_fractions"], window),
+            "js_distance": js_distance(reference["bin_fractions"], window),
+            "ks": ks_at_points(np.asarray(reference["ks_points"]), reference["ks_cdf"], values)
+            if "ks_points" in reference
+            else ks_statistic(np.asarray(reference["quantiles"]), values),
             "mean": float(values.mean()),
             "reference_mean": reference["mean"],
         }
-    worst = max(signal["psi"] for signal in report["signals"].values())
-    report["max_psi"] = worst
-    report["status"] = (
-        "critical" if worst > PSI_CRITICAL else "warning" if worst > PSI_WARNING else "stable"
-    )
-    return report
+    for name, values in found.items():
+        values["thresholds"] = bounds[name]
+        values["level"] = thresholds.worst(
+            thresholds.level_of(values[stat], bounds[name][stat]) for stat in bounds[name]
+        )
+    return {
+        "samples": count,
+        "reference_samples": profile["samples"],
+        "thresholds": used,
+        "signals": found,
+        "max_psi": max(values["psi"] for values in found.values()),
+        "status": thresholds.worst(values["level"] for values in found.values()),
+    }
 
 
 def load_profile(path: Path) -> dict:
@@ -156,12 +202,20 @@ class DriftMonitor:
     window and does the maths outside the lock, so requests never wait for it.
     """
 
-    def __init__(self, profile: dict, *, window: int = 1000, min_samples: int = 500) -> None:
+    def __init__(
+        self,
+        profile: dict,
+        *,
+        window: int = 1000,
+        min_samples: int = 500,
+        mode: str = "calibrated",
+    ) -> None:
         if min_samples > window:
             raise ValueError(f"min_samples ({min_samples}) cannot exceed the window ({window})")
         self.profile = profile
         self.window = window
         self.min_samples = min_samples
+        self.mode = mode
         self._values = {name: np.zeros(window, dtype=np.float64) for name in SIGNALS}
         self._next = 0
         self._count = 0
@@ -198,7 +252,8 @@ class DriftMonitor:
         if len(window["class"]) < self.min_samples:
             return None
         window["class"] = window["class"].astype(np.int64)
-        report = compare(self.profile, window)
+        report = compare(self.profile, window, mode=self.mode)
+        report["mean_confidence"] = float(window["confidence"].mean())
         self.last_report = report
         self.last_computed = time.time()
         return report

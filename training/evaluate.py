@@ -7,23 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
+from sklearn.metrics import roc_auc_score
+
+from monitoring.performance import calibration, confusion, scores
+
+__all__ = ["calibration", "classification_report", "evaluate_published"]
 
 
 def classification_report(
     true_labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
 ) -> dict:
     """Accuracy, macro precision/recall/F1, one-vs-rest macro ROC AUC and per-class scores."""
-    predicted = probabilities.argmax(axis=1)
     indices = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        true_labels, predicted, labels=indices, zero_division=0
-    )
     try:
         auc = float(
             roc_auc_score(
@@ -34,50 +29,8 @@ def classification_report(
         )
     except ValueError:  # a class absent from the test split has no ROC curve
         auc = None
-    return {
-        "accuracy": float(accuracy_score(true_labels, predicted)),
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
-        "macro_auc": auc,
-        "count": len(true_labels),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(classes)
-        },
-        "confusion_matrix": confusion_matrix(true_labels, predicted, labels=indices).tolist(),
-    }
-
-
-def calibration(true_labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> dict:
-    """Expected calibration error over equal-width confidence bins, and the bins."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == true_labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    table, ece = [], 0.0
-    for index in range(bins):
-        members = which == index
-        count = int(members.sum())
-        accuracy = float(correct[members].mean()) if count else None
-        mean_confidence = float(confidence[members].mean()) if count else None
-        if count:
-            ece += count / len(true_labels) * abs(accuracy - mean_confidence)
-        table.append(
-            {
-                "lower": float(edges[index]),
-                "upper": float(edges[index + 1]),
-                "count": count,
-                "accuracy": accuracy,
-                "confidence": mean_confidence,
-            }
-        )
-    return {"ece": float(ece), "bins": table, "mean_confidence": float(confidence.mean())}
+    matrix = confusion(true_labels, probabilities.argmax(axis=1), len(classes))
+    return {**scores(matrix, classes), "macro_auc": auc}
 
 
 def evaluate_published(model_dir: Path, samples: list, output: Path) -> dict:

@@ -26,6 +26,7 @@ import tf2onnx
 import training.augmentation
 import training.models  # noqa: F401  (registers BackbonePreprocess for load_model)
 from monitoring.drift import build_reference_profile, image_signals
+from monitoring.performance import held_out_performance
 from serving.errors import ConfigError, ModelError
 from serving.files import fsync_dir, fsync_tree, write_json
 from serving.model_dir import (
@@ -191,14 +192,16 @@ def set_onnx_metadata(path: Path, metadata: dict) -> None:
 
 def reference_profile(onnx_path, splits, classes, spec, run_dir, limit: int) -> dict:
     """What "no drift" looks like, from held-out images only (validation + test), scored by
-    the exported model exactly as the service will score them."""
+    the exported model exactly as the service will score them, with the drift thresholds
+    calibrated on them and their accuracy and calibration error."""
     held_out = splits["validation"] + splits["test"]
-    images, _ = load_split(held_out, classes, spec, limit=limit)
+    images, labels = load_split(held_out, classes, spec, limit=limit)
     probabilities = parity.run_batched(parity.onnx_predictor(onnx_path), images, 256)
     return build_reference_profile(
         image_signals(images, probabilities),
         classes,
         source=f"{len(images)} held-out images (validation + test) of {Path(run_dir).resolve()}",
+        performance=held_out_performance(labels, probabilities),
     )
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from monitoring.drift import (
+    RESOLUTION,
     DriftMonitor,
     bin_fractions,
     build_reference_profile,
@@ -16,7 +17,10 @@ from monitoring.drift import (
     js_distance,
     ks_statistic,
     psi,
+    quantize,
+    saturating_edges,
 )
+from monitoring.thresholds import thresholds_at
 
 
 def test_psi_by_hand():
@@ -124,3 +128,93 @@ def test_no_drift_psi_matches_the_expected_noise_floor():
         for _ in range(30)
     ]
     assert np.mean(values) == pytest.approx(9 * (1 / 500 + 1 / 2000), rel=0.4)
+
+
+def confident_signals(rng, count, saturated=0.6, shift=0.0):
+    """A confident model's signals: ``saturated`` of the predictions have confidence exactly
+    1 (entropy 0), the rest are spread out."""
+    signals = synthetic_signals(rng, count, shift=shift)
+    ties = rng.random(count) < saturated
+    signals["confidence"] = np.where(ties, 1.0, signals["confidence"])
+    signals["entropy"] = np.where(ties, 0.0, signals["entropy"])
+    return signals
+
+
+def test_a_saturated_value_gets_its_own_bin_and_no_bin_is_narrower_than_the_grid():
+    rng = np.random.default_rng(3)
+    values = confident_signals(rng, 3000)["confidence"]
+    edges = saturating_edges(values)
+    fractions = bin_fractions(quantize(values), edges)
+    assert fractions[-1] == pytest.approx(np.mean(values == 1.0))  # the tie at 1 alone
+    assert edges[-1] == pytest.approx(1.0 - RESOLUTION / 2)
+    assert np.all(np.diff(edges) >= RESOLUTION * 0.99)
+    assert np.all(fractions > 0)  # no empty reference bin
+    # Noise below the grid (a different batch size's rounding) moves nothing across an edge.
+    noisy = np.clip(values * (1 - rng.uniform(0, 2e-5, len(values))), 0, 1)
+    assert bin_fractions(quantize(noisy), edges).tolist() == pytest.approx(fractions.tolist())
+    # A signal saturated at its low end (entropy 0) likewise.
+    entropy = confident_signals(rng, 3000)["entropy"]
+    low = saturating_edges(entropy)
+    assert low[0] == pytest.approx(RESOLUTION / 2)
+    assert bin_fractions(quantize(entropy), low)[0] == pytest.approx(np.mean(entropy == 0.0))
+
+
+def test_calibrated_thresholds_keep_false_alarms_rare_and_still_catch_drift():
+    """Windows drawn from the population the reference came from (never from the reference
+    itself) raise a warning on at most about 1 % of them, as calibrated; a shift of a third
+    of a standard deviation in brightness is critical."""
+    rng = np.random.default_rng(4)
+    profile = build_reference_profile(confident_signals(rng, 1500), list("abcd"), source="t")
+    statuses = [compare(profile, confident_signals(rng, 500))["status"] for _ in range(300)]
+    false_alarms = sum(status != "stable" for status in statuses)
+    assert false_alarms <= 9, statuses  # 3 %, with 1 % expected
+    shifted = compare(profile, confident_signals(rng, 500, shift=10))
+    levels = {name: values["level"] for name, values in shifted["signals"].items()}
+    assert levels == {
+        "class": "stable",
+        "confidence": "stable",
+        "entropy": "stable",
+        "brightness": "critical",
+        "contrast": "stable",
+    }
+
+
+def test_thresholds_shrink_with_the_window_and_hold_at_the_ends():
+    rng = np.random.default_rng(5)
+    profile = build_reference_profile(confident_signals(rng, 2000), list("abcd"), source="t")
+    calibrated = profile["thresholds"]
+    assert calibrated["quantiles"]["warning"] == pytest.approx(1 - 0.01 / 14)
+    sizes = (100, 300, 1000, 3000, 10_000)
+    for signal in ("class", "confidence", "brightness"):
+        for statistic in ("psi", "js_distance", "ks") if signal != "class" else ("psi",):
+            warning = [thresholds_at(profile, n)[1][signal][statistic]["warning"] for n in sizes]
+            assert warning == sorted(warning, reverse=True), (signal, statistic, warning)
+            critical = thresholds_at(profile, 1000)[1][signal][statistic]["critical"]
+            assert critical >= thresholds_at(profile, 1000)[1][signal][statistic]["warning"]
+    _, smallest = thresholds_at(profile, 1)
+    _, at_50 = thresholds_at(profile, 50)
+    assert smallest == at_50  # held below the smallest calibrated window
+    # KS of a window of n against a reference of N: about 1.95 * sqrt(1/n + 1/N) at the
+    # 99.9th percentile for a continuous signal (Kolmogorov), a little less with ties.
+    ks = thresholds_at(profile, 1000)[1]["brightness"]["ks"]["warning"]
+    assert (
+        0.7 * 1.95 * math.sqrt(1 / 1000 + 1 / 2000)
+        < ks
+        < 1.3 * 1.95 * math.sqrt(1 / 1000 + 1 / 2000)
+    )
+
+
+def test_fixed_bands_as_a_setting_and_for_profiles_without_thresholds():
+    rng = np.random.default_rng(6)
+    profile = build_reference_profile(synthetic_signals(rng, 1000), list("abcd"), source="t")
+    window = synthetic_signals(rng, 500, shift=-15)
+    fixed = compare(profile, window, mode="fixed")
+    assert fixed["thresholds"] == "fixed"
+    assert fixed["signals"]["brightness"]["thresholds"]["psi"] == {
+        "warning": 0.1,
+        "critical": 0.25,
+    }
+    legacy = {key: value for key, value in profile.items() if key != "thresholds"}
+    report = compare(legacy, window)
+    assert report["thresholds"].startswith("fixed (the profile has no calibrated")
+    assert report["signals"]["brightness"]["thresholds"]["ks"]["critical"] == 0.2

@@ -1,0 +1,99 @@
+"""Model performance figures from labels and probabilities: accuracy, per-class precision,
+recall and F1 from a confusion matrix, and calibration (expected calibration error).
+
+Plain numpy: ``imgclf evaluate``, the export step (held-out performance in the reference
+profile) and the service's delayed-label feedback all compute them here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Above this expected calibration error, mean confidence is no estimate of accuracy.
+CALIBRATION_TOLERANCE = 0.05
+
+
+def confusion(true_labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows: true class; columns: predicted class."""
+    pairs = np.asarray(true_labels, dtype=np.int64) * num_classes + np.asarray(predicted)
+    return np.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def scores(matrix: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, macro and per-class precision / recall / F1 of a confusion matrix (0 where a
+    class was never predicted or never seen, as scikit-learn's ``zero_division=0``)."""
+    matrix = np.asarray(matrix, dtype=np.int64)
+    hits = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    count = int(matrix.sum())
+    return {
+        "accuracy": float(hits.sum() / count) if count else 0.0,
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "count": count,
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def calibration(true_labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error over equal-width confidence bins, and the bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == true_labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for index in range(bins):
+        members = which == index
+        count = int(members.sum())
+        accuracy = float(correct[members].mean()) if count else None
+        mean_confidence = float(confidence[members].mean()) if count else None
+        if count:
+            ece += count / len(true_labels) * abs(accuracy - mean_confidence)
+        table.append(
+            {
+                "lower": float(edges[index]),
+                "upper": float(edges[index + 1]),
+                "count": count,
+                "accuracy": accuracy,
+                "confidence": mean_confidence,
+            }
+        )
+    return {"ece": float(ece), "bins": table, "mean_confidence": float(confidence.mean())}
+
+
+def held_out_performance(true_labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """What the reference profile records for the label-free estimate: held-out accuracy,
+    mean top-1 confidence, the calibration error, and whether the one can stand for the other."""
+    reliability = calibration(np.asarray(true_labels), np.asarray(probabilities))
+    accuracy = float((np.asarray(probabilities).argmax(axis=1) == true_labels).mean())
+    calibrated = reliability["ece"] <= CALIBRATION_TOLERANCE
+    return {
+        "samples": len(true_labels),
+        "accuracy": accuracy,
+        "mean_confidence": reliability["mean_confidence"],
+        "expected_calibration_error": reliability["ece"],
+        "calibrated": calibrated,
+        "note": (
+            f"calibration error {reliability['ece']:.3f}: the window's mean confidence "
+            "estimates its accuracy"
+            if calibrated
+            else f"calibration error {reliability['ece']:.3f} exceeds "
+            f"{CALIBRATION_TOLERANCE}: mean confidence is not a reliable accuracy estimate for "
+            "this model; rely on labelled feedback"
+        ),
+    }
