@@ -22,6 +22,8 @@ ENDPOINTS = (
     "v2_model_metadata",
     "v2_model_config",
     "v2_infer",
+    "feedback",
+    "feedback_report",
 )
 
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -161,7 +163,7 @@ DRIFT_KS = Gauge(
 )
 DRIFT_JS = Gauge(
     "imgclf_drift_js_distance",
-    "Jensen-Shannon distance of the class mix against the reference.",
+    "Jensen-Shannon distance (base 2) of the binned signal against the reference.",
     ["signal"],
     multiprocess_mode="mostrecent",
 )
@@ -189,5 +191,72 @@ DRIFT_REFERENCE = Gauge(
 DRIFT_LAST_COMPUTED = Gauge(
     "imgclf_drift_last_computed_timestamp_seconds",
     "Unix time of the last drift computation (0: never).",
+    multiprocess_mode="max",
+)
+DRIFT_THRESHOLD = Gauge(
+    "imgclf_drift_threshold",
+    "Each drift statistic's threshold for the live window's size (calibrated on the "
+    "reference at export, or the fixed bands). statistic: psi, js_distance or ks; level: "
+    "warning or critical.",
+    ["signal", "statistic", "level"],
+    multiprocess_mode="mostrecent",
+)
+WINDOW_MEAN_CONFIDENCE = Gauge(
+    "imgclf_window_mean_confidence_ratio",
+    "Mean top-1 confidence over the live drift window: a label-free estimate of accuracy "
+    "when the model is calibrated (compare imgclf_reference_calibration_error_ratio).",
+    multiprocess_mode="mostrecent",
+)
+REFERENCE_ACCURACY = Gauge(
+    "imgclf_reference_accuracy_ratio",
+    "Accuracy on the held-out reference images, measured at export.",
+    multiprocess_mode="max",
+)
+REFERENCE_MEAN_CONFIDENCE = Gauge(
+    "imgclf_reference_mean_confidence_ratio",
+    "Mean top-1 confidence on the held-out reference images, measured at export.",
+    multiprocess_mode="max",
+)
+REFERENCE_CALIBRATION_ERROR = Gauge(
+    "imgclf_reference_calibration_error_ratio",
+    "Expected calibration error (15 confidence bins) on the held-out images at export.",
+    multiprocess_mode="max",
+)
+FEEDBACK = Counter(
+    "imgclf_feedback_total",
+    "Labels matched to a prediction through POST /feedback, by true class and outcome "
+    "(correct or incorrect). Refused feedback is not counted here.",
+    ["class", "outcome"],
+)
+FEEDBACK_ACCURACY = Gauge(
+    "imgclf_feedback_accuracy_ratio",
+    "Accuracy over the last labelled predictions (see imgclf_feedback_window_samples); "
+    "published once at least the minimum number are labelled.",
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_RECALL = Gauge(
+    "imgclf_feedback_recall_ratio",
+    "Recall of each true class over the last labelled predictions.",
+    ["class"],
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_WINDOW = Gauge(
+    "imgclf_feedback_window_samples",
+    "Labelled predictions behind the feedback accuracy (at most the window).",
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_STORE = Gauge(
+    "imgclf_feedback_store_predictions",
+    "Predictions kept for delayed labels (shared by all workers).",
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_STORE_CAPACITY = Gauge(
+    "imgclf_feedback_store_capacity_predictions",
+    "Most predictions the feedback store keeps.",
+    multiprocess_mode="max",
+)
+ACCURACY_ALERT_MARGIN = Gauge(
+    "imgclf_accuracy_alert_margin_ratio",
+    "How far accuracy may fall below the held-out accuracy before the alerts fire.",
     multiprocess_mode="max",
 )

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 
 from monitoring import metrics
-from monitoring.drift import CONTINUOUS_SIGNALS, DriftMonitor, image_signals
+from monitoring.drift import DriftMonitor, image_signals
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,23 @@ class PredictionObserver:
         window: int,
         min_samples: int,
         interval: float = 15.0,
+        thresholds: str = "calibrated",
     ) -> None:
         self.classes = classes
         self._class_counters = [metrics.PREDICTIONS.labels(label) for label in classes]
         metrics.MODEL_INFO.labels(name, str(version), provider, precision).set(1)
         self.monitor = None
+        self.reference_performance = (profile or {}).get("performance")
+        if self.reference_performance:
+            metrics.REFERENCE_ACCURACY.set(self.reference_performance["accuracy"])
+            metrics.REFERENCE_MEAN_CONFIDENCE.set(self.reference_performance["mean_confidence"])
+            metrics.REFERENCE_CALIBRATION_ERROR.set(
+                self.reference_performance["expected_calibration_error"]
+            )
         if profile is not None:
-            self.monitor = DriftMonitor(profile, window=window, min_samples=min_samples)
+            self.monitor = DriftMonitor(
+                profile, window=window, min_samples=min_samples, mode=thresholds
+            )
             metrics.DRIFT_WINDOW_CAPACITY.set(window)
             metrics.DRIFT_MIN_SAMPLES.set(min_samples)
             metrics.DRIFT_REFERENCE.set(profile["samples"])
@@ -130,12 +140,41 @@ class PredictionObserver:
             return None
         for signal, values in report["signals"].items():
             metrics.DRIFT_PSI.labels(signal).set(values["psi"])
-            if signal in CONTINUOUS_SIGNALS:
+            metrics.DRIFT_JS.labels(signal).set(values["js_distance"])
+            if "ks" in values:
                 metrics.DRIFT_KS.labels(signal).set(values["ks"])
-            else:
-                metrics.DRIFT_JS.labels(signal).set(values["js_distance"])
+            for statistic, levels in values["thresholds"].items():
+                for level, threshold in levels.items():
+                    metrics.DRIFT_THRESHOLD.labels(signal, statistic, level).set(threshold)
+        metrics.WINDOW_MEAN_CONFIDENCE.set(report["mean_confidence"])
         metrics.DRIFT_LAST_COMPUTED.set(self.monitor.last_computed)
         return report
+
+    def describe(self) -> dict:
+        """This worker's drift window and the label-free performance estimate, for /metadata."""
+        if self.monitor is None:
+            return {"drift": None, "performance": {"reference": self.reference_performance}}
+        report = self.monitor.last_report
+        return {
+            "drift": {
+                "thresholds": report["thresholds"] if report else self.monitor.mode,
+                "window": self.monitor.window,
+                "min_samples": self.monitor.min_samples,
+                "samples": self.monitor.samples,
+                "status": report["status"] if report else "not computed yet",
+                "computed_at": self.monitor.last_computed,
+                "signals": {
+                    name: {"level": values["level"]} for name, values in report["signals"].items()
+                }
+                if report
+                else {},
+            },
+            "performance": {
+                "reference": self.reference_performance,
+                "window_mean_confidence": report["mean_confidence"] if report else None,
+                "window_samples": report["samples"] if report else 0,
+            },
+        }
 
     def stop(self) -> None:
         if self.monitor is not None:
@@ -147,3 +186,29 @@ class PredictionObserver:
                 self.compute_drift()
             except Exception:  # never let the drift thread die silently
                 log.exception("drift computation failed")
+
+
+class FeedbackObserver:
+    """Delayed-label metrics: matched labels by class and outcome, the rolling accuracy and
+    per-class recall (once ``min_samples`` are labelled), and the store's size. The figures
+    come from the store every worker shares, so whichever worker published last is right."""
+
+    def __init__(self, *, capacity: int, min_samples: int, margin: float) -> None:
+        self.min_samples = min_samples
+        metrics.FEEDBACK_STORE_CAPACITY.set(capacity)
+        metrics.FEEDBACK_STORE.set(0)
+        metrics.ACCURACY_ALERT_MARGIN.set(margin)
+
+    def stored(self, predictions: int) -> None:
+        metrics.FEEDBACK_STORE.set(predictions)
+
+    def labelled(self, outcomes: list[tuple[str, bool]], summary: dict) -> None:
+        for label, correct in outcomes:
+            metrics.FEEDBACK.labels(label, "correct" if correct else "incorrect").inc()
+        metrics.FEEDBACK_WINDOW.set(summary["count"])
+        if summary["count"] < self.min_samples:
+            return
+        metrics.FEEDBACK_ACCURACY.set(summary["accuracy"])
+        for label, figures in summary["per_class"].items():
+            if figures["support"]:
+                metrics.FEEDBACK_RECALL.labels(label).set(figures["recall"])

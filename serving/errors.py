@@ -23,6 +23,10 @@ ERROR_REASONS = (
     "overloaded",
     "not_found",
     "not_ready",
+    "unknown_request_id",
+    "duplicate_feedback",
+    "unknown_label",
+    "feedback_off",
     "internal",
 )
 
@@ -32,6 +36,9 @@ class ImgclfError(Exception):
 
     status_code: int = 400
     reason: str = "bad_request"
+
+    #: More for the JSON answer besides ``error`` (which items of a list were refused, say).
+    details: dict | None = None
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)

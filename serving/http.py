@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ RAW_IMAGE_TYPES = (
     "application/octet-stream",
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: A caller's request id we keep: no "/" (several images get "id/index"), at most 128 chars.
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+REQUEST_ID_HEADER = "X-Request-ID"
 
 
 @dataclass
@@ -73,8 +77,11 @@ class Frontend:
         decoder: Executor,
         observer=None,
         is_ready: Callable[[], bool] = lambda: True,
+        feedback=None,
     ) -> None:
         self.card = card
+        #: The worker's ``serving.feedback.Feedback`` (store and metrics), or None when off.
+        self.feedback = feedback
         self.is_ready = is_ready
         self.classify = classify
         self.limits = limits
@@ -216,19 +223,42 @@ def parse_top_k(request: Request, form: dict, frontend: Frontend) -> int:
     return value
 
 
-async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int):
+def request_id(request: Request, proposed: object = None) -> str:
+    """The id a prediction is answered and labelled under: the caller's own (``proposed``,
+    then ``X-Request-ID``) when it is safe to log and store, else a new random one."""
+    for candidate in (proposed, request.headers.get("x-request-id")):
+        if isinstance(candidate, str) and _SAFE_ID.fullmatch(candidate):
+            return candidate
+    return uuid.uuid4().hex
+
+
+def prediction_ids(frontend: Frontend, rid: str, probabilities: np.ndarray) -> list[str]:
+    """One id per image (the request's own for one image, ``id/index`` for several), each
+    kept with its predicted class for ``POST /feedback``."""
+    if len(probabilities) == 1:
+        ids = [rid]
+    else:
+        ids = [f"{rid}/{index}" for index in range(len(probabilities))]
+    if frontend.feedback is not None:
+        frontend.feedback.store.remember(ids, np.asarray(probabilities).argmax(axis=1))
+    return ids
+
+
+async def predict_uploads(frontend: Frontend, uploads: list[Upload], top_k: int, rid: str):
     """Decode every image (a bad one fails this request alone), then classify them in one
     batch with whatever else is queued."""
     card = frontend.card
     probabilities = np.asarray(await frontend.classify(await frontend.decode_all(uploads)))
+    ids = prediction_ids(frontend, rid, probabilities)
     return [
         {
             "label": best[0]["label"],
             "score": best[0]["score"],
             "top_k": best,
             "model_version": card.version,
+            "request_id": image_id,
         }
-        for best in card.top_k(probabilities, top_k)
+        for best, image_id in zip(card.top_k(probabilities, top_k), ids, strict=True)
     ]
 
 
@@ -249,15 +279,17 @@ async def handle(request: Request, endpoint: str, work) -> Response:
         return response
     except ImgclfError as error:
         reason, status, message = error.reason, error.status_code, error.message
+        details = error.details or {}
         log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
     except Exception:
         log.exception("%s failed", endpoint)
         reason, status, message = "internal", 500, "internal error; see the server log"
+        details = {}
     if frontend.observer is not None:
         frontend.observer.error(endpoint, reason)
         frontend.observer.request(endpoint, status, time.perf_counter() - started)
     headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": message, **details}, status_code=status, headers=headers)
 
 
 def build_app() -> Starlette:
@@ -275,7 +307,9 @@ def build_app() -> Starlette:
                     reason="too_many_images",
                 )
             top_k = parse_top_k(request, form, frontend)
-            return (await predict_uploads(frontend, uploads, top_k))[0]
+            rid = request_id(request)
+            answer = (await predict_uploads(frontend, uploads, top_k, rid))[0]
+            return JSONResponse(answer, headers={REQUEST_ID_HEADER: rid})
 
         return await handle(request, "predict", work)
 
@@ -291,7 +325,9 @@ def build_app() -> Starlette:
                     reason="too_many_images",
                 )
             top_k = parse_top_k(request, form, frontend)
-            return await predict_uploads(frontend, uploads, top_k)
+            rid = request_id(request)
+            answers = await predict_uploads(frontend, uploads, top_k, rid)
+            return JSONResponse(answers, headers={REQUEST_ID_HEADER: rid})
 
         return await handle(request, "predict_batch", work)
 
@@ -301,12 +337,14 @@ def build_app() -> Starlette:
 
         return await handle(request, "metadata", work)
 
+    from serving.feedback import feedback_routes
+
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return JSONResponse(
             {"error": error.detail}, status_code=error.status_code, headers=error.headers
         )
 
-    from serving.oip import oip_routes  # the V2 routes share this module's handling
+    from serving.oip import oip_routes  # the V2 and feedback routes share this module's handling
 
     return Starlette(
         exception_handlers={HTTPException: http_error},
@@ -315,6 +353,7 @@ def build_app() -> Starlette:
             Route("/predict_batch", predict_batch, methods=["POST"]),
             Route("/metadata", metadata, methods=["GET"]),
             *oip_routes(),
+            *feedback_routes(),
         ],
     )
 

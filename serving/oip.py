@@ -8,17 +8,27 @@ same preprocessing contract as ``/predict``) or pixels (``FP32`` or ``UINT8``,
 ``[N, H, W, 3]``, the graph's own input); its output ``probabilities`` is ``FP32 [N, K]``.
 Errors are ``{"error": "..."}``: 400 for a bad request, 404 for an unknown model or version,
 503 when not ready or overloaded. tritonclient sends no Content-Type: the body is read raw.
+Each answer's ``X-Request-ID`` (the request's ``id`` when it is safe) names its predictions
+for ``POST /feedback``: that id for one image, ``id/index`` for several.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from serving import __version__
 from serving.errors import ImgclfError, NotFoundError
-from serving.http import Frontend, handle, read_body
+from serving.http import (
+    REQUEST_ID_HEADER,
+    Frontend,
+    handle,
+    prediction_ids,
+    read_body,
+    request_id,
+)
 from serving.model_dir import INPUT_NAME, OUTPUT_NAME
 from serving.oip_tensors import (
     HEADER_LENGTH,
@@ -156,7 +166,11 @@ async def infer(request: Request) -> Response:
         header, binary = split_request(request.headers.get(HEADER_LENGTH), body)
         outputs = requested_outputs(header, len(frontend.card.classes))
         probabilities = await frontend.classify(await input_images(frontend, header, binary))
-        return build_response(frontend.card, header, outputs, probabilities)
+        rid = request_id(request, header.get("id"))
+        prediction_ids(frontend, rid, np.asarray(probabilities))
+        response = build_response(frontend.card, header, outputs, probabilities)
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
 
     return await handle(request, "v2_infer", work)
 

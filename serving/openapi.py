@@ -1,4 +1,4 @@
-"""The OpenAPI description of /predict, /predict_batch and /metadata (the /v2 routes: see
+"""The OpenAPI description of /predict, /predict_batch, /metadata and /feedback (/v2: see
 ``openapi_v2.py``), merged into BentoML's ``/docs.json`` (BentoML documents only FastAPI
 mounts, and FastAPI is not a dependency)."""
 
@@ -25,12 +25,41 @@ SCORE = {
 }
 PREDICTION = {
     "type": "object",
-    "required": ["label", "score", "top_k", "model_version"],
+    "required": ["label", "score", "top_k", "model_version", "request_id"],
     "properties": {
         "label": {"type": "string"},
         "score": {"type": "number", "minimum": 0, "maximum": 1},
         "top_k": {"type": "array", "items": SCORE},
         "model_version": {"type": "integer"},
+        "request_id": {
+            "type": "string",
+            "description": "What POST /feedback names this prediction by: the caller's "
+            "X-Request-ID when it is safe (letters, digits and ._:-, at most 128), else a new "
+            "one; `id/index` for each image of a batch.",
+        },
+    },
+}
+LABEL = {
+    "type": "object",
+    "required": ["request_id", "label"],
+    "properties": {
+        "request_id": {"type": "string", "minLength": 1, "maxLength": 200},
+        "label": {"type": "string", "description": "The true class: one of the model's classes."},
+    },
+}
+REFUSED = {
+    "description": "Nothing was counted; `problems` lists every refused item.",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {"type": "string"},
+                    "problems": {"type": "array", "items": {"type": "object"}},
+                },
+            }
+        }
     },
 }
 
@@ -151,6 +180,59 @@ def paths(max_top_k: int = 20, max_images: int = 32) -> dict:
     }
 
 
+def feedback_paths() -> dict:
+    return {
+        "/feedback": {
+            "post": {
+                "tags": ["Monitoring"],
+                "summary": "Report true labels of earlier predictions",
+                "description": "One label or a list of up to 1,000, matched by request id to "
+                "the predictions the server keeps (IMGCLF_FEEDBACK_STORE_SIZE, "
+                "IMGCLF_FEEDBACK_MAX_AGE_S). All or nothing: an unknown label (422), an "
+                "unknown or expired id (404) or an id labelled before (409) refuses the call.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "oneOf": [
+                                    LABEL,
+                                    {"type": "array", "items": LABEL, "maxItems": 1000},
+                                ]
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Every label was matched and counted",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": ERROR,
+                    "404": REFUSED,
+                    "409": REFUSED,
+                    "413": ERROR,
+                    "422": REFUSED,
+                },
+            },
+            "get": {
+                "tags": ["Monitoring"],
+                "summary": "Accuracy of the last labelled predictions",
+                "description": "Accuracy, per-class precision, recall and F1, and the "
+                "confusion matrix over the last IMGCLF_FEEDBACK_WINDOW labelled predictions, "
+                "next to the held-out figures of the export.",
+                "responses": {
+                    "200": {
+                        "description": "The figures",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "404": ERROR,
+                },
+            },
+        }
+    }
+
+
 class MergeOpenAPIPaths:
     """ASGI middleware: add ``paths()`` to the JSON that ``GET /docs.json`` returns."""
 
@@ -158,7 +240,7 @@ class MergeOpenAPIPaths:
         self, app, max_top_k: int = 20, max_images: int = 32, served=lambda: (None, None)
     ) -> None:
         self.app = app
-        self.paths = paths(max_top_k, max_images)
+        self.paths = paths(max_top_k, max_images) | feedback_paths()
         self.served = served  # () -> (model name, version), once the model is loaded
 
     async def __call__(self, scope, receive, send) -> None:

@@ -3,7 +3,8 @@ session and batching its own concurrent requests.
 
     bentoml serve serving.service:ImageClassifier        # or: imgclf serve --model DIR
 
-Routes (``serving/http.py``): ``POST /predict``, ``POST /predict_batch``, ``GET /metadata``;
+Routes (``serving/http.py``): ``POST /predict``, ``POST /predict_batch``, ``GET /metadata``,
+``POST|GET /feedback`` (``serving/feedback.py``) and the Open Inference Protocol's ``/v2``;
 BentoML adds ``/livez``, ``/metrics`` and ``/docs.json``; ``/readyz`` answers from the
 worker's lifecycle (``serving/lifecycle.py``). The model comes from BentoML's model store
 (``IMGCLF_BENTO_MODEL``, what ``bentoml build`` packages) or from a published directory
@@ -14,14 +15,22 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
 
-from monitoring.observers import PredictionObserver, RequestObserver, WorkerObserver
+from monitoring.feedback import FeedbackStore
+from monitoring.observers import (
+    FeedbackObserver,
+    PredictionObserver,
+    RequestObserver,
+    WorkerObserver,
+)
 from serving.batcher import AdaptiveBatcher
+from serving.feedback import Feedback
 from serving.http import Frontend, Limits, PlainErrorsAsJSON, build_app
 from serving.lifecycle import (
     FAILED,
@@ -67,7 +76,14 @@ class ImageClassifier:
         # background so /livez answers while /readyz says "warming".
         model_dir = SETTINGS.model_dir or Path(self.stored_model.path)
         runtime = ClassifierRuntime.from_settings(model_dir, SETTINGS, intra_op_threads=ORT_THREADS)
-        predictions = prediction_observer(runtime) if SETTINGS.monitoring else None
+        profile = runtime.reference_profile() if SETTINGS.monitoring else None
+        predictions = prediction_observer(runtime, profile) if SETTINGS.monitoring else None
+        self.predictions = predictions
+        self.feedback = (
+            feedback(runtime, profile)
+            if SETTINGS.monitoring and SETTINGS.feedback_store_size
+            else None
+        )
         self.batcher = AdaptiveBatcher(
             runtime.predict,
             buckets=SETTINGS.buckets,
@@ -92,6 +108,7 @@ class ImageClassifier:
             ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode"),
             RequestObserver() if SETTINGS.monitoring else None,
             is_ready=lambda: LIFECYCLE.ready,
+            feedback=self.feedback,
         )
         if WORKER:
             WORKER.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)
@@ -127,25 +144,62 @@ class ImageClassifier:
             },
             "workers": WORKERS,
             "state": LIFECYCLE.state,
+            "monitoring": None
+            if self.predictions is None
+            else {
+                **self.predictions.describe(),
+                "feedback": None
+                if self.feedback is None
+                else {
+                    "store_capacity": SETTINGS.feedback_store_size,
+                    "max_age_s": SETTINGS.feedback_max_age_s,
+                    "window": SETTINGS.feedback_window,
+                    "min_samples": SETTINGS.feedback_min_samples,
+                    "accuracy_alert_margin": SETTINGS.accuracy_alert_margin,
+                },
+            },
         }
 
     @bentoml.on_shutdown
     def close(self) -> None:
         self.batcher.close()
+        if self.feedback is not None:
+            self.feedback.store.close()
 
 
-def prediction_observer(runtime: ClassifierRuntime) -> PredictionObserver:
+def prediction_observer(runtime: ClassifierRuntime, profile: dict | None) -> PredictionObserver:
     return PredictionObserver(
         classes=runtime.classes,
         name=runtime.name,
         version=runtime.version,
         provider=runtime.provider,
         precision=runtime.precision,
-        profile=runtime.reference_profile(),
+        profile=profile,
         window=SETTINGS.drift_window,
         min_samples=SETTINGS.drift_min_samples,
         interval=SETTINGS.drift_interval_s,
+        thresholds=SETTINGS.drift_thresholds,
     )
+
+
+def feedback(runtime: ClassifierRuntime, profile: dict | None) -> Feedback:
+    """The store every worker shares: in BentoML's per-server runtime folder (emptied when
+    the server starts), or a private folder when the service runs alone."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="imgclf-")
+    observer = FeedbackObserver(
+        capacity=SETTINGS.feedback_store_size,
+        min_samples=SETTINGS.feedback_min_samples,
+        margin=SETTINGS.accuracy_alert_margin,
+    )
+    store = FeedbackStore(
+        Path(folder) / "imgclf-feedback.sqlite3",
+        runtime.classes,
+        capacity=SETTINGS.feedback_store_size,
+        max_age_s=SETTINGS.feedback_max_age_s,
+        window=SETTINGS.feedback_window,
+        on_count=observer.stored,
+    )
+    return Feedback(store, observer, (profile or {}).get("performance"))
 
 
 ImageClassifier.add_asgi_middleware(LifecycleMiddleware, lifecycle=LIFECYCLE)

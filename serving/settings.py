@@ -111,6 +111,34 @@ class ServingSettings(BaseModel):
         500, ge=1, description="Below this many predictions drift is not reported."
     )
     drift_interval_s: float = Field(15.0, gt=0, description="How often drift is recomputed.")
+    drift_thresholds: Literal["calibrated", "fixed"] = Field(
+        "calibrated",
+        description="calibrated: each statistic against the thresholds calibrated on the "
+        "reference at export, for the window's size; fixed: the rules of thumb (PSI 0.1 / "
+        "0.25, JS and KS 0.1 / 0.2).",
+    )
+    feedback_store_size: int = Field(
+        100_000,
+        ge=0,
+        description="Predictions kept (id, class, time; never the image) for POST /feedback "
+        "to match delayed labels to, shared by the workers. 0: no feedback.",
+    )
+    feedback_max_age_s: float = Field(
+        3 * 86400.0, gt=0, description="Predictions older than this can no longer be labelled."
+    )
+    feedback_window: int = Field(
+        1000, ge=1, description="Labelled predictions behind the rolling accuracy and recall."
+    )
+    feedback_min_samples: int = Field(
+        100, ge=1, description="Labelled predictions needed before accuracy is published."
+    )
+    accuracy_alert_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="The alerts fire when accuracy (labelled, or estimated by mean confidence) "
+        "falls this far below its held-out value.",
+    )
 
     @field_validator("model_dir", "workers", "max_concurrency", mode="before")
     @classmethod

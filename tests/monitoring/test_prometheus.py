@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import threading
@@ -43,20 +44,32 @@ def served(digits_model, digits_run):
             "IMGCLF_DRIFT_WINDOW": "200",
             "IMGCLF_DRIFT_MIN_SAMPLES": "50",
             "IMGCLF_DRIFT_INTERVAL_S": "1",
+            "IMGCLF_FEEDBACK_MIN_SAMPLES": "20",
         },
     )
     server.wait_ready()
-    images = [s.path.read_bytes() for s in read_manifest(digits_run)["test"][:60]]
+    test_split = random.Random(0).sample(read_manifest(digits_run)["test"], 60)  # every class
+    images = [(s.path.read_bytes(), s.label) for s in test_split]
     stop = threading.Event()
 
     def traffic():
+        """Predictions, labels for them (with one duplicate each round), and mistakes."""
+        labels = []
         with httpx.Client(base_url=server.url, timeout=30) as client:
             while not stop.is_set():
-                for index, data in enumerate(images):
+                for index, (data, label) in enumerate(images):
                     if stop.is_set():
                         break
-                    client.post("/predict", content=data, headers={"Content-Type": "image/png"})
+                    answer = client.post(
+                        "/predict", content=data, headers={"Content-Type": "image/png"}
+                    )
+                    if answer.status_code == 200:
+                        labels.append({"request_id": answer.json()["request_id"], "label": label})
                     if index % 10 == 0:
+                        client.post("/feedback", json=labels)
+                        client.post("/feedback", json=labels[-1:])  # a duplicate: 409
+                        client.get("/feedback")
+                        labels = []
                         client.post(
                             "/predict_batch",
                             files=[("images", ("a.png", data)), ("images", ("b.png", data))],
@@ -239,11 +252,20 @@ def test_dashboard_is_provisionable():
         "waiting for a batch",
         "workers ready",
         "start-up",
+        "calibrated warning threshold",
+        "against its critical threshold",
+        "labelled feedback",
+        "recall per class",
+        "calibration error",
+        "feedback store",
     ):
         assert needed in titles, needed
+    # Drift is drawn against each statistic's own threshold, not one fixed band.
     psi_panel = next(p for p in dashboard["panels"] if "PSI" in p["title"])
-    steps = [s["value"] for s in psi_panel["fieldConfig"]["defaults"]["thresholds"]["steps"]]
-    assert steps == [None, 0.1, 0.25]
+    assert any("imgclf_drift_threshold" in t["expr"] for t in psi_panel["targets"])
+    ratio = next(p for p in dashboard["panels"] if "critical threshold" in p["title"])
+    steps = [s["value"] for s in ratio["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+    assert steps == [None, 1]
 
 
 def test_every_dashboard_query_returns_data(prometheus):
@@ -270,4 +292,20 @@ def test_drift_gauges_follow_the_traffic(prometheus):
     )
     assert freshness < 30
     errors = {s["metric"]["reason"] for s in query(prometheus, "imgclf_request_errors_total")}
-    assert {"not_an_image", "bad_top_k"} <= errors
+    assert {"not_an_image", "bad_top_k", "duplicate_feedback"} <= errors
+    thresholds = query(prometheus, "imgclf_drift_threshold")
+    assert len(thresholds) == 2 * (2 + 4 * 3)  # two levels of every statistic of every signal
+    above_one = query(prometheus, "imgclf:drift_statistic:ratio_critical")
+    assert len(above_one) == 14
+
+
+def test_feedback_figures_reach_prometheus(prometheus):
+    """Held-out images with their true labels: labelled accuracy near the held-out accuracy,
+    every outcome counted by class."""
+    accuracy = float(query(prometheus, "imgclf_feedback_accuracy_ratio")[0]["value"][1])
+    held_out = float(query(prometheus, "imgclf_reference_accuracy_ratio")[0]["value"][1])
+    assert 0.8 <= accuracy <= 1.0 and held_out > 0.8
+    counted = query(prometheus, 'sum(imgclf_feedback_total{outcome="correct"})')
+    assert float(counted[0]["value"][1]) >= 20
+    recall = {s["metric"]["class"] for s in query(prometheus, "imgclf_feedback_recall_ratio")}
+    assert recall <= {str(digit) for digit in range(10)} and len(recall) >= 5

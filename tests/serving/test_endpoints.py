@@ -31,7 +31,8 @@ def test_predict_raw_body_matches_the_runtime(api, reference, name):
     response = api.post("/predict", content=data, headers={"Content-Type": content_type})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"label", "score", "top_k", "model_version"}
+    assert set(body) == {"label", "score", "top_k", "model_version", "request_id"}
+    assert body["request_id"] == response.headers["X-Request-ID"]
     expected = reference.predict(reference.preprocess(data)[None])[0]
     assert body["label"] == reference.classes[int(expected.argmax())]
     assert body["score"] == pytest.approx(float(expected.max()), rel=1e-5)
@@ -40,6 +41,33 @@ def test_predict_raw_body_matches_the_runtime(api, reference, name):
     assert body["top_k"][0] == {"label": body["label"], "score": body["score"]}
     scores = [entry["score"] for entry in body["top_k"]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_request_ids_name_each_prediction(api):
+    """The caller's own id when it is safe to store and log; a new one otherwise; each image
+    of a batch gets ``id/index``."""
+    data, content_type, _ = GOOD["png"]
+    raw = {"Content-Type": content_type}
+    mine = api.post("/predict", content=data, headers={**raw, "X-Request-ID": "order-17:a.b"})
+    assert mine.json()["request_id"] == mine.headers["X-Request-ID"] == "order-17:a.b"
+    generated = set()
+    for unsafe in ("a/b", "x" * 129, "<script>", "-starts-with-a-dash", ""):
+        answer = api.post("/predict", content=data, headers={**raw, "X-Request-ID": unsafe})
+        assert answer.status_code == 200
+        rid = answer.json()["request_id"]
+        assert rid != unsafe and len(rid) == 32 and rid == answer.headers["X-Request-ID"]
+        generated.add(rid)
+    assert len(generated) == 5  # a new one every time
+    batch = api.post(
+        "/predict_batch",
+        files=[
+            ("images", ("a.png", data, content_type)),
+            ("images", ("b.png", data, content_type)),
+        ],
+        headers={"X-Request-ID": "batch-1"},
+    )
+    assert [item["request_id"] for item in batch.json()] == ["batch-1/0", "batch-1/1"]
+    assert batch.headers["X-Request-ID"] == "batch-1"
 
 
 def test_predict_multipart_with_top_k(api):
@@ -72,7 +100,8 @@ def test_predict_batch_keeps_input_order(api, reference):
         expected = reference.predict(reference.preprocess(GOOD[name][0])[None])[0]
         assert result["label"] == reference.classes[int(expected.argmax())]
         assert len(result["top_k"]) == 1
-    assert results[0] == results[4]
+    same = [{k: v for k, v in results[i].items() if k != "request_id"} for i in (0, 4)]
+    assert same[0] == same[1]  # the same image twice: the same answer, under its own id
 
 
 def test_metadata(api, published_model):

@@ -108,6 +108,22 @@ def test_json_in_json_out_with_request_id_and_version(client, reference):
     )
 
 
+def test_triton_request_ids_name_predictions_for_feedback(client, http, reference):
+    """The request's ``id`` is the feedback id (``id/index`` for each image of a batch)."""
+    result = client.infer(MODEL, [encoded("png", "jpeg")], request_id="triton-7")
+    predicted = result.as_numpy("probabilities").argmax(axis=1)
+    labels = [reference.classes[int(i)] for i in predicted]
+    sent = [{"request_id": f"triton-7/{i}", "label": label} for i, label in enumerate(labels)]
+    answer = http.post("/feedback", json=sent)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["accepted"] == 2 and answer.json()["correct"] == 2
+    alone = client.infer(MODEL, [encoded("png")], request_id="triton-8")
+    label = reference.classes[int(alone.as_numpy("probabilities").argmax())]
+    assert (
+        http.post("/feedback", json={"request_id": "triton-8", "label": label}).status_code == 200
+    )
+
+
 def test_bytes_jpeg_equals_predict_and_classification_gives_labels(client, http):
     data, content_type, _ = GOOD["jpeg"]
     predicted = http.post(

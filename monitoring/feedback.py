@@ -1,0 +1,294 @@
+"""Delayed labels: predictions wait in a bounded store until their true label arrives, and
+the labelled ones give production accuracy and per-class recall.
+
+The service's workers are separate processes and a label may reach any of them, so the
+store is one SQLite file that they share (in the server's runtime folder, which BentoML
+empties at every start: the store lives as long as the server). It keeps a request id, the
+predicted class and the time of each of the last ``capacity`` predictions, never an image,
+and forgets predictions older than ``max_age_s``. Each worker buffers its predictions and
+writes them in one transaction every ``flush_interval_s``, off the request path; a label for
+an id that is not found yet is looked up again once the other workers have flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from monitoring.performance import confusion, scores
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    seq INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    predicted INTEGER NOT NULL,
+    created REAL NOT NULL,
+    labelled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    seq INTEGER PRIMARY KEY,
+    label INTEGER NOT NULL,
+    predicted INTEGER NOT NULL
+);
+"""
+#: How often a worker forgets expired predictions and re-counts the store.
+PRUNE_INTERVAL_S = 1.0
+
+
+@dataclass
+class FeedbackError(Exception):
+    """Feedback that was not applied, and why, item by item; nothing of the call counted."""
+
+    status_code: int
+    reason: str
+    message: str
+    problems: list[dict] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class FeedbackStore:
+    """Predictions awaiting labels (bounded by count and age) and the last ``window``
+    labelled outcomes, shared by every worker through ``path``."""
+
+    def __init__(
+        self,
+        path: Path,
+        classes: Sequence[str],
+        *,
+        capacity: int = 100_000,
+        max_age_s: float = 3 * 86400,
+        window: int = 1000,
+        flush_interval_s: float = 0.05,
+        on_count: Callable[[int], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.classes = list(classes)
+        self._index = {name: i for i, name in enumerate(self.classes)}
+        self.capacity = capacity
+        self.max_age_s = max_age_s
+        self.window = window
+        self.flush_interval_s = flush_interval_s
+        self.on_count = on_count
+        self._buffer: list[tuple[str, int, float]] = []
+        self._buffer_lock = threading.Lock()
+        self._db_lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.executescript(SCHEMA)
+        self.size = 0
+        self._last_prune = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._flush_loop, name="feedback", daemon=True)
+        self._thread.start()
+
+    # -- predictions -------------------------------------------------------------------
+
+    def remember(self, request_ids: Sequence[str], predicted: np.ndarray) -> None:
+        """Keep these predictions until their labels come (a list append; written later)."""
+        now = time.time()
+        rows = [(rid, int(c), now) for rid, c in zip(request_ids, predicted, strict=True)]
+        with self._buffer_lock:
+            self._buffer.extend(rows)
+
+    def flush(self) -> None:
+        """Write the buffered predictions, then keep the store within its bounds."""
+        with self._buffer_lock:
+            rows, self._buffer = self._buffer, []
+        with self._db_lock:
+            if rows:
+                with self._transaction():
+                    # A caller's id sent again names its newest prediction.
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO predictions (request_id, predicted, created) "
+                        "VALUES (?, ?, ?)",
+                        rows,
+                    )
+                    self._db.execute(
+                        "DELETE FROM predictions WHERE seq <= "
+                        "(SELECT MAX(seq) FROM predictions) - ?",
+                        (self.capacity,),
+                    )
+            if time.monotonic() - self._last_prune >= PRUNE_INTERVAL_S:
+                self._prune()
+
+    def _prune(self) -> None:
+        """Forget expired predictions (oldest first: sequence order is time order)."""
+        cutoff = time.time() - self.max_age_s
+        with self._transaction():
+            first_alive = self._db.execute(
+                "SELECT seq FROM predictions WHERE created >= ? ORDER BY seq LIMIT 1", (cutoff,)
+            ).fetchone()
+            self._db.execute(
+                "DELETE FROM predictions WHERE seq < ?",
+                (first_alive[0] if first_alive else 2**62,),
+            )
+        self.size = self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        self._last_prune = time.monotonic()
+        if self.on_count is not None:
+            self.on_count(self.size)
+
+    # -- labels ------------------------------------------------------------------------
+
+    def label(self, items: Sequence[tuple[str, str]]) -> dict:
+        """Match each ``(request_id, label)`` to its prediction, all or nothing: an unknown
+        label, an unknown or expired id, or an id labelled before refuses the whole call
+        (``FeedbackError``, listing every bad item) and counts nothing."""
+        problems = [
+            {"index": i, "request_id": rid, "error": f"unknown label {label!r}"}
+            for i, (rid, label) in enumerate(items)
+            if label not in self._index
+        ]
+        if problems:
+            raise FeedbackError(
+                422,
+                "unknown_label",
+                f"labels must be class names of this model ({', '.join(self.classes[:20])})",
+                problems,
+            )
+        self.flush()
+        if self._missing(items):  # another worker may not have written them yet
+            time.sleep(2 * self.flush_interval_s)
+        with self._db_lock, self._transaction():
+            outcomes, problems = self._match(items)
+            if problems:
+                raise _refusal(problems)
+            self._db.executemany(
+                "UPDATE predictions SET labelled = 1 WHERE seq = ?", [(s,) for s, _, _ in outcomes]
+            )
+            self._db.executemany(
+                "INSERT INTO outcomes (label, predicted) VALUES (?, ?)",
+                [(label, predicted) for _, label, predicted in outcomes],
+            )
+            self._db.execute(
+                "DELETE FROM outcomes WHERE seq <= (SELECT MAX(seq) FROM outcomes) - ?",
+                (self.window,),
+            )
+        return {
+            "accepted": len(outcomes),
+            "outcomes": [(self.classes[label], label == p) for _, label, p in outcomes],
+        }
+
+    def _missing(self, items: Sequence[tuple[str, str]]) -> bool:
+        with self._db_lock:
+            return any(
+                self._db.execute(
+                    "SELECT 1 FROM predictions WHERE request_id = ?", (rid,)
+                ).fetchone()
+                is None
+                for rid, _ in items
+            )
+
+    def _match(self, items: Sequence[tuple[str, str]]):
+        cutoff = time.time() - self.max_age_s
+        outcomes, problems, seen = [], [], set()
+        for index, (rid, label) in enumerate(items):
+            row = self._db.execute(
+                "SELECT seq, predicted, created, labelled FROM predictions WHERE request_id = ?",
+                (rid,),
+            ).fetchone()
+            if rid in seen or (row is not None and row[3]):
+                problems.append(
+                    {"index": index, "request_id": rid, "error": "already labelled", "status": 409}
+                )
+            elif row is None or row[2] < cutoff:
+                problems.append(
+                    {
+                        "index": index,
+                        "request_id": rid,
+                        "error": "no such prediction (unknown id, or older than the store keeps)",
+                        "status": 404,
+                    }
+                )
+            else:
+                outcomes.append((row[0], self._index[label], row[1]))
+            seen.add(rid)
+        return outcomes, problems
+
+    # -- figures -----------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        """Accuracy, per-class precision / recall / F1 and the confusion matrix of the last
+        ``window`` labelled predictions; the store's size and bounds."""
+        predictions = self.count()
+        with self._db_lock:
+            rows = self._db.execute("SELECT label, predicted FROM outcomes").fetchall()
+        pairs = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        matrix = confusion(pairs[:, 0], pairs[:, 1], len(self.classes))
+        return {
+            "window": self.window,
+            **scores(matrix, self.classes),
+            "store": {
+                "predictions": predictions,
+                "capacity": self.capacity,
+                "max_age_s": self.max_age_s,
+            },
+        }
+
+    def count(self) -> int:
+        """Predictions in the store now (after writing this worker's buffer)."""
+        self.flush()
+        with self._db_lock:
+            self.size = self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        return self.size
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            try:
+                self.flush()
+            except sqlite3.Error:  # a locked or vanished file must not kill the thread
+                log.exception("writing predictions to the feedback store failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.flush()
+        with self._db_lock:
+            self._db.close()
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK``. Every transaction here writes, so
+    each takes the write lock at the start (waiting up to the connection's timeout) instead of
+    failing at once when it would upgrade a read lock another worker is writing past."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.db.execute("ROLLBACK" if kind else "COMMIT")
+
+
+def _refusal(problems: list[dict]) -> FeedbackError:
+    status = problems[0]["status"]
+    reason = "duplicate_feedback" if status == 409 else "unknown_request_id"
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return FeedbackError(
+        status,
+        reason,
+        f"request id {first['request_id']!r}: {first['error']}{more}; nothing was counted",
+        [{k: v for k, v in p.items() if k != "status"} for p in problems],
+    )

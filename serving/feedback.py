@@ -1,0 +1,122 @@
+"""Delayed labels over HTTP: ``POST /feedback`` matches true labels to earlier predictions by
+request id; ``GET /feedback`` reports accuracy, per-class scores and the confusion matrix of
+the last labelled predictions (``imgclf evaluate``'s figures for production traffic, from
+ids and classes alone: no image is kept).
+
+    POST /feedback  {"request_id": "...", "label": "7"}          one label
+    POST /feedback  [{"request_id": "...", "label": "7"}, ...]    up to 1,000 at once
+
+A call is applied whole or not at all: an unknown label (422), an unknown or expired id (404)
+or one labelled before (409) refuses it, lists every bad item under ``problems``, and
+counts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from monitoring.feedback import FeedbackError, FeedbackStore
+from monitoring.observers import FeedbackObserver
+from serving.errors import ImgclfError, NotFoundError
+from serving.http import Frontend, handle, read_body
+
+MAX_ITEMS = 1000
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass
+class Feedback:
+    """A worker's view of the shared store, its metrics and the held-out figures."""
+
+    store: FeedbackStore
+    observer: FeedbackObserver
+    reference: dict | None = None
+
+
+class RefusedFeedbackError(ImgclfError):
+    def __init__(self, error: FeedbackError) -> None:
+        super().__init__(error.message, reason=error.reason)
+        self.status_code = error.status_code
+        self.details = {"problems": error.problems[:100]} if error.problems else None
+
+
+def feedback_routes() -> list[Route]:
+    """One route for both methods, so that a third method gets 405 with ``Allow: GET,
+    POST``."""
+
+    async def feedback(request: Request):
+        return await (post_feedback if request.method == "POST" else get_feedback)(request)
+
+    return [Route("/feedback", feedback, methods=["GET", "POST"])]
+
+
+def _enabled(frontend: Frontend) -> Feedback:
+    if frontend.feedback is None:
+        raise NotFoundError(
+            "feedback is off on this server (IMGCLF_FEEDBACK_STORE_SIZE=0 or "
+            "IMGCLF_MONITORING=false)",
+            reason="feedback_off",
+        )
+    return frontend.feedback
+
+
+def parse_items(body: bytes) -> list[tuple[str, str]]:
+    """``(request_id, label)`` pairs from one JSON object or a list of them."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ImgclfError("the body is not JSON") from None
+    entries = document if isinstance(document, list) else [document]
+    if not entries or len(entries) > MAX_ITEMS:
+        raise ImgclfError(f"send 1 to {MAX_ITEMS} labels, got {len(entries)}")
+    items = []
+    for index, entry in enumerate(entries):
+        where = f"item {index}: " if isinstance(document, list) else ""
+        if not isinstance(entry, dict):
+            raise ImgclfError(f'{where}expected {{"request_id": "...", "label": "..."}}')
+        rid, label = entry.get("request_id"), entry.get("label")
+        if not isinstance(rid, str) or not 0 < len(rid) <= 200:
+            raise ImgclfError(f"{where}request_id must be the id of a prediction (a string)")
+        if not isinstance(label, str):
+            raise ImgclfError(f"{where}label must be a class name (a string)")
+        items.append((rid, label))
+    return items
+
+
+async def post_feedback(request: Request):
+    async def work(frontend: Frontend):
+        feedback = _enabled(frontend)
+        items = parse_items(await read_body(request, MAX_BODY_BYTES))
+        try:
+            result = await asyncio.to_thread(feedback.store.label, items)
+        except FeedbackError as error:
+            raise RefusedFeedbackError(error) from None
+        summary = await asyncio.to_thread(feedback.store.summary)
+        feedback.observer.labelled(result["outcomes"], summary)
+        return {
+            "accepted": result["accepted"],
+            "correct": sum(correct for _, correct in result["outcomes"]),
+            "labelled": summary["count"],
+            "accuracy": summary["accuracy"] if summary["count"] else None,
+        }
+
+    return await handle(request, "feedback", work)
+
+
+async def get_feedback(request: Request):
+    async def work(frontend: Frontend):
+        feedback = _enabled(frontend)
+        summary = await asyncio.to_thread(feedback.store.summary)
+        return {
+            "labelled": summary.pop("count"),
+            **summary,
+            "min_samples": feedback.observer.min_samples,
+            "reference": feedback.reference,
+        }
+
+    return await handle(request, "feedback_report", work)

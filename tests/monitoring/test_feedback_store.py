@@ -1,0 +1,95 @@
+"""The delayed-label store: two stores on one file stand for two worker processes (the real
+server with two workers is tested in tests/serving/test_monitoring_server.py)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from monitoring.feedback import FeedbackError, FeedbackStore
+
+CLASSES = [str(digit) for digit in range(10)]
+
+
+@pytest.fixture
+def open_store(tmp_path):
+    opened = []
+
+    def make(**options) -> FeedbackStore:
+        store = FeedbackStore(tmp_path / "feedback.sqlite3", CLASSES, **options)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def refused(store, items) -> FeedbackError:
+    with pytest.raises(FeedbackError) as caught:
+        store.label(items)
+    return caught.value
+
+
+def test_a_label_reaches_a_prediction_made_by_another_worker(open_store):
+    first, second = open_store(), open_store()
+    first.remember(["a", "b", "c"], np.array([1, 2, 3]))
+    result = second.label([("a", "1"), ("b", "5")])  # found once the first worker flushed
+    assert result == {"accepted": 2, "outcomes": [("1", True), ("5", False)]}
+    summary = first.summary()
+    assert summary["count"] == 2 and summary["accuracy"] == 0.5
+    assert summary["per_class"]["5"]["recall"] == 0.0
+    assert summary["confusion_matrix"][5][2] == 1
+
+
+def test_bad_feedback_is_refused_whole_and_counts_nothing(open_store):
+    store = open_store()
+    store.remember(["a", "b", "c"], np.array([1, 2, 3]))
+    store.label([("a", "1")])
+    unknown = refused(store, [("b", "2"), ("nope", "3")])
+    assert unknown.status_code == 404 and unknown.reason == "unknown_request_id"
+    assert [p["index"] for p in unknown.problems] == [1]
+    duplicate = refused(store, [("a", "1")])
+    assert duplicate.status_code == 409 and duplicate.reason == "duplicate_feedback"
+    twice = refused(store, [("c", "3"), ("c", "3")])
+    assert twice.status_code == 409 and [p["index"] for p in twice.problems] == [1]
+    label = refused(store, [("b", "cat"), ("c", "3")])
+    assert label.status_code == 422 and label.problems[0]["request_id"] == "b"
+    assert store.summary()["count"] == 1  # only the first, good call counted
+    assert store.label([("b", "2"), ("c", "3")])["accepted"] == 2  # b and c were untouched
+
+
+def test_the_store_never_grows_past_its_bound_and_forgets_old_predictions(open_store):
+    store = open_store(capacity=50, max_age_s=0.5)
+    for start in range(0, 200, 10):
+        store.remember([f"p{i}" for i in range(start, start + 10)], np.zeros(10, dtype=int))
+        assert store.count() <= 50
+    assert store.count() == 50
+    assert refused(store, [("p149", "0")]).status_code == 404  # evicted by newer ones
+    assert store.label([("p150", "0")])["accepted"] == 1
+    time.sleep(0.6)
+    assert refused(store, [("p151", "0")]).status_code == 404  # expired
+    store.flush()
+    store._last_prune = 0  # prune now rather than within the second
+    assert store.count() == 0
+
+
+def test_rolling_figures_cover_the_last_window_of_labels(open_store):
+    store = open_store(window=5)
+    ids = [f"r{i}" for i in range(8)]
+    store.remember(ids, np.arange(8) % 2)  # predicted 0, 1, 0, 1, ...
+    store.label([(rid, "0") for rid in ids[:4]])  # two right, two wrong
+    store.label([(rid, "1") for rid in ids[4:]])  # r5, r7 right
+    summary = store.summary()
+    assert summary["count"] == 5  # r3 .. r7: 1 wrong (r3), r4 wrong, r5 right, r6 wrong, r7 right
+    assert summary["accuracy"] == pytest.approx(2 / 5)
+
+
+def test_a_reused_caller_id_names_its_newest_prediction(open_store):
+    store = open_store()
+    store.remember(["same"], np.array([4]))
+    store.flush()
+    store.remember(["same"], np.array([7]))
+    assert store.label([("same", "7")])["outcomes"] == [("7", True)]

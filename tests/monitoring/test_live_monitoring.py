@@ -1,0 +1,275 @@
+"""Monitoring v2 on real servers with the digits model: drift against the thresholds
+calibrated at export (held-out windows quiet, drifted ones critical on the signals they
+move), and delayed labels through ``/feedback`` with two workers sharing one store."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serving.conftest import Server
+from training.datasets import read_manifest
+
+PREDICTIONS = 1200
+PER_REQUEST = 32
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def test_split(digits_run) -> list[tuple[Image.Image, str]]:
+    """The run's test images (held out from training and never seen by it) and labels."""
+    found = []
+    for sample in read_manifest(digits_run)["test"]:
+        with Image.open(sample.path) as image:
+            found.append((image.convert("L").copy(), sample.label))
+    return found
+
+
+def draw(split, seed: int, size: int = PREDICTIONS, keep=lambda label: True):
+    """``size`` images drawn with replacement, as production traffic repeats itself."""
+    pool = [image for image, label in split if keep(label)]
+    picked = np.random.default_rng(seed).integers(0, len(pool), size)
+    return [pool[i] for i in picked]
+
+
+def metrics_of(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("imgclf_")
+    }
+
+
+def gauge(found: dict, name: str, **labels) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+@pytest.fixture(scope="module")
+def drift_server(digits_model):
+    """One worker, so that one drift window sees every prediction: a window of 1,000
+    (recomputed every half second) after 1,200 predictions holds only the newest scenario."""
+    server = Server(
+        digits_model,
+        env={
+            "IMGCLF_DRIFT_WINDOW": "1000",
+            "IMGCLF_DRIFT_MIN_SAMPLES": "500",
+            "IMGCLF_DRIFT_INTERVAL_S": "0.5",
+            "IMGCLF_MAX_IMAGES_PER_REQUEST": str(PER_REQUEST),
+        },
+        args=("--workers", "1"),
+    )
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+STATISTICS = {
+    "imgclf_drift_psi": "psi",
+    "imgclf_drift_js_distance": "js_distance",
+    "imgclf_drift_ks_statistic": "ks",
+}
+
+
+def drift_after(server: Server, images: list[Image.Image]) -> dict[tuple[str, str], tuple]:
+    """Send the images for prediction, wait for a drift computation after the last answer,
+    and return ``{(signal, statistic): (value, warning, critical)}`` as ``/metrics`` has it."""
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for start in range(0, len(images), PER_REQUEST):
+            files = [("images", ("d.png", png(i))) for i in images[start : start + PER_REQUEST]]
+            assert client.post("/predict_batch", files=files).status_code == 200
+    answered = time.time()
+    deadline = answered + 30
+    while True:
+        found = metrics_of(server.url)
+        if gauge(found, "imgclf_drift_last_computed_timestamp_seconds") > answered:
+            break
+        assert time.time() < deadline, "drift was not recomputed"
+        time.sleep(0.2)
+    table = {}
+    for (name, labels), value in found.items():
+        if name in STATISTICS:
+            signal = dict(labels)["signal"]
+            statistic = STATISTICS[name]
+            bounds = [
+                gauge(
+                    found, "imgclf_drift_threshold", signal=signal, statistic=statistic, level=level
+                )
+                for level in ("warning", "critical")
+            ]
+            table[(signal, statistic)] = (value, *bounds)
+    assert len(table) == 14  # PSI and JS of five signals, KS of the four continuous ones
+    return table
+
+
+def above(table, level: str) -> set[tuple[str, str]]:
+    index = {"warning": 1, "critical": 2}[level]
+    return {key for key, values in table.items() if values[0] > values[index]}
+
+
+def test_held_out_windows_stay_quiet_and_drifted_ones_turn_critical(drift_server, test_split):
+    held_out = drift_after(drift_server, draw(test_split, seed=0))
+    assert above(held_out, "warning") == set(), held_out
+
+    darkened = drift_after(
+        drift_server,
+        [ImageEnhance.Brightness(image).enhance(0.4) for image in draw(test_split, seed=1)],
+    )
+    assert {("brightness", s) for s in ("psi", "js_distance", "ks")} <= above(darkened, "critical")
+
+    rotated = drift_after(drift_server, [image.rotate(90) for image in draw(test_split, seed=2)])
+    moved = {signal for signal, _ in above(rotated, "critical")}
+    assert moved & {"class", "confidence", "entropy"}, rotated
+    # Rotating a square image by 90 degrees keeps every pixel: its statistics stay put.
+    assert not {signal for signal, _ in above(rotated, "warning")} & {"brightness", "contrast"}
+
+    three = drift_after(
+        drift_server, draw(test_split, seed=3, keep=lambda label: label in ("1", "4", "7"))
+    )
+    assert {("class", "psi"), ("class", "js_distance")} <= above(three, "critical")
+    metadata = httpx.get(drift_server.url + "/metadata").json()["monitoring"]
+    assert metadata["drift"]["thresholds"] == "calibrated"
+    assert metadata["drift"]["status"] == "critical"
+    assert metadata["drift"]["signals"]["class"]["level"] == "critical"
+
+
+@pytest.fixture(scope="module")
+def feedback_server(digits_model):
+    """Two workers: predictions and their labels land on either, through one store."""
+    server = Server(
+        digits_model,
+        env={
+            "IMGCLF_FEEDBACK_STORE_SIZE": "700",
+            "IMGCLF_FEEDBACK_MIN_SAMPLES": "50",
+            "IMGCLF_MAX_IMAGES_PER_REQUEST": "25",
+        },
+        args=("--workers", "2"),
+    )
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def predict(url: str, images: list[tuple[Image.Image, str]]) -> list[tuple[str, str, str]]:
+    """``(request_id, predicted, true label)`` for each image: 100 alone (half with the
+    caller's own id), the rest 25 to a request; a new connection each time, so requests
+    spread over the workers."""
+    answers = []
+    for index, (image, label) in enumerate(images[:100]):
+        headers = {"Content-Type": "image/png"}
+        if index % 2:
+            headers["X-Request-ID"] = f"caller-{index}"
+        answer = httpx.post(url + "/predict", content=png(image), headers=headers).json()
+        if index % 2:
+            assert answer["request_id"] == f"caller-{index}"
+        answers.append((answer["request_id"], answer["label"], label))
+    for start in range(100, len(images), 25):
+        chunk = images[start : start + 25]
+        files = [("images", ("d.png", png(image))) for image, _ in chunk]
+        response = httpx.post(url + "/predict_batch", files=files)
+        rid = response.headers["X-Request-ID"]
+        for offset, (item, (_, label)) in enumerate(zip(response.json(), chunk, strict=True)):
+            assert item["request_id"] == f"{rid}/{offset}"
+            answers.append((item["request_id"], item["label"], label))
+    return answers
+
+
+def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_split):
+    url = feedback_server.url
+    rng = np.random.default_rng(4)
+    images = [test_split[i] for i in rng.integers(0, len(test_split), 500)]
+    answers = predict(url, images)
+    # The model's mistakes are rare on held-out digits: relabel some answers so that the
+    # accuracy has something to measure (a label is a user's claim; any class name goes).
+    truth = [
+        label if i % 10 else str((int(label) + 1) % 10) for i, (_, _, label) in enumerate(answers)
+    ]
+    for start in range(0, 500, 50):
+        sent = [
+            {"request_id": rid, "label": truth[start + k]}
+            for k, (rid, _, _) in enumerate(answers[start : start + 50])
+        ]
+        response = httpx.post(url + "/feedback", json=sent)
+        assert response.status_code == 200, response.text
+        assert response.json()["accepted"] == 50
+    expected = np.mean(
+        [predicted == t for (_, predicted, _), t in zip(answers, truth, strict=True)]
+    )
+    found = metrics_of(url)
+    assert gauge(found, "imgclf_feedback_accuracy_ratio") == pytest.approx(expected)
+    assert gauge(found, "imgclf_feedback_window_samples") == 500
+    counted = {
+        labels: value for (name, labels), value in found.items() if name == "imgclf_feedback_total"
+    }
+    assert sum(counted.values()) == 500
+    correct = sum(v for labels, v in counted.items() if ("outcome", "correct") in labels)
+    assert correct == round(expected * 500)
+    for digit in "0123456789":
+        sent = [i for i, t in enumerate(truth) if t == digit]
+        recall = np.mean([answers[i][1] == digit for i in sent])
+        assert gauge(found, "imgclf_feedback_recall_ratio", **{"class": digit}) == pytest.approx(
+            recall
+        )
+    report = httpx.get(url + "/feedback").json()
+    assert report["labelled"] == 500 and report["accuracy"] == pytest.approx(expected)
+    assert sum(map(sum, report["confusion_matrix"])) == 500
+    assert report["reference"]["accuracy"] > 0.9
+
+    # Wrong, unknown and duplicate feedback is refused and counts nothing.
+    first_id, _, first_label = answers[0]
+    spare_id, _, spare_label = predict(url, test_split[:1])[0]
+    refusals = [
+        ({"request_id": first_id, "label": first_label}, 409),
+        ({"request_id": "never-predicted", "label": "3"}, 404),
+        ({"request_id": answers[1][0], "label": "cat"}, 422),
+        (
+            [{"request_id": spare_id, "label": spare_label}, {"request_id": "nope", "label": "3"}],
+            404,
+        ),
+        ({"request_id": first_id}, 400),
+        ([], 400),
+    ]
+    for body, status in refusals:
+        response = httpx.post(url + "/feedback", json=body)
+        assert response.status_code == status, (body, response.text)
+        assert "error" in response.json()
+    bad = httpx.post(url + "/feedback", content=b"{not json", headers={"Content-Type": "x"})
+    assert bad.status_code == 400
+    after = metrics_of(url)
+    assert sum(v for (n, _), v in after.items() if n == "imgclf_feedback_total") == 500
+    assert httpx.get(url + "/feedback").json()["labelled"] == 500
+    # The good item of the refused list was left alone: it can be labelled now.
+    assert (
+        httpx.post(url + "/feedback", json={"request_id": spare_id, "label": spare_label}).json()[
+            "accepted"
+        ]
+        == 1
+    )
+
+    # 300 more predictions: the store keeps the newest 700 of the 801, so the oldest are
+    # gone: labelled before (409 above), now not found at all.
+    more = predict(url, [test_split[i] for i in rng.integers(0, len(test_split), 300)])
+    time.sleep(0.3)  # both workers have written theirs
+    report = httpx.get(url + "/feedback").json()
+    assert report["store"] == {"predictions": 700, "capacity": 700, "max_age_s": 259200.0}
+    assert gauge(metrics_of(url), "imgclf_feedback_store_predictions") <= 700
+    oldest = [{"request_id": rid, "label": label} for rid, _, label in answers[0:100:2]]
+    evicted = httpx.post(url + "/feedback", json=oldest)
+    assert evicted.status_code == 404 and len(evicted.json()["problems"]) == 50
+    # A caller's id sent again names its newest prediction, which is not labelled yet.
+    reused = httpx.post(url + "/feedback", json={"request_id": "caller-1", "label": "0"})
+    assert reused.status_code == 200
+    newest = [{"request_id": rid, "label": label} for rid, _, label in more[-10:]]
+    assert httpx.post(url + "/feedback", json=newest).status_code == 200
