@@ -1,7 +1,9 @@
-"""The cost of monitoring: service throughput with our metrics and drift on versus off.
+"""The cost of monitoring: service throughput with our metrics, drift and the feedback store
+(every prediction kept for its delayed label) on versus off.
 
 Same model, same requests (real JPEG uploads through wrk at one concurrency), alternating
-rounds of the two configurations in one run so machine noise hits both.
+rounds of the configurations in one run (every other round in reverse order) so machine
+noise hits them all.
 
     .venv/bin/python benchmarks/bench_monitoring.py [--model model_repository/digits]
 """
@@ -28,25 +30,36 @@ from benchmarks.bench_service import (
 from benchmarks.common import machine, table
 from serving.model_dir import resolve_model_dir
 
+MODES = {
+    "on (metrics, drift, feedback store)": {"IMGCLF_MONITORING": "true"},
+    "on, no feedback store": {"IMGCLF_MONITORING": "true", "IMGCLF_FEEDBACK_STORE_SIZE": "0"},
+    # The same configuration twice: how far two identical servers differ on this machine.
+    "off, a second identical server (noise floor)": {"IMGCLF_MONITORING": "false"},
+    "off": {"IMGCLF_MONITORING": "false"},
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "digits")
-    parser.add_argument("--seconds", type=int, default=15)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model).resolve()
-    results: dict[str, list[float]] = {"on": [], "off": []}
+    results: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as scratch:
         script = wrk_script(Path(scratch), digit_jpegs())
         servers = {}
-        for mode in ("on", "off"):
+        for mode, settings in MODES.items():
             port = free_port()
             env = {
                 "IMGCLF_PROVIDER": "cpu",
-                "IMGCLF_MONITORING": "true" if mode == "on" else "false",
                 "IMGCLF_DRIFT_INTERVAL_S": "5",
+                **settings,
+                # Its own runtime folder: `bentoml serve` empties it at start, and it holds the
+                # metrics and the feedback store of the server running beside it.
+                "BENTOML_HOME": tempfile.mkdtemp(dir=scratch),
             }
             servers[mode] = Process(
                 [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)],
@@ -54,36 +67,36 @@ def main() -> None:
                 port,
             )
         try:
-            for server in servers.values():  # warm both
+            for server in servers.values():  # warm them all
                 run_wrk(server.url, script, args.concurrency, 3)
-            for _ in range(args.rounds):
-                for mode, server in servers.items():
+            for round_index in range(args.rounds):
+                # Every other round in reverse, so that no configuration always runs first.
+                order = list(servers.items())
+                for mode, server in order if round_index % 2 == 0 else order[::-1]:
                     result = run_wrk(server.url, script, args.concurrency, args.seconds)
                     assert result["errors"] == 0, result
                     results[mode].append(result["rps"])
         finally:
             for server in servers.values():
                 server.stop()
-    on, off = statistics.median(results["on"]), statistics.median(results["off"])
+    off = statistics.median(results["off"])  # the last configuration: the baseline
     print(f"machine: {machine()}")
     print(
         f"model: {model_dir}; concurrency {args.concurrency}; median of {args.rounds} "
-        f"alternating {args.seconds} s rounds (both servers up, only one loaded at a time)\n"
+        f"alternating {args.seconds} s rounds (all servers up, one loaded at a time)\n"
     )
-    print(
-        table(
-            ["monitoring", "requests/s (median)", "rounds", "vs off"],
+    rows = []
+    for mode, rounds in results.items():
+        median = statistics.median(rounds)
+        rows.append(
             [
-                [
-                    "on (metrics + drift)",
-                    on,
-                    ", ".join(f"{r:.0f}" for r in results["on"]),
-                    f"{(on / off - 1) * 100:+.1f}%",
-                ],
-                ["off", off, ", ".join(f"{r:.0f}" for r in results["off"]), "0.0%"],
-            ],
+                mode,
+                median,
+                ", ".join(f"{r:.0f}" for r in rounds),
+                f"{(median / off - 1) * 100:+.1f}%",
+            ]
         )
-    )
+    print(table(["monitoring", "requests/s (median)", "rounds", "vs off"], rows))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ gauge states how its processes combine.
 
 from __future__ import annotations
 
+import bisect
+
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 #: Endpoint label values: our routes, and the Open Inference Protocol's by route template.
@@ -49,6 +52,28 @@ QUEUE_WAIT_BUCKETS = INFERENCE_BUCKETS
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 ENTROPY_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, with one write per non-empty bucket rather
+    than per value: each write is a locked mmap update with several worker processes, and the
+    per-image histograms would otherwise cost more than the rest of monitoring together.
+    Relies on prometheus_client's ``_upper_bounds``, ``_buckets`` and ``_sum`` (0.26, pinned;
+    tests/monitoring/test_metrics.py checks it against ``observe``)."""
+    counts: dict[int, int] = {}
+    total = 0.0
+    bounds = histogram._upper_bounds
+    for value in np.asarray(values, dtype=np.float64).tolist():
+        # observe() counts a value in the first bucket whose upper bound is >= it.
+        bucket = bisect.bisect_left(bounds, value)
+        counts[bucket] = counts.get(bucket, 0) + 1
+        total += value
+    if not counts:
+        return
+    for bucket, count in counts.items():
+        histogram._buckets[bucket].inc(count)
+    histogram._sum.inc(total)
+
 
 REQUESTS = Counter(
     "imgclf_requests_total",

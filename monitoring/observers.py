@@ -1,6 +1,7 @@
 """What the service records. Each worker process records its own requests, batches,
 predictions and start-up facts; counters and histograms add up across workers, and each
-worker keeps its own drift window over the share of traffic it serves."""
+worker keeps its own drift window over the share of traffic it serves. What happens on every
+request or batch goes through ``monitoring.buffer.BUFFER``; the rest is written at once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import numpy as np
 
 from monitoring import metrics
+from monitoring.buffer import BUFFER
 from monitoring.drift import DriftMonitor, image_signals
 
 log = logging.getLogger(__name__)
@@ -32,14 +34,14 @@ class RequestObserver:
         duration = self._durations.get(endpoint)
         if duration is None:
             duration = self._durations[endpoint] = metrics.REQUEST_DURATION.labels(endpoint)
-        counter.inc()
-        duration.observe(seconds)
+        BUFFER.inc(counter)
+        BUFFER.observe(duration, seconds)
 
     def error(self, endpoint: str, reason: str) -> None:
         metrics.REQUEST_ERRORS.labels(endpoint, reason).inc()
 
     def decoded(self, seconds: float) -> None:
-        metrics.DECODE_DURATION.observe(seconds)
+        BUFFER.observe(metrics.DECODE_DURATION, seconds)
 
 
 class WorkerObserver:
@@ -49,10 +51,10 @@ class WorkerObserver:
         metrics.READY.set(1 if ready else 0)
 
     def queued(self, requests: int) -> None:
-        metrics.BATCH_QUEUE.set(requests)
+        BUFFER.set(metrics.BATCH_QUEUE, requests)
 
     def waited(self, seconds: float) -> None:
-        metrics.BATCH_QUEUE_WAIT.observe(seconds)
+        BUFFER.observe(metrics.BATCH_QUEUE_WAIT, seconds)
 
     def loaded(self, provider: str, options: dict[str, str], seconds: float) -> None:
         metrics.MODEL_LOAD_SECONDS.set(seconds)
@@ -115,20 +117,18 @@ class PredictionObserver:
             log.warning("no reference_profile.json in the model directory: drift is not monitored")
 
     def record(self, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
-        metrics.INFERENCE_DURATION.observe(seconds)
-        metrics.BATCH_SIZE.observe(len(images))
+        BUFFER.observe(metrics.INFERENCE_DURATION, seconds)
+        BUFFER.observe(metrics.BATCH_SIZE, len(images))
         signals = image_signals(images, probabilities)
-        counts = np.bincount(signals["class"], minlength=len(self.classes))
-        for index in counts.nonzero()[0]:
-            self._class_counters[index].inc(int(counts[index]))
+        for index in signals["class"].tolist():
+            BUFFER.inc(self._class_counters[index])
         for histogram, name in (
             (metrics.CONFIDENCE, "confidence"),
             (metrics.ENTROPY, "entropy"),
             (metrics.BRIGHTNESS, "brightness"),
             (metrics.CONTRAST, "contrast"),
         ):
-            for value in signals[name]:
-                histogram.observe(float(value))
+            BUFFER.observe_all(histogram, signals[name].tolist())
         if self.monitor is not None:
             self.monitor.add(signals)
 

@@ -39,14 +39,24 @@ class SignalCollector:
         return {**context, **compare(profile, signals)}
 
 
+SHOWN = (("psi", "PSI"), ("js_distance", "JS"), ("ks", "KS"))
+
+
 def format_report(report: dict) -> str:
+    """One line per signal: its level, and each statistic over its critical threshold."""
     lines = [
         f"{report.get('samples', 0)} images scored against "
-        f"{report.get('reference_samples', '?')} reference images: {report['status']}"
+        f"{report.get('reference_samples', '?')} reference images: {report['status']} "
+        f"(thresholds: {report.get('thresholds', '?')}; each statistic / its critical threshold)"
     ]
     for name, values in report.get("signals", {}).items():
-        second = f"KS {values['ks']:.3f}" if "ks" in values else f"JS {values['js_distance']:.3f}"
-        lines.append(f"  {name:<11} PSI {values['psi']:7.3f}   {second}")
+        bounds = values.get("thresholds", {})
+        shown = "   ".join(
+            f"{label} {values[key]:.3f} / {bounds[key]['critical']:.3f}"
+            for key, label in SHOWN
+            if key in values and key in bounds
+        )
+        lines.append(f"  {name:<11} {values.get('level', ''):<9} {shown}")
     if report.get("failed"):
         lines.append(f"  {len(report['failed'])} file(s) could not be read")
     return "\n".join(lines)

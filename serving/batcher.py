@@ -56,7 +56,8 @@ class AdaptiveBatcher:
 
     ``infer`` runs on one dedicated thread (ONNX Runtime releases the GIL), so the event
     loop keeps reading, decoding and answering while a batch runs. ``on_batch(images,
-    probabilities, seconds)`` is called on that thread after each batch (metrics, drift).
+    probabilities, seconds)`` (metrics, drift) is called on the event loop after each batch,
+    once the batch's requests have been woken: answers never wait for it.
     """
 
     def __init__(
@@ -174,7 +175,9 @@ class AdaptiveBatcher:
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         images = np.concatenate([waiting.images for waiting in batch])
         try:
-            probabilities = await self._loop.run_in_executor(self._executor, self._call, images)
+            probabilities, seconds = await self._loop.run_in_executor(
+                self._executor, self._call, images
+            )
         except Exception as error:
             for waiting in batch:
                 if not waiting.future.done():
@@ -186,13 +189,13 @@ class AdaptiveBatcher:
             if not waiting.future.done():
                 waiting.future.set_result(probabilities[start:end])
             start = end
+        if self._on_batch is not None:  # after the callbacks that set_result scheduled
+            self._loop.call_soon(self._on_batch, images, probabilities, seconds)
 
-    def _call(self, images: np.ndarray) -> np.ndarray:
+    def _call(self, images: np.ndarray) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
         probabilities = self._infer(pad_to_bucket(images, self.buckets))[: len(images)]
-        if self._on_batch is not None:
-            self._on_batch(images, probabilities, time.perf_counter() - started)
-        return probabilities
+        return probabilities, time.perf_counter() - started
 
     def _queue_changed(self) -> None:
         if self._on_queue is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import bentoml
 
+from monitoring.buffer import BUFFER, FlushBeforeScrape
 from monitoring.feedback import FeedbackStore
 from monitoring.observers import (
     FeedbackObserver,
@@ -52,6 +53,8 @@ WORKERS = SETTINGS.workers or default_workers(expected_provider(SETTINGS.provide
 ORT_THREADS = SETTINGS.intra_op_threads or max(1, (os.cpu_count() or 1) // WORKERS)
 STORED_MODEL = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
 WORKER = WorkerObserver() if SETTINGS.monitoring else None
+if SETTINGS.monitoring:
+    BUFFER.start()
 LIFECYCLE = Lifecycle(on_ready=WORKER.ready if WORKER else None)
 app = build_app()
 
@@ -163,6 +166,7 @@ class ImageClassifier:
     @bentoml.on_shutdown
     def close(self) -> None:
         self.batcher.close()
+        BUFFER.close()
         if self.feedback is not None:
             self.feedback.store.close()
 
@@ -204,6 +208,7 @@ def feedback(runtime: ClassifierRuntime, profile: dict | None) -> Feedback:
 
 ImageClassifier.add_asgi_middleware(LifecycleMiddleware, lifecycle=LIFECYCLE)
 ImageClassifier.add_asgi_middleware(PlainErrorsAsJSON)
+ImageClassifier.add_asgi_middleware(FlushBeforeScrape)
 
 
 def served_model() -> tuple[str | None, int | None]:

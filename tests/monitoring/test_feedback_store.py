@@ -62,7 +62,7 @@ def test_bad_feedback_is_refused_whole_and_counts_nothing(open_store):
 
 
 def test_the_store_never_grows_past_its_bound_and_forgets_old_predictions(open_store):
-    store = open_store(capacity=50, max_age_s=0.5)
+    store = open_store(capacity=50, max_age_s=0.5, flush_interval_s=0.05)
     for start in range(0, 200, 10):
         store.remember([f"p{i}" for i in range(start, start + 10)], np.zeros(10, dtype=int))
         assert store.count() <= 50

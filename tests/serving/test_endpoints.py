@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -58,6 +60,10 @@ def test_request_ids_name_each_prediction(api):
         assert rid != unsafe and len(rid) == 32 and rid == answer.headers["X-Request-ID"]
         generated.add(rid)
     assert len(generated) == 5  # a new one every time
+    # UUIDv7: time-ordered, so that the feedback store appends rather than inserts.
+    parsed = [uuid.UUID(rid) for rid in sorted(generated)]
+    assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
+    assert abs((parsed[-1].int >> 80) - time.time() * 1000) < 60_000  # milliseconds
     batch = api.post(
         "/predict_batch",
         files=[
