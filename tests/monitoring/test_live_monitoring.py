@@ -162,7 +162,9 @@ def feedback_server(digits_model):
     server.stop()
 
 
-def predict(url: str, images: list[tuple[Image.Image, str]]) -> list[tuple[str, str, str]]:
+def predict(
+    url: str, images: list[tuple[Image.Image, str]], prefix: str = "caller"
+) -> list[tuple[str, str, str]]:
     """``(request_id, predicted, true label)`` for each image: 100 alone (half with the
     caller's own id), the rest 25 to a request; a new connection each time, so requests
     spread over the workers."""
@@ -170,10 +172,10 @@ def predict(url: str, images: list[tuple[Image.Image, str]]) -> list[tuple[str, 
     for index, (image, label) in enumerate(images[:100]):
         headers = {"Content-Type": "image/png"}
         if index % 2:
-            headers["X-Request-ID"] = f"caller-{index}"
+            headers["X-Request-ID"] = f"{prefix}-{index}"
         answer = httpx.post(url + "/predict", content=png(image), headers=headers).json()
         if index % 2:
-            assert answer["request_id"] == f"caller-{index}"
+            assert answer["request_id"] == f"{prefix}-{index}"
         answers.append((answer["request_id"], answer["label"], label))
     for start in range(100, len(images), 25):
         chunk = images[start : start + 25]
@@ -260,16 +262,33 @@ def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_sp
 
     # 300 more predictions: the store keeps the newest 700 of the 801, so the oldest are
     # gone: labelled before (409 above), now not found at all.
-    more = predict(url, [test_split[i] for i in rng.integers(0, len(test_split), 300)])
-    time.sleep(0.3)  # both workers have written theirs
-    report = httpx.get(url + "/feedback").json()
+    more = predict(
+        url, [test_split[i] for i in rng.integers(0, len(test_split), 300)], prefix="more"
+    )
+    deadline = time.time() + 10
+    while True:  # until both workers have written theirs (every 0.25 s), never above 700
+        report = httpx.get(url + "/feedback").json()
+        assert report["store"]["predictions"] <= 700
+        if report["store"]["predictions"] == 700 or time.time() > deadline:
+            break
+        time.sleep(0.1)
     assert report["store"] == {"predictions": 700, "capacity": 700, "max_age_s": 259200.0}
     assert gauge(metrics_of(url), "imgclf_feedback_store_predictions") <= 700
     oldest = [{"request_id": rid, "label": label} for rid, _, label in answers[0:100:2]]
     evicted = httpx.post(url + "/feedback", json=oldest)
     assert evicted.status_code == 404 and len(evicted.json()["problems"]) == 50
     # A caller's id sent again names its newest prediction, which is not labelled yet.
-    reused = httpx.post(url + "/feedback", json={"request_id": "caller-1", "label": "0"})
-    assert reused.status_code == 200
+    image = png(test_split[0][0])
+    for _ in range(2):
+        answer = httpx.post(
+            url + "/predict",
+            content=image,
+            headers={"Content-Type": "image/png", "X-Request-ID": "again-1"},
+        )
+        assert answer.json()["request_id"] == "again-1"
+    time.sleep(0.6)  # both written (the two may have reached different workers)
+    reused = {"request_id": "again-1", "label": test_split[0][1]}
+    assert httpx.post(url + "/feedback", json=reused).json()["accepted"] == 1
+    assert httpx.post(url + "/feedback", json=reused).status_code == 409
     newest = [{"request_id": rid, "label": label} for rid, _, label in more[-10:]]
     assert httpx.post(url + "/feedback", json=newest).status_code == 200
