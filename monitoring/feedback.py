@@ -7,7 +7,8 @@ empties at every start: the store lives as long as the server). It keeps a reque
 predicted class and the time of each of the last ``capacity`` predictions, never an image,
 and forgets predictions older than ``max_age_s``. Each worker buffers its predictions and
 writes them in one transaction every ``flush_interval_s``, off the request path; a label for
-an id that is not found yet is looked up again once the other workers have flushed.
+an id that is not found yet is looked up again for up to four intervals, while the other
+workers write theirs.
 """
 
 from __future__ import annotations
@@ -173,8 +174,9 @@ class FeedbackStore:
                 problems,
             )
         self.flush()
-        if self._missing(items):  # another worker may not have written them yet
-            time.sleep(2 * self.flush_interval_s)
+        deadline = time.monotonic() + 4 * self.flush_interval_s
+        while self._missing(items) and time.monotonic() < deadline:
+            time.sleep(self.flush_interval_s)  # another worker may not have written them yet
         with self._db_lock, self._transaction():
             outcomes, problems = self._match(items)
             if problems:

@@ -62,14 +62,14 @@ def test_bad_feedback_is_refused_whole_and_counts_nothing(open_store):
 
 
 def test_the_store_never_grows_past_its_bound_and_forgets_old_predictions(open_store):
-    store = open_store(capacity=50, max_age_s=0.5, flush_interval_s=0.05)
+    store = open_store(capacity=50, max_age_s=1.0, flush_interval_s=0.05)
     for start in range(0, 200, 10):
         store.remember([f"p{i}" for i in range(start, start + 10)], np.zeros(10, dtype=int))
         assert store.count() <= 50
     assert store.count() == 50
     assert refused(store, [("p149", "0")]).status_code == 404  # evicted by newer ones
     assert store.label([("p150", "0")])["accepted"] == 1
-    time.sleep(0.6)
+    time.sleep(1.1)
     assert refused(store, [("p151", "0")]).status_code == 404  # expired
     store.flush()
     store._last_prune = 0  # prune now rather than within the second
