@@ -135,7 +135,9 @@ def build_reference_profile(
             "bin_fractions": bin_fractions(values, edges).tolist(),
             "ks_points": points.tolist(),
             "ks_cdf": cdf.tolist(),
-            "quantiles": np.quantile(values, np.linspace(0, 1, min(samples, 2000))).tolist(),
+            "quantiles": np.quantile(
+                values, np.linspace(0, 1, min(samples, REFERENCE_QUANTILES))
+            ).tolist(),
             "mean": float(values.mean()),
         }
     if performance is not None:

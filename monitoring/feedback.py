@@ -96,7 +96,6 @@ class FeedbackStore:
         self._db.execute("PRAGMA cache_size=-65536")
         self._db.execute("PRAGMA mmap_size=268435456")
         self._db.executescript(SCHEMA)
-        self.size = 0
         self._last_prune = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="feedback", daemon=True)
@@ -150,10 +149,9 @@ class FeedbackStore:
                 "DELETE FROM predictions WHERE seq < ?",
                 (first_alive[0] if first_alive else 2**62,),
             )
-        self.size = self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
         self._last_prune = time.monotonic()
         if self.on_count is not None:
-            self.on_count(self.size)
+            self.on_count(self._count())
 
     # -- labels ------------------------------------------------------------------------
 
@@ -257,8 +255,11 @@ class FeedbackStore:
         """Predictions in the store now (after writing this worker's buffer)."""
         self.flush()
         with self._db_lock:
-            self.size = self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
-        return self.size
+            return self._count()
+
+    def _count(self) -> int:
+        """Predictions in the store (the caller holds the connection's lock)."""
+        return self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
 
     # -- plumbing ----------------------------------------------------------------------
 
