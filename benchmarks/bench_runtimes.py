@@ -1,8 +1,11 @@
 """Inference runtimes side by side: ONNX Runtime fp32 and int8 vs the SavedModel's serving function.
 
 Two models: the exported digits model (``make run`` publishes it) and a seed CNN at 64x64
-exported the same way (fp32 + static int8 calibrated on digits). Batch sizes 1 and 32, rounds
-alternating between runtimes so machine noise hits all of them. Run by hand:
+exported the same way (fp32 + static int8 calibrated on digits). Batch sizes 1 and 32, and
+mixed sizes (the sequence a loaded batcher produces, a different size almost every call;
+the published model also through ``ClassifierRuntime``, its buckets in one shared session
+and in one session per bucket), rounds alternating between runtimes so machine noise hits
+all of them. Run by hand:
 
     .venv/bin/python benchmarks/bench_runtimes.py [--model model_repository/digits] [--seconds 2]
 """
@@ -14,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import tensorflow as tf
 
-from benchmarks.common import machine, table
+from benchmarks.common import machine, mixed_batch_sizes, table, time_mixed
 from serving.model_dir import (
     INT8_MODEL,
     ONNX_MODEL,
@@ -33,6 +35,7 @@ from serving.model_dir import (
     resolve_model_dir,
 )
 from serving.preprocessing import PreprocessSpec, preprocess_file
+from serving.runtime import ClassifierRuntime
 from training import datasets, export, quantize
 from training.models import seed_cnn
 
@@ -53,7 +56,7 @@ def seed_cnn_64(workdir: Path) -> Path:
     return workdir
 
 
-def runtimes(model_dir: Path) -> dict:
+def runtimes(model_dir: Path, published: bool) -> dict:
     def onnx_runtime(path: Path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda batch: session.run(["probabilities"], {"image": batch})[0]
@@ -67,46 +70,43 @@ def runtimes(model_dir: Path) -> dict:
     }
     if (model_dir / INT8_MODEL).exists():
         found["ONNX Runtime int8"] = onnx_runtime(model_dir / INT8_MODEL)
+    if published:  # the serving runtime: padded to buckets, both session modes
+        for mode in ("shared", "per-bucket"):
+            runtime = ClassifierRuntime(model_dir, provider="cpu", session_mode=mode)
+            runtime.warm_up()
+            found[f"imgclf runtime, {mode} sessions"] = runtime.predict
     return found
 
 
-def measure(predict, batch: np.ndarray, seconds: float) -> list[float]:
-    for _ in range(5):
-        predict(batch)
-    latencies = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        predict(batch)
-        latencies.append(time.perf_counter() - start)
-    return latencies
-
-
-def bench_model(label: str, model_dir: Path, size: int, seconds: float, rounds: int) -> list[list]:
-    found = runtimes(model_dir)
+def bench_model(
+    label: str, model_dir: Path, size: int, seconds: float, rounds: int, published: bool = False
+) -> list[list]:
+    found = runtimes(model_dir, published)
     images = digits_images(size, 64)
     rows = []
-    for batch_size in (1, 32):
-        batch = images[:batch_size]
+    for load in ("1", "32", "mixed 1-64"):
+        sizes = mixed_batch_sizes(256, 64) if load.startswith("mixed") else [int(load)]
         samples = {name: [] for name in found}
         for _ in range(rounds):  # alternate runtimes within each round
             for name, predict in found.items():
-                samples[name].extend(measure(predict, batch, seconds / rounds))
-        baseline = statistics.median(samples["SavedModel serving_default"])
-        fp32 = statistics.median(samples["ONNX Runtime fp32"])
-        for name, latencies in samples.items():
-            median = statistics.median(latencies)
-            p99 = float(np.percentile(latencies, 99))
+                predict(images[: sizes[0]])
+                samples[name].append(time_mixed(predict, images, sizes, seconds / rounds))
+        baseline = statistics.median(
+            r["images_per_s"] for r in samples["SavedModel serving_default"]
+        )
+        fp32 = statistics.median(r["images_per_s"] for r in samples["ONNX Runtime fp32"])
+        for name, results in samples.items():
+            speed = statistics.median(r["images_per_s"] for r in results)
             rows.append(
                 [
                     label,
-                    batch_size,
+                    load,
                     name,
-                    median * 1000,
-                    p99 * 1000,
-                    batch_size / median,
-                    f"{baseline / median:.1f}x",
-                    f"{fp32 / median:.2f}x",
+                    statistics.median(r["p50_ms"] for r in results),
+                    statistics.median(r["p99_ms"] for r in results),
+                    speed,
+                    f"{speed / baseline:.1f}x",
+                    f"{speed / fp32:.2f}x",
                 ]
             )
     return rows
@@ -123,7 +123,12 @@ def main() -> None:
     metadata = load_metadata(model_dir)
     size = metadata["input"]["height"]
     rows = bench_model(
-        f"digits v{metadata['version']} ({size}x{size})", model_dir, size, args.seconds, args.rounds
+        f"digits v{metadata['version']} ({size}x{size})",
+        model_dir,
+        size,
+        args.seconds,
+        args.rounds,
+        published=True,
     )
     with tempfile.TemporaryDirectory() as scratch:
         rows += bench_model(
@@ -140,8 +145,8 @@ def main() -> None:
                 "model",
                 "batch",
                 "runtime",
-                "median ms",
-                "p99 ms",
+                "p50 ms/call",
+                "p99 ms/call",
                 "images/s",
                 "vs SavedModel",
                 "vs ORT fp32",

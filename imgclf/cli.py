@@ -422,7 +422,7 @@ def serve(
         raise ConfigError("bentoml is not installed: install the serve extra")
     base = f"http://{host}:{port}"
     typer.echo(
-        f"serving {runtime.name} v{runtime.version} ({directory}) on {runtime.provider}\n"
+        f"serving {runtime.summary()} ({directory})\n"
         f"  curl -X POST -H 'Content-Type: image/png' --data-binary @digit.png {base}/predict\n"
         f"  curl -F images=@a.png -F images=@b.jpg '{base}/predict_batch?top_k=3'\n"
         f"  curl {base}/metadata    curl {base}/readyz    curl {base}/metrics"

@@ -3,8 +3,8 @@
 Requests queue up while ONNX Runtime runs the previous batch; when the session is free, the
 next batch takes everything queued (up to ``max_batch_size`` images, whole requests only),
 optionally after waiting ``max_wait_s`` for more. A quiet server answers a lone request at
-once; a busy one runs large batches. Each batch is zero-padded to the next bucket size, so
-ONNX Runtime only ever sees the few shapes that were warmed up.
+once; a busy one runs large batches. The batcher only groups requests: padding each batch
+to a warmed shape is the runtime's business (``ClassifierRuntime.predict``).
 
 Why not BentoML's ``batchable=True``: it batches one argument per API, answers some
 failures as plain-text 500s, cannot pad to warmed shapes, and lives behind a second
@@ -14,7 +14,6 @@ service hop. This one is ~150 lines, used by the HTTP routes of each worker.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,17 +39,6 @@ class _Waiting:
     enqueued: float
 
 
-def pad_to_bucket(images: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
-    """``images`` with zero rows appended up to the smallest bucket that holds them."""
-    index = bisect.bisect_left(buckets, len(images))
-    if index == len(buckets):
-        raise ValueError(f"a batch of {len(images)} exceeds the largest bucket {buckets[-1]}")
-    missing = buckets[index] - len(images)
-    if missing == 0:
-        return images
-    return np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])
-
-
 class AdaptiveBatcher:
     """Batches concurrent ``submit`` calls of one event loop into calls of ``infer``.
 
@@ -64,7 +52,7 @@ class AdaptiveBatcher:
         self,
         infer: Callable[[np.ndarray], np.ndarray],
         *,
-        buckets: tuple[int, ...],
+        max_batch_size: int,
         max_wait_s: float = 0.0,
         max_latency_s: float = 1.0,
         max_queue_size: int = 512,
@@ -72,8 +60,7 @@ class AdaptiveBatcher:
         on_queue: Callable[[int], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
-        self.buckets = tuple(sorted(set(buckets)))
-        self.max_batch_size = self.buckets[-1]
+        self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_latency_s = max_latency_s
         self.max_queue_size = max_queue_size
@@ -87,10 +74,6 @@ class AdaptiveBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-
-    @property
-    def queued_requests(self) -> int:
-        return len(self._queue)
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for ``images`` (one request's), computed in a shared batch."""
@@ -194,7 +177,7 @@ class AdaptiveBatcher:
 
     def _call(self, images: np.ndarray) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
-        probabilities = self._infer(pad_to_bucket(images, self.buckets))[: len(images)]
+        probabilities = self._infer(images)
         return probabilities, time.perf_counter() - started
 
     def _queue_changed(self) -> None:

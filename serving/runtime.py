@@ -1,21 +1,22 @@
-"""The inference runtime: a published model directory in an ONNX Runtime session.
+"""The inference runtime: a published model directory in ONNX Runtime sessions.
 
-One class, used by the HTTP service, batch scoring and drift reports, so there is one
-inference path. No TensorFlow here.
+One class, used by the HTTP service, batch scoring, evaluation, drift reports and the Ray
+engine, so there is one inference path and one set of batch shapes. No TensorFlow here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from serving.buckets import normalise_buckets, pad_to_bucket
 from serving.errors import ConfigError, ModelError
 from serving.model_dir import (
     INPUT_NAME,
@@ -28,28 +29,13 @@ from serving.model_dir import (
     resolve_model_dir,
 )
 from serving.preprocessing import PreprocessSpec, preprocess_bytes
-
-log = logging.getLogger(__name__)
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-
-
-@dataclass(frozen=True)
-class CudaOptions:
-    """CUDA provider options we set (the rest stay ONNX Runtime's defaults). Reported by
-    ``/metadata`` so a latency or parity figure can be traced to its settings."""
-
-    device_id: int = 0
-    cudnn_conv_algo_search: str = "HEURISTIC"
-    tf32: bool = True
-
-    def provider_options(self) -> dict[str, str]:
-        return {
-            "device_id": str(self.device_id),
-            "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
-            "use_tf32": "1" if self.tf32 else "0",
-        }
+from serving.sessions import (
+    CUDA,
+    SESSION_MODES,
+    CudaOptions,
+    create_session,
+    resolve_session_mode,
+)
 
 
 class ModelCard:
@@ -84,7 +70,14 @@ class ModelCard:
 
 
 class ClassifierRuntime(ModelCard):
-    """Load, verify, warm up and run one model version."""
+    """Load, verify, warm up and run one model version.
+
+    The runtime owns batch shapes: every batch is cut into chunks of at most
+    ``max_batch_size`` and each chunk zero-padded to the next of ``buckets``, so the
+    service, batch scoring, evaluation and the Ray engine all call ONNX Runtime with the
+    same few shapes, each warmed by ``warm_up``. ``session_mode`` says whether those shapes
+    share one session or get one each (see ``SESSION_MODES``).
+    """
 
     def __init__(
         self,
@@ -94,6 +87,8 @@ class ClassifierRuntime(ModelCard):
         precision: str = "fp32",
         intra_op_threads: int = 0,
         max_batch_size: int = 64,
+        buckets: tuple[int, ...] | None = None,
+        session_mode: str = "auto",
         max_image_bytes: int | None = None,
         max_image_pixels: int | None = None,
         cuda: CudaOptions | None = None,
@@ -102,15 +97,32 @@ class ClassifierRuntime(ModelCard):
         super().__init__(
             model_dir, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels
         )
+        if session_mode not in SESSION_MODES:
+            raise ConfigError(
+                f"session mode must be one of {', '.join(SESSION_MODES)}, got {session_mode!r}"
+            )
         self.precision = precision
         self.max_batch_size = max_batch_size
+        self.buckets = normalise_buckets(buckets, max_batch_size)
         model_file = INT8_MODEL if precision == "int8" else ONNX_MODEL
         hint = " (INT8 was not exported or not kept)" if model_file == INT8_MODEL else ""
         model_bytes = read_verified(self.model_dir, self.metadata, model_file, missing_hint=hint)
-        self.session, self.provider = create_session(
-            model_bytes, provider, intra_op_threads, cuda or CudaOptions()
-        )
-        self._check_graph()
+        self._threads = intra_op_threads
+        self._cuda = cuda or CudaOptions()
+        session, self.provider = create_session(model_bytes, provider, intra_op_threads, self._cuda)
+        self._check_graph(session)
+        self.session_mode = resolve_session_mode(session_mode, self.provider)
+        self.weights_bytes = len(model_bytes)
+        self._sessions: dict[int, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+        #: ONNX Runtime calls per bucket (padded batch size), for tests and ``describe``.
+        self.runs_by_bucket: Counter[int] = Counter()
+        if self.session_mode == "per-bucket":
+            self._model_bytes, self._batch_dim = model_bytes, session.get_inputs()[0].shape[0]
+            self._shared = None
+            self._session_for(self.buckets[-1])  # proves a fixed-shape session loads here
+        else:
+            self._shared = session
         self.load_seconds = time.perf_counter() - started
         self.warmed_batch_sizes: list[int] = []
         self.warm_up_seconds: float | None = None
@@ -127,6 +139,8 @@ class ClassifierRuntime(ModelCard):
                 settings.intra_op_threads if intra_op_threads is None else intra_op_threads
             ),
             max_batch_size=settings.max_batch_size,
+            buckets=settings.buckets,
+            session_mode=settings.session_mode,
             max_image_bytes=settings.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
             cuda=CudaOptions(
@@ -135,33 +149,93 @@ class ClassifierRuntime(ModelCard):
         )
 
     @property
+    def sessions(self) -> dict[int | None, ort.InferenceSession]:
+        """The live sessions: ``{bucket: session}`` per bucket, or ``{None: session}``."""
+        return {None: self._shared} if self._shared is not None else dict(self._sessions)
+
+    @property
     def provider_options(self) -> dict[str, str]:
         """The options of the provider in use, as ONNX Runtime reports them back."""
-        return dict(self.session.get_provider_options().get(self.provider, {}))
+        session = next(iter(self.sessions.values()))
+        return dict(session.get_provider_options().get(self.provider, {}))
 
     def warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
-        """Run each batch size once, so no request pays a first-shape set-up cost (on CUDA,
-        cuDNN's algorithm search: 0.5-1.5 s per new shape). Default: 1 and the largest."""
+        """Run each batch size once (default: every bucket), so no request pays a
+        first-shape set-up cost (on CUDA, cuDNN's algorithm search) or, per bucket, the
+        creation of its session."""
         started = time.perf_counter()
-        for size in sorted(set(sizes or (1, self.max_batch_size))):
+        for size in sorted(set(sizes or self.buckets)):
             self.predict(np.zeros((size, *self.spec.input_shape), dtype=np.float32))
             self.warmed_batch_sizes.append(size)
         self.warm_up_seconds = time.perf_counter() - started
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 NHWC batch in [0, 255] -> probabilities, in chunks of ``max_batch_size``."""
+        """float32 NHWC batch in [0, 255] -> probabilities, in chunks of ``max_batch_size``,
+        each padded to its bucket."""
         if images.ndim != 4 or images.shape[1:] != self.spec.input_shape:
             raise ValueError(f"expected (N, {self.spec.input_shape}) images, got {images.shape}")
         images = np.ascontiguousarray(images, dtype=np.float32)
         chunks = [
-            self.session.run(
-                [OUTPUT_NAME], {INPUT_NAME: images[start : start + self.max_batch_size]}
-            )[0]
+            self._run(pad_to_bucket(images[start : start + self.max_batch_size], self.buckets))[
+                : min(self.max_batch_size, len(images) - start)
+            ]
             for start in range(0, len(images), self.max_batch_size)
         ]
         if not chunks:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         return np.concatenate(chunks)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        bucket = len(batch)
+        session = self._shared if self._shared is not None else self._session_for(bucket)
+        self.runs_by_bucket[bucket] += 1
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    def _session_for(self, bucket: int) -> ort.InferenceSession:
+        """The bucket's own session, made on first use (``warm_up`` makes them all), with
+        its batch dimension fixed so that ONNX Runtime itself refuses any other shape."""
+        session = self._sessions.get(bucket)
+        if session is not None:
+            return session
+        with self._lock:
+            if bucket not in self._sessions:
+                self._sessions[bucket], _ = create_session(
+                    self._model_bytes,
+                    self.provider_name,
+                    self._threads,
+                    self._cuda,
+                    batch=(self._batch_dim, bucket),
+                )
+            return self._sessions[bucket]
+
+    @property
+    def provider_name(self) -> str:
+        """``cuda`` or ``cpu``: the provider in use, as a ``provider`` argument."""
+        return "cuda" if self.provider == CUDA else "cpu"
+
+    def describe_sessions(self) -> dict:
+        """How batch shapes map to sessions, with each session's input shape as ONNX Runtime
+        reports it (a fixed batch size per bucket, or the free dimension when shared)."""
+        return {
+            "mode": self.session_mode,
+            "buckets": list(self.buckets),
+            "count": len(self.sessions),
+            "input_shapes": {
+                str(bucket if bucket is not None else "all"): list(session.get_inputs()[0].shape)
+                for bucket, session in sorted(self.sessions.items(), key=lambda item: item[0] or 0)
+            },
+            "runs_by_bucket": {str(k): v for k, v in sorted(self.runs_by_bucket.items())},
+            # Each session holds its own copy of the weights (on CUDA, in GPU memory).
+            "weights_bytes_per_session": self.weights_bytes,
+        }
+
+    def summary(self) -> str:
+        """One line for start-up logs."""
+        return (
+            f"{self.name} v{self.version} on {self.provider}, {self.precision}, buckets "
+            f"{','.join(map(str, self.buckets))}, sessions {self.session_mode} "
+            f"({len(self.buckets) if self.session_mode == 'per-bucket' else 1})"
+        )
 
     def reference_profile(self) -> dict | None:
         """The drift reference written at export time (hash-checked), or None if absent."""
@@ -182,6 +256,7 @@ class ClassifierRuntime(ModelCard):
             "execution_provider": self.provider,
             "provider_options": self.provider_options,
             "max_batch_size": self.max_batch_size,
+            "sessions": self.describe_sessions(),
             "startup": {
                 "model_load_seconds": self.load_seconds,
                 "warm_up_seconds": self.warm_up_seconds,
@@ -193,8 +268,8 @@ class ClassifierRuntime(ModelCard):
             "created_at": meta.get("created_at"),
         }
 
-    def _check_graph(self) -> None:
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+    def _check_graph(self, session: ort.InferenceSession) -> None:
+        inputs, outputs = session.get_inputs(), session.get_outputs()
         if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
             raise ModelError(
                 f"{self.model_dir}: the graph's inputs/outputs are "
@@ -213,63 +288,6 @@ class ClassifierRuntime(ModelCard):
                 f"{self.model_dir}: metadata.json lists {len(self.classes)} classes but the "
                 f"graph outputs {width}"
             )
-
-
-def create_session(
-    model: bytes | str,
-    provider: str,
-    intra_op_threads: int = 0,
-    cuda: CudaOptions | None = None,
-) -> tuple[ort.InferenceSession, str]:
-    """An ONNX Runtime session on the requested provider; returns it and the provider in use.
-
-    ``cuda`` that cannot load is an error, never a silent CPU fallback; ``auto`` falls back
-    and says so. The CUDA branch cannot run in CI (no GPU): see README "GPU".
-    """
-    if provider not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"provider must be auto, cuda or cpu, got {provider!r}")
-    available = ort.get_available_providers()
-    wants_cuda = provider == "cuda" or (provider == "auto" and CUDA in available)
-    if provider == "cuda" and CUDA not in available:
-        raise ModelError(
-            "provider cuda requested, but this onnxruntime has no CUDAExecutionProvider "
-            "(install the gpu extra: onnxruntime-gpu[cuda,cudnn], not onnxruntime)"
-        )
-    if wants_cuda and hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels of the [cuda,cudnn] extra
-        except Exception as error:  # missing libraries surface as the check below
-            log.warning("onnxruntime.preload_dlls() failed: %s", error)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    cuda_options = (cuda or CudaOptions()).provider_options()
-    providers = [(CUDA, cuda_options), CPU] if wants_cuda else [CPU]
-    try:
-        session = ort.InferenceSession(model, sess_options=options, providers=providers)
-    except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise ModelError(f"ONNX Runtime cannot load the model: {first}") from error
-    in_use = session.get_providers()[0]
-    if wants_cuda and in_use != CUDA:
-        if provider == "cuda":
-            raise ModelError(
-                "provider cuda requested, but ONNX Runtime could not initialise CUDA "
-                f"(session runs on {in_use}); check the driver and CUDA/cuDNN libraries"
-            )
-        log.warning("CUDA is available but could not be initialised; running on %s", in_use)
-    log.info("ONNX Runtime session on %s (requested %s)", in_use, provider)
-    return session, in_use
-
-
-def expected_provider(provider: str) -> str:
-    """``cuda`` or ``cpu``: what ``provider`` (auto, cuda, cpu) will run on if CUDA loads."""
-    if provider == "auto":
-        return "cuda" if CUDA in ort.get_available_providers() else "cpu"
-    return provider
 
 
 def _spec(metadata: dict, max_bytes: int | None, max_pixels: int | None) -> PreprocessSpec:

@@ -42,13 +42,16 @@ from serving.lifecycle import (
     drain_before_exit,
 )
 from serving.openapi import MergeOpenAPIPaths
-from serving.runtime import ClassifierRuntime, expected_provider
-from serving.settings import ServingSettings, default_workers
+from serving.runtime import ClassifierRuntime
+from serving.sessions import expected_provider
+from serving.settings import ServingSettings, default_decode_threads, default_workers
 
 log = logging.getLogger(__name__)
 
 SETTINGS = ServingSettings.from_env()
-WORKERS = SETTINGS.workers or default_workers(expected_provider(SETTINGS.provider))
+PROVIDER = expected_provider(SETTINGS.provider)
+WORKERS = SETTINGS.workers or default_workers(PROVIDER)
+DECODE_THREADS = SETTINGS.decode_threads or default_decode_threads(PROVIDER, WORKERS)
 #: ONNX Runtime threads per worker: the cores shared out, unless set.
 ORT_THREADS = SETTINGS.intra_op_threads or max(1, (os.cpu_count() or 1) // WORKERS)
 STORED_MODEL = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
@@ -87,9 +90,15 @@ class ImageClassifier:
             if SETTINGS.monitoring and SETTINGS.feedback_store_size
             else None
         )
+        log.info(
+            "serving %s; %d workers, %d decode threads each",
+            runtime.summary(),
+            WORKERS,
+            DECODE_THREADS,
+        )
         self.batcher = AdaptiveBatcher(
             runtime.predict,
-            buckets=SETTINGS.buckets,
+            max_batch_size=runtime.max_batch_size,
             max_wait_s=SETTINGS.batch_wait_ms / 1000,
             max_latency_s=SETTINGS.max_latency_ms / 1000,
             max_queue_size=SETTINGS.max_queue_size,
@@ -108,7 +117,7 @@ class ImageClassifier:
                 max_top_k=SETTINGS.max_top_k,
             ),
             self.describe,
-            ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode"),
+            ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode"),
             RequestObserver() if SETTINGS.monitoring else None,
             is_ready=lambda: LIFECYCLE.ready,
             feedback=self.feedback,
@@ -119,10 +128,10 @@ class ImageClassifier:
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
-        sizes = SETTINGS.buckets
+        sizes = self.runtime.buckets
         LIFECYCLE.set(WARMING, f"running batch sizes {', '.join(map(str, sizes))} once")
         try:
-            self.runtime.warm_up(sizes)
+            self.runtime.warm_up()
         except Exception as error:
             log.exception("warm-up failed; this worker stays unready")
             LIFECYCLE.set(FAILED, f"warm-up failed: {type(error).__name__}")
@@ -140,12 +149,13 @@ class ImageClassifier:
             **self.runtime.describe(),
             "batching": {
                 "max_batch_size": SETTINGS.max_batch_size,
-                "buckets": list(SETTINGS.buckets),
+                "buckets": list(self.runtime.buckets),
                 "batch_wait_ms": SETTINGS.batch_wait_ms,
                 "max_latency_ms": SETTINGS.max_latency_ms,
                 "max_queue_size": SETTINGS.max_queue_size,
             },
             "workers": WORKERS,
+            "decode_threads": DECODE_THREADS,
             "state": LIFECYCLE.state,
             "monitoring": None
             if self.predictions is None

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from serving.buckets import normalise_buckets
 from serving.errors import ConfigError
 
 ENV_PREFIX = "IMGCLF_"
@@ -62,6 +63,14 @@ class ServingSettings(BaseModel):
         "the next one; each is warmed before /readyz is 200). Default: powers of two up to "
         "max_batch_size, and max_batch_size.",
     )
+    session_mode: Literal["auto", "per-bucket", "shared"] = Field(
+        "auto",
+        description="per-bucket: one ONNX Runtime session per batch bucket, its batch size "
+        "fixed (each holds its own copy of the weights); shared: one session for every "
+        "bucket. auto: per-bucket on CUDA, where a session fed a new shape redoes its cuDNN "
+        "set-up (~0.5 s per batch for MobileNetV2), shared on the CPU, where shapes cost "
+        "nothing.",
+    )
     max_images_per_request: int = Field(
         32, ge=1, description="Images in one /predict_batch (default: 32, or max_batch_size)."
     )
@@ -76,8 +85,11 @@ class ServingSettings(BaseModel):
         description="Worker processes, each with its own session and batcher. Default: one "
         "per core on the CPU provider, one per GPU... see default_workers().",
     )
-    decode_threads: int = Field(
-        4, ge=1, description="Threads per worker that decode images (Pillow releases the GIL)."
+    decode_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads per worker that decode images (Pillow releases the GIL). "
+        "Default: see default_decode_threads().",
     )
     cuda_device_id: int = Field(0, ge=0, description="GPU the CUDA provider runs on.")
     cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
@@ -140,7 +152,7 @@ class ServingSettings(BaseModel):
         "falls this far below its held-out value.",
     )
 
-    @field_validator("model_dir", "workers", "max_concurrency", mode="before")
+    @field_validator("model_dir", "workers", "max_concurrency", "decode_threads", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         return None if value in ("", None) else value
@@ -180,9 +192,7 @@ class ServingSettings(BaseModel):
     @property
     def buckets(self) -> tuple[int, ...]:
         """The batch sizes ONNX Runtime sees, ascending."""
-        if self.batch_buckets is not None:
-            return tuple(sorted(set(self.batch_buckets)))
-        return power_of_two_buckets(self.max_batch_size)
+        return normalise_buckets(self.batch_buckets, self.max_batch_size)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -212,27 +222,30 @@ class ServingSettings(BaseModel):
         return env
 
 
-def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """1, 2, 4, ... below ``max_batch_size``, then ``max_batch_size``: at most half of a
-    padded batch is padding, and log2(max) + 1 shapes to warm."""
-    sizes = []
-    size = 1
-    while size < max_batch_size:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, max_batch_size)
-
-
 def default_workers(provider: str, cores: int | None = None) -> int:
     """Worker processes when ``--workers`` is not given.
 
     CPU: one per core, each with a one-thread ONNX Runtime session, so that decoding, HTTP
     handling and inference of different requests run on every core without oversubscription.
-    CUDA: every worker holds its own session (GPU memory) and batch queue, and batches
-    grow with the requests per worker; decoding is the CPU-bound part, so one worker per four
-    cores, at most four, each with its decode thread pool.
+    CUDA: the GPU classifies far faster than the CPU decodes (an H200 ran MobileNetV2@224 at
+    10,170 images/s; 16 cores decoded about 1,870 photos/s), so the workers' job is HTTP and
+    decoding: one worker per two cores, at most eight, each with a CUDA context (a few
+    hundred MB of GPU memory) and its sessions. Fewer workers also keep batches larger.
     """
     cores = cores or os.cpu_count() or 1
     if provider == "cpu":
         return cores
-    return max(1, min(4, cores // 4))
+    return max(1, min(8, cores // 2))
+
+
+def default_decode_threads(provider: str, workers: int, cores: int | None = None) -> int:
+    """Decode threads per worker when ``decode_threads`` is not set.
+
+    CPU: 4 (inference shares the cores; measured best on 2 cores). CUDA: the cores shared
+    out among the workers, at least 2, so that decoding, the GPU host's bottleneck, can use
+    every core.
+    """
+    cores = cores or os.cpu_count() or 1
+    if provider == "cpu":
+        return 4
+    return max(2, cores // max(1, workers))

@@ -108,8 +108,12 @@ def client(service_module):
 @pytest.fixture(scope="session")
 def server(published_model):
     """One worker, so that concurrent requests are batched together (the Prometheus tests
-    run the default, one worker per core)."""
-    running = Server(published_model, args=("--workers", "1"))
+    run the default, one worker per core). It runs the CUDA default, one ONNX Runtime session
+    per batch bucket, on the CPU provider: every endpoint test then checks that mode against
+    the in-process service's one shared session."""
+    running = Server(
+        published_model, env={"IMGCLF_SESSION_MODE": "per-bucket"}, args=("--workers", "1")
+    )
     running.wait_ready()
     yield running
     running.stop()

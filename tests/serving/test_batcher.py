@@ -1,5 +1,6 @@
-"""The in-process adaptive batcher, on the real runtime: batching, padding to warmed shapes,
-per-request answers, overload and deadlines as 503, failures confined to their batch."""
+"""The in-process adaptive batcher, on the real runtime: batching (the runtime pads to its
+warmed shapes), per-request answers, overload and deadlines as 503, failures confined to
+their batch."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import AdaptiveBatcher, OverloadedError, pad_to_bucket
+from serving.batcher import AdaptiveBatcher, OverloadedError
+from serving.buckets import pad_to_bucket, power_of_two_buckets
+from serving.errors import ConfigError
 from serving.runtime import ClassifierRuntime
-from serving.settings import ServingSettings, power_of_two_buckets
+from serving.settings import ServingSettings
 from tests.serving.cases import good_images
 
 
@@ -59,6 +62,13 @@ def test_settings_refuse_requests_larger_than_a_batch_and_bad_buckets():
     assert ServingSettings.from_env(custom.to_env()).buckets == (1, 6, 12)
 
 
+def test_the_runtime_refuses_buckets_that_do_not_end_at_its_largest_batch(published_model):
+    with pytest.raises(ConfigError, match="end at max_batch_size"):
+        ClassifierRuntime(published_model, provider="cpu", max_batch_size=8, buckets=(1, 4))
+    runtime = ClassifierRuntime(published_model, provider="cpu", max_batch_size=8, buckets=(8, 3))
+    assert runtime.buckets == (3, 8)
+
+
 def test_pad_to_bucket_appends_zero_rows_only():
     images = np.ones((5, 2, 2, 3), np.float32)
     padded = pad_to_bucket(images, (1, 2, 4, 8))
@@ -72,7 +82,8 @@ def test_pad_to_bucket_appends_zero_rows_only():
 def test_concurrent_requests_share_padded_batches_and_get_their_own_rows(runtime, images):
     gate = threading.Event()
     recorder = Recorder(runtime, gate)
-    batcher = AdaptiveBatcher(recorder, buckets=(1, 2, 4, 8))
+    batcher = AdaptiveBatcher(recorder, max_batch_size=8)
+    runs_before = runtime.runs_by_bucket.copy()
     requests = [images[i : i + 1] for i in range(7)] + [images[7:10]]
 
     async def scenario():
@@ -85,9 +96,10 @@ def test_concurrent_requests_share_padded_batches_and_get_their_own_rows(runtime
 
     answers = asyncio.run(scenario())
     batcher.close()
-    # 1 alone; then 6 singles (padded to 8), and the 3-image request that no longer fit (4).
-    assert recorder.shapes == [1, 8, 4]
-    assert set(recorder.shapes) <= {1, 2, 4, 8}, "a shape that was not a bucket"
+    # 1 alone; then 6 singles, and the 3-image request that no longer fit.
+    assert recorder.shapes == [1, 6, 3]
+    # The runtime padded them to its buckets: 1, 8 and 4.
+    assert runtime.runs_by_bucket - runs_before == {1: 1, 8: 1, 4: 1}
     for request, answer in zip(requests, answers, strict=True):
         assert answer.shape == (len(request), len(runtime.classes))
         np.testing.assert_allclose(answer, runtime.predict(request), rtol=1e-5, atol=1e-6)
@@ -96,7 +108,7 @@ def test_concurrent_requests_share_padded_batches_and_get_their_own_rows(runtime
 def test_a_full_queue_and_a_missed_deadline_are_503(runtime, images):
     gate = threading.Event()
     batcher = AdaptiveBatcher(
-        Recorder(runtime, gate), buckets=(1, 2, 4, 8), max_queue_size=3, max_latency_s=0.1
+        Recorder(runtime, gate), max_batch_size=8, max_queue_size=3, max_latency_s=0.1
     )
 
     async def scenario():
@@ -128,7 +140,7 @@ def test_a_failing_batch_fails_only_its_requests_and_cancelled_callers_are_skipp
             raise RuntimeError("device lost")
         return runtime.predict(batch)
 
-    batcher = AdaptiveBatcher(flaky, buckets=(1, 2, 4, 8))
+    batcher = AdaptiveBatcher(flaky, max_batch_size=8)
 
     async def scenario():
         doomed = asyncio.create_task(batcher.submit(images[:1]))
@@ -148,7 +160,7 @@ def test_a_failing_batch_fails_only_its_requests_and_cancelled_callers_are_skipp
 
 def test_batch_wait_gathers_requests_that_arrive_close_together(runtime, images):
     recorder = Recorder(runtime)
-    batcher = AdaptiveBatcher(recorder, buckets=(1, 2, 4, 8), max_wait_s=0.2)
+    batcher = AdaptiveBatcher(recorder, max_batch_size=8, max_wait_s=0.2)
 
     async def scenario():
         first = asyncio.create_task(batcher.submit(images[:1]))
@@ -158,4 +170,4 @@ def test_batch_wait_gathers_requests_that_arrive_close_together(runtime, images)
 
     asyncio.run(scenario())
     batcher.close()
-    assert recorder.shapes == [4], "3 images padded to one batch of 4"
+    assert recorder.shapes == [3], "two requests, 3 images, in one batch"

@@ -121,10 +121,26 @@ def test_metadata(api, published_model):
     assert body["startup"]["warmed_batch_sizes"] == [1, 2, 4, 8, 16, 32, 64]
     assert body["startup"]["warm_up_seconds"] > 0 and body["startup"]["model_load_seconds"] > 0
     assert body["batching"]["buckets"] == [1, 2, 4, 8, 16, 32, 64]
+    assert body["sessions"]["buckets"] == [1, 2, 4, 8, 16, 32, 64]
     assert body["state"] == "ready"
     assert body["parity"]["onnx"]["top1_agreement"] == 1.0
     assert 0 <= body["metrics"]["accuracy"] <= 1
     assert body["limits"]["max_images_per_request"] == 8
+
+
+def test_metadata_reports_how_batch_shapes_map_to_sessions(client, http):
+    """The in-process service runs the CPU default (one shared session); the real server is
+    started with ``IMGCLF_SESSION_MODE=per-bucket`` (tests/serving/conftest.py)."""
+    shared = client.get("/metadata").json()["sessions"]
+    assert (shared["mode"], shared["count"]) == ("shared", 1)
+    assert shared["input_shapes"] == {"all": ["batch", 16, 16, 3]}
+    per_bucket = http.get("/metadata").json()["sessions"]
+    assert per_bucket["mode"] == "per-bucket" and per_bucket["count"] == 7
+    assert per_bucket["input_shapes"] == {
+        str(size): [size, 16, 16, 3] for size in (1, 2, 4, 8, 16, 32, 64)
+    }
+    assert set(per_bucket["runs_by_bucket"]) == set(per_bucket["input_shapes"])  # warmed
+    assert per_bucket["weights_bytes_per_session"] > 0
 
 
 def test_health_and_openapi(api):

@@ -14,6 +14,7 @@ import pytest
 from serving.errors import ConfigError, ModelError
 from serving.preprocessing import preprocess_file
 from serving.runtime import ClassifierRuntime, ModelCard
+from serving.sessions import CPU, CUDA, resolve_session_mode
 from training.datasets import read_manifest
 
 
@@ -35,6 +36,52 @@ def test_runtime_matches_a_plain_onnxruntime_session(runtime, published_model, t
     assert len(images) > runtime.max_batch_size
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert runtime.warmed_batch_sizes and runtime.provider == "CPUExecutionProvider"
+
+
+#: Batch sizes as a loaded adaptive batcher hands them over: a different one almost every time.
+MIXED_BATCH_SIZES = (3, 1, 8, 2, 5, 8, 1, 4, 7, 2, 6, 1)
+
+
+def test_per_bucket_sessions_each_see_one_shape_and_answer_like_one_session(
+    published_model, trained_run
+):
+    """The CUDA remedy, forced on the CPU provider: a run of mixed batch sizes goes through
+    one session per bucket, each fixed to its batch size by ONNX Runtime itself."""
+    test = read_manifest(trained_run)["test"]
+    options = {"provider": "cpu", "max_batch_size": 8}
+    shared = ClassifierRuntime(published_model, session_mode="shared", **options)
+    per_bucket = ClassifierRuntime(published_model, session_mode="per-bucket", **options)
+    images = np.stack([preprocess_file(s.path, shared.spec) for s in test])
+    start = 0
+    for size in MIXED_BATCH_SIZES:
+        batch = images[np.arange(start, start + size) % len(images)]
+        start += size
+        expected, got = shared.predict(batch), per_bucket.predict(batch)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert (got.argmax(1) == expected.argmax(1)).all()
+    # Read back from ONNX Runtime: a session per bucket, each taking one batch size only.
+    height, width, channels = shared.spec.input_shape
+    fixed = {b: s.get_inputs()[0].shape for b, s in per_bucket.sessions.items()}
+    assert fixed == {b: [b, height, width, channels] for b in (1, 2, 4, 8)}
+    assert shared.sessions[None].get_inputs()[0].shape[0] == "batch"  # the free dimension
+    with pytest.raises(Exception, match="dimensions"):  # ORT refuses a second shape
+        per_bucket.sessions[4].run(None, {"image": images[:2]})
+    assert per_bucket.runs_by_bucket == shared.runs_by_bucket == {1: 3, 2: 2, 4: 2, 8: 5}
+    described = per_bucket.describe()["sessions"]
+    assert described["mode"] == "per-bucket" and described["count"] == 4
+    assert described["input_shapes"]["4"] == [4, height, width, channels]
+    assert shared.describe()["sessions"]["input_shapes"] == {
+        "all": ["batch", height, width, channels]
+    }
+
+
+def test_session_mode_auto_is_per_bucket_on_cuda_only(published_model):
+    assert resolve_session_mode("auto", CUDA) == "per-bucket"
+    assert resolve_session_mode("auto", CPU) == "shared"
+    assert resolve_session_mode("per-bucket", CPU) == "per-bucket"
+    assert ClassifierRuntime(published_model, provider="cpu").session_mode == "shared"
+    with pytest.raises(ConfigError, match="session mode"):
+        ClassifierRuntime(published_model, session_mode="one-per-request")
 
 
 def test_top_k_is_sorted_labelled_and_bounded(runtime):
