@@ -10,7 +10,7 @@ REPOSITORY ?= model_repository
 MODEL_NAME ?= digits
 PORT ?= 3000
 
-.PHONY: venv run train export serve test lint clean
+.PHONY: venv run train export serve test test-fast docs lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+## test-fast: the quick subset for day-to-day work (no training, no real servers)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+## docs: regenerate docs/reference/ from the code (a test fails when they differ)
+docs: $(STAMP)
+	$(BIN)/python -m imgclf.reference
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

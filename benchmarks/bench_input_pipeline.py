@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks.common import Timer, machine, table
-from serving.preprocessing import PreprocessSpec, preprocess_file
+from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from training import datasets
 from training.augmentation import build_augmentation
 from training.config import AugmentationConfig

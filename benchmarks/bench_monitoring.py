@@ -28,7 +28,7 @@ from benchmarks.bench_service import (
     wrk_script,
 )
 from benchmarks.common import machine, table
-from serving.model_dir import resolve_model_dir
+from serving.core.model_dir import resolve_model_dir
 
 MODES = {
     "on (metrics, drift, feedback store)": {"IMGCLF_MONITORING": "true"},

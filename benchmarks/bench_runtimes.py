@@ -27,15 +27,15 @@ import onnxruntime as ort
 import tensorflow as tf
 
 from benchmarks.common import machine, mixed_batch_sizes, table, time_mixed
-from serving.model_dir import (
+from serving.core.model_dir import (
     INT8_MODEL,
     ONNX_MODEL,
     SAVED_MODEL,
     load_metadata,
     resolve_model_dir,
 )
-from serving.preprocessing import PreprocessSpec, preprocess_file
-from serving.runtime import ClassifierRuntime
+from serving.core.preprocessing import PreprocessSpec, preprocess_file
+from serving.core.runtime import ClassifierRuntime
 from training import datasets, export, quantize
 from training.models import seed_cnn
 

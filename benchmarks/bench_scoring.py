@@ -29,14 +29,14 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageEnhance  # noqa: E402
 
 from benchmarks.common import machine, table  # noqa: E402
-from serving.model_dir import resolve_model_dir  # noqa: E402
+from serving.core.model_dir import resolve_model_dir  # noqa: E402
 from training.datasets import discover, write_digits  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CEILING = """
 import sys, time, numpy as np
 from pathlib import Path
-from serving.runtime import ClassifierRuntime
+from serving.core.runtime import ClassifierRuntime
 runtime = ClassifierRuntime(sys.argv[1], provider="cpu", max_batch_size=64)
 paths = Path(sys.argv[2]).read_text().split()
 start = time.perf_counter()

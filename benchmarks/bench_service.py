@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import Timer, machine, table  # noqa: E402
-from serving.model_dir import resolve_model_dir  # noqa: E402
-from serving.runtime import ClassifierRuntime  # noqa: E402
+from serving.core.model_dir import resolve_model_dir  # noqa: E402
+from serving.core.runtime import ClassifierRuntime  # noqa: E402
 from training.datasets import discover, write_digits  # noqa: E402
 
 BOUNDARY = "imgclfbenchboundary"

@@ -7,6 +7,7 @@ and serving commands never load TensorFlow. A user mistake prints one line and e
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -29,7 +30,7 @@ def user_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from serving.errors import ImgclfError
+        from serving.core.errors import ImgclfError
 
         try:
             return command(*args, **kwargs)
@@ -117,7 +118,7 @@ def train(
 
     Exit status: 0 trained, 3 trained but the model did not learn (no better than chance or
     the largest class; metrics.json says so), 1 a mistake in the command."""
-    from serving.errors import ConfigError
+    from serving.core.errors import ConfigError
     from training.config import ARCHITECTURES, parse_override, resolve_config
 
     if config is not None and not config.is_file():
@@ -193,7 +194,7 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace an existing version.")] = False,
 ) -> None:
     """Export the best checkpoint to SavedModel and ONNX, prove parity, publish a version."""
-    from serving.errors import ConfigError
+    from serving.core.errors import ConfigError
 
     if int8_activations not in (None, "uint8", "int8"):
         raise ConfigError(f"--int8-activations must be uint8 or int8, got {int8_activations!r}")
@@ -227,7 +228,7 @@ def export(
     if register:
         import shutil
 
-        from serving.errors import ImgclfError
+        from serving.core.errors import ImgclfError
         from serving.registry import register as register_model
 
         try:
@@ -259,8 +260,8 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a published model on labelled images, through the serving runtime."""
-    from serving.errors import ConfigError
-    from serving.model_dir import resolve_model_dir
+    from serving.core.errors import ConfigError
+    from serving.core.model_dir import resolve_model_dir
 
     if (data is None) == (run is None):
         raise ConfigError("give either --data FOLDER or --run RUN_DIR --split test")
@@ -294,7 +295,7 @@ def register_command(
     force: Annotated[bool, typer.Option(help="Replace a store entry with other files.")] = False,
 ) -> None:
     """Import a published model directory into BentoML's local model store."""
-    from serving.model_dir import resolve_model_dir
+    from serving.core.model_dir import resolve_model_dir
     from serving.registry import register as register_model
 
     typer.echo(
@@ -302,8 +303,6 @@ def register_command(
     )
 
 
-@app.command()
-@user_errors
 def serve(
     model: Annotated[
         Optional[Path],
@@ -312,138 +311,50 @@ def serve(
             "version (default: the BentoML store model --bento-model)."
         ),
     ] = None,
-    bento_model: Annotated[
-        str,
-        typer.Option(
-            envvar="IMGCLF_BENTO_MODEL",
-            help="BentoML model store tag, used when --model is not given.",
-        ),
-    ] = "digits:latest",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    provider: Annotated[
-        str, typer.Option(envvar="IMGCLF_PROVIDER", help="auto, cuda or cpu.")
-    ] = "auto",
-    precision: Annotated[
-        str, typer.Option(envvar="IMGCLF_PRECISION", help="fp32 or int8 (model.int8.onnx).")
-    ] = "fp32",
-    workers: Annotated[
-        Optional[int],
-        typer.Option(
-            envvar="IMGCLF_WORKERS",
-            help="Worker processes, each with its own ONNX Runtime session and batcher "
-            "(default: one per core on the CPU, one per four cores on a GPU, at most four).",
-        ),
-    ] = None,
-    max_batch_size: Annotated[
-        int,
-        typer.Option(
-            envvar="IMGCLF_MAX_BATCH_SIZE",
-            help="Adaptive batching: most images per ONNX Runtime call.",
-        ),
-    ] = 64,
-    batch_wait_ms: Annotated[
-        float,
-        typer.Option(
-            envvar="IMGCLF_BATCH_WAIT_MS",
-            help="Wait this long for a batch to fill (0: run when the model is free).",
-        ),
-    ] = 0.0,
-    max_latency_ms: Annotated[
-        int,
-        typer.Option(
-            envvar="IMGCLF_MAX_LATENCY_MS",
-            help="Requests that waited this long for a batch get 503.",
-        ),
-    ] = 1000,
-    max_queue_size: Annotated[
-        int,
-        typer.Option(
-            envvar="IMGCLF_MAX_QUEUE_SIZE",
-            help="Images waiting per worker before new requests get 503.",
-        ),
-    ] = 512,
-    max_concurrency: Annotated[
-        Optional[int],
-        typer.Option(
-            envvar="IMGCLF_MAX_CONCURRENCY",
-            help="Requests in flight per worker before shedding (429).",
-        ),
-    ] = None,
-    timeout: Annotated[
-        int, typer.Option(envvar="IMGCLF_TIMEOUT_S", help="Request timeout in seconds.")
-    ] = 30,
-    access_log: Annotated[
-        bool,
-        typer.Option(envvar="IMGCLF_ACCESS_LOG", help="BentoML's access log, a line per request."),
-    ] = False,
+    **settings: Any,
 ) -> None:
-    """Serve a model over HTTP with BentoML on ONNX Runtime (wraps `bentoml serve`)."""
-    import shutil
+    """Serve a model over HTTP with BentoML on ONNX Runtime (wraps `bentoml serve`).
 
-    import serving
-    from serving.errors import ConfigError
-    from serving.model_dir import resolve_model_dir
-    from serving.runtime import ClassifierRuntime
-    from serving.settings import ServingSettings
+    Every serving setting is an option here and an IMGCLF_* variable; an option wins."""
+    from serving.core.model_dir import resolve_model_dir
+    from serving.web.serve import serve as run_server
+    from serving.web.serve import settings_from
 
-    overrides = {
-        "model_dir": resolve_model_dir(model).resolve() if model is not None else None,
-        "bento_model": bento_model,
-        "provider": provider,
-        "precision": precision,
-        "workers": workers,
-        "max_batch_size": max_batch_size,
-        "batch_wait_ms": batch_wait_ms,
-        "max_latency_ms": max_latency_ms,
-        "max_queue_size": max_queue_size,
-        "max_concurrency": max_concurrency,
-        "timeout_s": timeout,
-        "access_log": str(access_log).lower(),
-    }
-    settings = ServingSettings.from_env(
-        {
-            **{k: v for k, v in os.environ.items() if k.startswith("IMGCLF_")},
-            **{f"IMGCLF_{k.upper()}": str(v) for k, v in overrides.items() if v is not None},
-        }
-    )
-    if settings.model_dir is not None:
-        directory = settings.model_dir
-    else:
-        from serving.registry import stored_model_path
+    if model is not None:
+        settings["model_dir"] = resolve_model_dir(model).resolve()
+    run_server(settings_from(settings), host=host, port=port, echo=typer.echo)
 
-        directory = stored_model_path(settings.bento_model)
-    # Refuse to start on a model the server could not load: one line now, not a crash later.
-    runtime = ClassifierRuntime.from_settings(directory, settings)
-    bentoml_cli = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which(
-        "bentoml"
-    )
-    if bentoml_cli is None:
-        raise ConfigError("bentoml is not installed: install the serve extra")
-    base = f"http://{host}:{port}"
-    typer.echo(
-        f"serving {runtime.summary()} ({directory})\n"
-        f"  curl -X POST -H 'Content-Type: image/png' --data-binary @digit.png {base}/predict\n"
-        f"  curl -F images=@a.png -F images=@b.jpg '{base}/predict_batch?top_k=3'\n"
-        f"  curl {base}/metadata    curl {base}/readyz    curl {base}/metrics"
-    )
-    sys.stdout.flush()
-    env = {**os.environ, **settings.to_env()}
-    if settings.model_dir is None:
-        env.pop("IMGCLF_MODEL_DIR", None)
-    working_dir = str(Path(serving.__file__).resolve().parent.parent)
-    args = [
-        bentoml_cli,
-        "serve",
-        "serving.service:ImageClassifier",
-        "--port",
-        str(port),
-        "--host",
-        host,
-        "--working-dir",
-        working_dir,
-    ]
-    os.execve(bentoml_cli, args, env)
+
+def _serve_signature() -> inspect.Signature:
+    """``serve``'s own parameters, then one option per serving setting (ServingSettings)."""
+    from serving.web.serve import flag, help_text, is_flag, metavar, option_fields
+
+    own = [p for p in inspect.signature(serve).parameters.values() if p.kind != p.VAR_KEYWORD]
+    generated = []
+    for name, field in option_fields().items():
+        names = [f"{flag(name)}/--no-{flag(name)[2:]}"] if is_flag(field) else [flag(name)]
+        option = typer.Option(
+            *names,
+            help=help_text(name, field),
+            show_default=False,
+            metavar=None if is_flag(field) else metavar(field),
+        )
+        kind = Optional[bool] if is_flag(field) else Optional[str]
+        generated.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[kind, option],
+            )
+        )
+    return inspect.Signature([*own, *generated])
+
+
+serve.__signature__ = _serve_signature()
+app.command("serve")(user_errors(serve))
 
 
 @app.command()
@@ -493,9 +404,9 @@ def score(
 
     Exit status: 0 every image scored, 4 finished but some files could not be read,
     130 interrupted (rerun the same command to resume), 1 a mistake in the command."""
-    from serving.errors import ConfigError
-    from serving.runtime import ClassifierRuntime
-    from serving.scoring import score as run_score
+    from serving.batch.job import score as run_score
+    from serving.core.errors import ConfigError
+    from serving.core.runtime import ClassifierRuntime
 
     if batch_size < 1 or top_k < 1 or (workers is not None and workers < 1):
         raise ConfigError("--batch-size, --top-k and --workers must be positive")
@@ -505,7 +416,7 @@ def score(
         raise ConfigError("--address, --actors and --gpus-per-actor need --engine ray")
     if (actors is not None and actors < 1) or gpus_per_actor < 0:
         raise ConfigError("--actors must be positive and --gpus-per-actor not negative")
-    from serving.batch import split_cores
+    from serving.batch.engine import split_cores
 
     decode_workers, ort_threads = split_cores(workers)
     runtime = ClassifierRuntime(
@@ -519,7 +430,7 @@ def score(
     scoring_engine = None
     try:
         if engine == "ray":
-            from serving import ray_engine
+            from serving.batch import ray_engine
 
             ray_engine.import_ray()  # one line if the extra is missing, before any work
             started_cluster = ray_engine.connect(address)
@@ -580,14 +491,14 @@ def drift(
     """Compare a set of images with the model's reference profile (PSI, JS, KS per signal)."""
 
     from monitoring.offline import format_report
-    from serving.batch import drift_report
-    from serving.errors import ConfigError
-    from serving.files import write_json
-    from serving.runtime import ClassifierRuntime
+    from serving.batch.engine import drift_report
+    from serving.core.errors import ConfigError
+    from serving.core.files import write_json
+    from serving.core.runtime import ClassifierRuntime
 
     if fail_on not in ("never", "warning", "critical"):
         raise ConfigError(f"--fail-on must be never, warning or critical, got {fail_on!r}")
-    from serving.batch import split_cores
+    from serving.batch.engine import split_cores
 
     runtime = ClassifierRuntime(model, provider=provider, intra_op_threads=split_cores()[1])
     report = drift_report(runtime, inputs)
@@ -601,7 +512,7 @@ def drift(
 
 
 def _parse_size(text: str) -> list[int]:
-    from serving.errors import ConfigError
+    from serving.core.errors import ConfigError
 
     parts = text.lower().replace(" ", "").split("x")
     try:

@@ -8,10 +8,8 @@ with it signal by signal, and each statistic with its own threshold
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -191,10 +189,6 @@ def compare(profile: dict, signals: dict[str, np.ndarray], *, mode: str = "calib
         "max_psi": max(values["psi"] for values in found.values()),
         "status": thresholds.worst(values["level"] for values in found.values()),
     }
-
-
-def load_profile(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 class DriftMonitor:

@@ -43,15 +43,18 @@ CREATE TABLE IF NOT EXISTS outcomes (
     predicted INTEGER NOT NULL
 );
 """
+#: Why feedback is refused: a label that is not a class, an id the store does not hold (never
+#: stored, evicted or expired), an id that was labelled before.
+REASONS = ("unknown_label", "unknown_request_id", "duplicate_feedback")
 #: How often a worker forgets expired predictions and re-counts the store.
 PRUNE_INTERVAL_S = 10.0
 
 
 @dataclass
 class FeedbackError(Exception):
-    """Feedback that was not applied, and why, item by item; nothing of the call counted."""
+    """Feedback that was not applied, and why, item by item; nothing of the call counted.
+    ``reason`` is one of ``REASONS``; the service maps it to an HTTP status."""
 
-    status_code: int
     reason: str
     message: str
     problems: list[dict] = field(default_factory=list)
@@ -74,8 +77,11 @@ class FeedbackStore:
         window: int = 1000,
         flush_interval_s: float = 0.25,
         on_count: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
+        #: Wall-clock seconds for prediction ages (a test passes its own clock).
+        self.clock = clock
         self.classes = list(classes)
         self._index = {name: i for i, name in enumerate(self.classes)}
         self.capacity = capacity
@@ -90,9 +96,10 @@ class FeedbackStore:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")
-        # Random ids land all over the id index: keep it in memory (a full store of 100,000
-        # predictions is about 12 MB), read through a memory map rather than a system call
-        # per page (several microseconds each in a sandboxed container).
+        # Caller-chosen ids land all over the id index (the service's own UUIDv7 ids append):
+        # keep it in memory (a full store of 100,000 predictions is about 12 MB), read through
+        # a memory map rather than a system call per page (several microseconds each in a
+        # sandboxed container).
         self._db.execute("PRAGMA cache_size=-65536")
         self._db.execute("PRAGMA mmap_size=268435456")
         self._db.executescript(SCHEMA)
@@ -106,7 +113,7 @@ class FeedbackStore:
     def remember(self, request_ids: Sequence[str], predicted: Sequence[int]) -> None:
         """Keep these predictions until their labels come: one list append on the request
         path; the rows are built and written by the flushing thread."""
-        self._buffer.append((request_ids, predicted, time.time()))  # deques are thread-safe
+        self._buffer.append((request_ids, predicted, self.clock()))  # deques are thread-safe
 
     def flush(self) -> None:
         """Write the buffered predictions, then keep the store within its bounds."""
@@ -140,7 +147,7 @@ class FeedbackStore:
 
     def _prune(self) -> None:
         """Forget expired predictions (oldest first: sequence order is time order)."""
-        cutoff = time.time() - self.max_age_s
+        cutoff = self.clock() - self.max_age_s
         with self._transaction():
             first_alive = self._db.execute(
                 "SELECT seq FROM predictions WHERE created >= ? ORDER BY seq LIMIT 1", (cutoff,)
@@ -166,7 +173,6 @@ class FeedbackStore:
         ]
         if problems:
             raise FeedbackError(
-                422,
                 "unknown_label",
                 f"labels must be class names of this model ({', '.join(self.classes[:20])})",
                 problems,
@@ -206,7 +212,7 @@ class FeedbackStore:
             )
 
     def _match(self, items: Sequence[tuple[str, str]]):
-        cutoff = time.time() - self.max_age_s
+        cutoff = self.clock() - self.max_age_s
         outcomes, problems, seen = [], [], set()
         for index, (rid, label) in enumerate(items):
             row = self._db.execute(
@@ -215,7 +221,12 @@ class FeedbackStore:
             ).fetchone()
             if rid in seen or (row is not None and row[3]):
                 problems.append(
-                    {"index": index, "request_id": rid, "error": "already labelled", "status": 409}
+                    {
+                        "index": index,
+                        "request_id": rid,
+                        "error": "already labelled",
+                        "reason": "duplicate_feedback",
+                    }
                 )
             elif row is None or row[2] < cutoff:
                 problems.append(
@@ -223,7 +234,7 @@ class FeedbackStore:
                         "index": index,
                         "request_id": rid,
                         "error": "no such prediction (unknown id, or older than the store keeps)",
-                        "status": 404,
+                        "reason": "unknown_request_id",
                     }
                 )
             else:
@@ -298,13 +309,10 @@ class _Transaction:
 
 
 def _refusal(problems: list[dict]) -> FeedbackError:
-    status = problems[0]["status"]
-    reason = "duplicate_feedback" if status == 409 else "unknown_request_id"
     first = problems[0]
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return FeedbackError(
-        status,
-        reason,
+        first["reason"],
         f"request id {first['request_id']!r}: {first['error']}{more}; nothing was counted",
-        [{k: v for k, v in p.items() if k != "status"} for p in problems],
+        [{k: v for k, v in p.items() if k != "reason"} for p in problems],
     )

@@ -11,8 +11,8 @@ import re
 import shutil
 from pathlib import Path
 
-from serving.errors import ConfigError, ModelError
-from serving.model_dir import load_metadata, verify_files
+from serving.core.errors import ConfigError, ModelError
+from serving.core.model_dir import load_metadata, verify_files
 
 #: BentoML's tag rule, applied to model names when they are published.
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import keras
 
-from serving.files import fsync_dir, write_json
+from serving.core.files import fsync_dir, write_json
 
 BEST_STATE = "best.json"
 

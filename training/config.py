@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serving.errors import ConfigError
+from serving.core.errors import ConfigError
 
 ARCHITECTURES = ("seed-cnn", "mobilenetv2", "resnet50", "vgg16")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from serving.errors import DataError, InvalidImageError
-from serving.files import atomic_write
-from serving.preprocessing import IMAGE_SUFFIXES, PreprocessSpec, decode, read_image_file
+from serving.core.errors import DataError, InvalidImageError
+from serving.core.files import atomic_write
+from serving.core.preprocessing import IMAGE_SUFFIXES, PreprocessSpec, decode, read_image_file
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ def evaluate_published(model_dir: Path, samples: list, output: Path) -> dict:
     """Score labelled ``samples`` with the published ONNX model through ``ClassifierRuntime``
     and the serving preprocessing; write ``evaluation.json`` and the plots into ``output``.
     Unreadable files are counted and skipped."""
-    from serving.batch import score_paths
-    from serving.errors import DataError
-    from serving.files import write_json
-    from serving.runtime import ClassifierRuntime
+    from serving.batch.engine import score_paths
+    from serving.core.errors import DataError
+    from serving.core.files import write_json
+    from serving.core.runtime import ClassifierRuntime
     from training import plots
 
     runtime = ClassifierRuntime(model_dir, provider="cpu")

@@ -27,9 +27,9 @@ import training.augmentation
 import training.models  # noqa: F401  (registers BackbonePreprocess for load_model)
 from monitoring.drift import build_reference_profile, image_signals
 from monitoring.performance import held_out_performance
-from serving.errors import ConfigError, ModelError
-from serving.files import fsync_dir, fsync_tree, write_json
-from serving.model_dir import (
+from serving.core.errors import ConfigError, ModelError
+from serving.core.files import fsync_dir, fsync_tree, write_json
+from serving.core.model_dir import (
     INPUT_NAME,
     INT8_MODEL,
     METADATA,
@@ -41,7 +41,7 @@ from serving.model_dir import (
     file_hashes,
     version_numbers,
 )
-from serving.preprocessing import PreprocessSpec, preprocess_file
+from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from serving.registry import check_model_name
 from training import datasets, parity, quantize
 from training.train import BEST_MODEL

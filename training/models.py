@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 from keras import layers, regularizers
 
-from serving.errors import ConfigError, ModelError
+from serving.core.errors import ConfigError, ModelError
 
 BACKBONES = {
     "mobilenetv2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2),

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from serving.errors import ImgclfError
-from serving.model_dir import INPUT_NAME, OUTPUT_NAME
+from serving.core.errors import ImgclfError
+from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
 
 ATOL = 1e-5
 RTOL = 1e-4

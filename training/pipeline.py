@@ -1,6 +1,6 @@
 """The tf.data input pipeline: parallel shared decoding, cache, shuffle, batch, augment, prefetch.
 
-Images are decoded by ``serving.preprocessing`` (inside ``tf.numpy_function``) so that training
+Images are decoded by ``serving.core.preprocessing`` (inside ``tf.numpy_function``) so that training
 sees exactly the tensors serving will. Augmentation (``training.augmentation``) is mapped over
 training batches only; it never becomes part of the model.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from serving.preprocessing import PreprocessSpec, preprocess_file
+from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from training.config import DataConfig
 from training.datasets import Sample
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from serving.model_dir import INPUT_NAME
+from serving.core.model_dir import INPUT_NAME
 
 MAX_ACCURACY_DROP = 0.01
 

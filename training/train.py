@@ -19,8 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from serving.errors import ConfigError
-from serving.files import atomic_write, write_json
+from serving.core.errors import ConfigError
+from serving.core.files import atomic_write, write_json
 from training import datasets, evaluate, plots
 from training.augmentation import build_augmentation
 from training.callbacks import AtomicModelCheckpoint, read_best_state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.errors import ConfigError
+from serving.core.errors import ConfigError
 from training.config import Config, load_config, parse_override
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.errors import DataError
-from serving.preprocessing import PreprocessSpec
+from serving.core.errors import DataError
+from serving.core.preprocessing import PreprocessSpec
 from tests.conftest import make_image_folder
 from training import datasets
 

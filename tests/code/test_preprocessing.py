@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import InvalidImageError
-from serving.preprocessing import (
+from serving.core.errors import InvalidImageError
+from serving.core.preprocessing import (
     ALPHA_BACKGROUND,
     PreprocessSpec,
     decode,
@@ -177,9 +177,9 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_module_does_not_import_tensorflow():
-    assert "serving.preprocessing" in sys.modules
+    assert "serving.core.preprocessing" in sys.modules
     import subprocess
 
-    code = "import sys, serving.preprocessing; print('tensorflow' in sys.modules)"
+    code = "import sys, serving.core.preprocessing; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

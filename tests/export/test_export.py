@@ -15,9 +15,9 @@ tf = pytest.importorskip("tensorflow")
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from serving.errors import ConfigError, ModelError  # noqa: E402
-from serving.files import sha256_file  # noqa: E402
-from serving.model_dir import load_metadata, verify_files, version_numbers  # noqa: E402
+from serving.core.errors import ConfigError, ModelError  # noqa: E402
+from serving.core.files import sha256_file  # noqa: E402
+from serving.core.model_dir import load_metadata, verify_files, version_numbers  # noqa: E402
 from tests.conftest import IMGCLF, REPO, assert_one_line_error, run_cli  # noqa: E402
 from training import export as export_module  # noqa: E402
 from training import parity  # noqa: E402
@@ -119,8 +119,8 @@ def test_onnx_model_runs_with_onnxruntime_alone(published_model, trained_run):
     code = f"""
 import json, sys
 import numpy as np, onnxruntime as ort
-from serving.preprocessing import PreprocessSpec, preprocess_file
-from serving.model_dir import load_metadata
+from serving.core.preprocessing import PreprocessSpec, preprocess_file
+from serving.core.model_dir import load_metadata
 from training.datasets import read_manifest
 meta = load_metadata({str(published_model)!r})
 spec = PreprocessSpec.from_metadata(meta["preprocessing"])

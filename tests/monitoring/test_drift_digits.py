@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from monitoring.drift import build_reference_profile, compare, image_signals
-from serving.runtime import ClassifierRuntime
+from serving.core.runtime import ClassifierRuntime
 from tests.conftest import assert_one_line_error, run_cli
 from training.datasets import read_manifest
 

@@ -24,6 +24,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 90) -> list[int]:
+    """Poll ``url``/readyz until 200; every status seen (connection refused: 0)."""
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("server exited early")
+        try:
+            status = httpx.get(url + "/readyz", timeout=2).status_code
+        except httpx.TransportError:
+            status = 0
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == 200:
+            return seen
+        time.sleep(0.02)
+    raise TimeoutError(f"server not ready after {timeout}s")
+
+
 class Server:
     """A real server process; ``stop()`` sends SIGTERM like an orchestrator would."""
 
@@ -44,21 +63,10 @@ class Server:
 
     def wait_ready(self, timeout: float = 90) -> list[int]:
         """Poll /readyz until 200; returns every status seen (connection refused: 0)."""
-        seen = []
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.output()[-3000:]}")
-            try:
-                status = httpx.get(self.url + "/readyz", timeout=2).status_code
-            except httpx.TransportError:
-                status = 0
-            if not seen or seen[-1] != status:
-                seen.append(status)
-            if status == 200:
-                return seen
-            time.sleep(0.02)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()[-3000:]}")
+        try:
+            return wait_ready(self.url, self.process, timeout)
+        except (RuntimeError, TimeoutError) as error:
+            raise type(error)(f"{error}:\n{self.output()[-3000:]}") from None
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Send a signal to every process of the server, as ``docker stop`` or a pod's

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import AdaptiveBatcher, OverloadedError
-from serving.buckets import pad_to_bucket, power_of_two_buckets
-from serving.errors import ConfigError
-from serving.runtime import ClassifierRuntime
-from serving.settings import ServingSettings
+from serving.core.buckets import pad_to_bucket, power_of_two_buckets
+from serving.core.errors import ConfigError
+from serving.core.runtime import ClassifierRuntime
+from serving.web.batcher import AdaptiveBatcher, OverloadedError
+from serving.web.settings import ServingSettings
 from tests.serving.cases import good_images
 
 

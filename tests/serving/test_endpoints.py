@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from serving.runtime import ClassifierRuntime
+from serving.core.runtime import ClassifierRuntime
 from tests.serving.cases import bad_requests, good_images, send
 
 GOOD = good_images()

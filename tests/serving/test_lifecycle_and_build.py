@@ -20,7 +20,7 @@ def test_service_is_live_but_unready_until_warm(service_module, monkeypatch):
 
     from starlette.testclient import TestClient
 
-    from serving.runtime import ClassifierRuntime
+    from serving.core.runtime import ClassifierRuntime
 
     gate = threading.Event()
     real_warm_up = ClassifierRuntime.warm_up
@@ -37,7 +37,10 @@ def test_service_is_live_but_unready_until_warm(service_module, monkeypatch):
     service_module.ImageClassifier.inject_config()
     app = ServiceAppFactory(service_module.ImageClassifier, is_main=True, enable_metrics=False)()
     # One service instance per process is the rule: give the routes back to the session's.
-    frontend = getattr(service_module.app.state, "frontend", None)
+    import importlib
+
+    current = importlib.import_module("_bentoml_sdk.service")  # the module, not the decorator
+    session_service = current._current_service  # None when no other test started one
     try:
         with TestClient(app) as service:
             assert service.get("/livez").status_code == 200
@@ -52,7 +55,7 @@ def test_service_is_live_but_unready_until_warm(service_module, monkeypatch):
                 time.sleep(0.02)
             assert ready.json() == {"status": "ready"}
     finally:
-        service_module.app.state.frontend = frontend
+        current.set_current_service(session_service)
 
 
 def test_sigterm_drains_requests_in_flight(published_model):
@@ -158,9 +161,16 @@ def test_serve_refuses_unusable_models_in_one_line(tmp_path, published_model):
         run_cli("serve", "--model", str(published_model), "--provider", "cuda", timeout=60),
         "provider cuda requested",
     )
+    # A bad option is named as typed; a bad variable by its name.
     assert_one_line_error(
         run_cli("serve", "--model", str(published_model), "--precision", "fp8", timeout=60),
-        "IMGCLF_PRECISION",
+        "invalid --precision",
+    )
+    assert_one_line_error(
+        run_cli(
+            "serve", "--model", str(published_model), env={"IMGCLF_PRECISION": "fp8"}, timeout=60
+        ),
+        "invalid IMGCLF_PRECISION",
     )
     # IMGCLF_MODEL_DIR (set for the in-process service) would win over --bento-model.
     assert_one_line_error(
@@ -210,7 +220,10 @@ def test_bentoml_build_packages_serving_code_and_no_tensorflow(tmp_path, publish
         for folder, _, names in os.walk(os.path.join(root, "src"))
         for name in names
     }
-    assert "serving/service.py" in sources and "serving/runtime.py" in sources
+    # Every serving module, in every sub-package, travels with the Bento.
+    serving_modules = {str(p.relative_to(REPO)) for p in (REPO / "serving").rglob("*.py")}
+    assert serving_modules <= sources, serving_modules - sources
+    assert {"serving/service.py", "serving/core/runtime.py"} <= sources
     assert not any(s.startswith(("training/", "imgclf/", "tests/")) for s in sources), sources
     with open(os.path.join(root, "bento.yaml")) as handle:
         info = yaml.safe_load(handle)

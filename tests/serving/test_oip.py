@@ -12,7 +12,7 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from serving.runtime import ClassifierRuntime
+from serving.core.runtime import ClassifierRuntime
 from tests.serving.cases import good_images
 from tests.serving.test_endpoints import batch_size_totals
 from tests.serving.test_hostile import CORPUS, REFUSED

@@ -18,8 +18,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from serving.runtime import ClassifierRuntime
-from serving.scoring import score
+from serving.batch.job import score
+from serving.core.runtime import ClassifierRuntime
 from tests.conftest import IMGCLF, REPO, assert_one_line_error, make_image_folder, run_cli
 from tests.serving.conftest import free_port
 from tests.serving.test_hostile import ACCEPTED, CORPUS, REFUSED

@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.errors import ConfigError, ModelError
-from serving.preprocessing import preprocess_file
-from serving.runtime import ClassifierRuntime, ModelCard
-from serving.sessions import CPU, CUDA, resolve_session_mode
+from serving.core.errors import ConfigError, ModelError
+from serving.core.preprocessing import preprocess_file
+from serving.core.runtime import ClassifierRuntime, ModelCard
+from serving.core.sessions import CPU, CUDA, resolve_session_mode
 from training.datasets import read_manifest
 
 
@@ -176,7 +176,7 @@ def test_repository_path_resolves_to_the_newest_version(tmp_path, published_mode
 def test_serving_path_never_imports_tensorflow(published_model):
     code = (
         "import os, sys; os.environ['IMGCLF_MODEL_DIR'] = sys.argv[1]\n"
-        "import serving.service, serving.runtime, serving.http, monitoring\n"
+        "import serving.service, serving.core.runtime, serving.web.context, monitoring\n"
         "print(sorted(m for m in ('tensorflow', 'keras', 'tf2onnx') if m in sys.modules))"
     )
     out = subprocess.run(

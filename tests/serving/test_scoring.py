@@ -15,8 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from serving.runtime import ClassifierRuntime
-from serving.scoring import COLUMNS, score
+from serving.batch.job import score
+from serving.batch.writers import COLUMNS
+from serving.core.runtime import ClassifierRuntime
 from tests.conftest import IMGCLF, assert_one_line_error, make_image_folder, run_cli
 
 

@@ -8,7 +8,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from serving.preprocessing import PreprocessSpec, preprocess_file  # noqa: E402
+from serving.core.preprocessing import PreprocessSpec, preprocess_file  # noqa: E402
 from training import datasets  # noqa: E402
 from training.augmentation import RandomAffine, build_augmentation  # noqa: E402
 from training.config import AugmentationConfig  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from serving.preprocessing import PreprocessSpec, preprocess_file
+from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from tests.conftest import IMGCLF, assert_one_line_error, make_image_folder, run_cli
 from training import datasets
 from training.config import load_config
@@ -85,7 +85,7 @@ def test_finished_run_is_not_overwritten_without_force(tmp_path, image_folder):
     config = load_config(overrides={**FAST, "train.epochs": 1, "data.data_dir": str(image_folder)})
     run_dir = tmp_path / "run"
     train(config, run_dir, verbose=0)
-    from serving.errors import ConfigError
+    from serving.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="finished run"):
         train(config, run_dir, verbose=0)

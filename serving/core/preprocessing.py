@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from serving.errors import InvalidImageError
+from serving.core.errors import InvalidImageError
 
 #: Formats we decode. Pillow opens many more (EPS, PSD, ...); each extra parser is attack surface.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")

@@ -20,17 +20,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serving import __version__
-from serving.errors import ImgclfError, NotFoundError
-from serving.http import (
-    REQUEST_ID_HEADER,
-    Frontend,
-    handle,
-    prediction_ids,
-    read_body,
-    request_id,
-)
-from serving.model_dir import INPUT_NAME, OUTPUT_NAME
-from serving.oip_tensors import (
+from serving.core.errors import ImgclfError, NotFoundError
+from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
+from serving.web.context import WorkerContext, handle, prediction_ids
+from serving.web.oip_tensors import (
     HEADER_LENGTH,
     build_response,
     input_images,
@@ -38,6 +31,7 @@ from serving.oip_tensors import (
     requested_outputs,
     split_request,
 )
+from serving.web.requests import REQUEST_ID_HEADER, read_body, request_id
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 
@@ -60,7 +54,7 @@ def oip_routes() -> list[Route]:
 
 
 async def server_metadata(request: Request) -> Response:
-    async def work(frontend: Frontend):
+    async def work(worker: WorkerContext):
         return {"name": "imgclf", "version": __version__, "extensions": EXTENSIONS}
 
     return await handle(request, "v2_server_metadata", work)
@@ -70,35 +64,35 @@ async def server_live(request: Request) -> Response:
     return await handle(request, "v2_health", _live)
 
 
-async def _live(frontend: Frontend):
+async def _live(worker: WorkerContext):
     return {"live": True}
 
 
 async def server_ready(request: Request) -> Response:
-    async def work(frontend: Frontend):
-        return _ready(frontend)
+    async def work(worker: WorkerContext):
+        return _ready(worker)
 
     return await handle(request, "v2_health", work)
 
 
 async def model_ready(request: Request) -> Response:
-    async def work(frontend: Frontend):
-        _check_model(request, frontend)
-        return _ready(frontend)
+    async def work(worker: WorkerContext):
+        _check_model(request, worker)
+        return _ready(worker)
 
     return await handle(request, "v2_model_ready", work)
 
 
-def _ready(frontend: Frontend) -> dict:
-    if not frontend.is_ready():
+def _ready(worker: WorkerContext) -> dict:
+    if not worker.is_ready():
         raise ImgclfError("not ready (loading, warming up or draining)", reason="not_ready")
     return {"ready": True}
 
 
 async def model_metadata(request: Request) -> Response:
-    async def work(frontend: Frontend):
-        _check_model(request, frontend)
-        card = frontend.card
+    async def work(worker: WorkerContext):
+        _check_model(request, worker)
+        card = worker.card
         height, width, channels = card.spec.input_shape
         return {
             "name": card.name,
@@ -122,9 +116,9 @@ async def model_metadata(request: Request) -> Response:
 async def model_config(request: Request) -> Response:
     """Triton's model configuration, enough for ``image_client.py`` and ``perf_analyzer``."""
 
-    async def work(frontend: Frontend):
-        _check_model(request, frontend)
-        card, batching = frontend.card, frontend.describe().get("batching", {})
+    async def work(worker: WorkerContext):
+        _check_model(request, worker)
+        card, batching = worker.card, worker.describe().get("batching", {})
         # A request may hold up to max_images_per_request images: that is the batch size a
         # Triton client may send (the server batches requests together beyond it).
         height, width, channels = card.spec.input_shape
@@ -133,7 +127,7 @@ async def model_config(request: Request) -> Response:
             "platform": "onnxruntime_onnx",
             "backend": "onnxruntime",
             "version_policy": {"specific": {"versions": [str(card.version)]}},
-            "max_batch_size": frontend.limits.max_images_per_request,
+            "max_batch_size": worker.limits.max_images_per_request,
             "input": [
                 {
                     "name": INPUT_NAME,
@@ -160,23 +154,23 @@ async def model_config(request: Request) -> Response:
 
 
 async def infer(request: Request) -> Response:
-    async def work(frontend: Frontend):
-        _check_model(request, frontend)
-        body = await read_body(request, frontend.limits.max_request_bytes)
+    async def work(worker: WorkerContext):
+        _check_model(request, worker)
+        body = await read_body(request, worker.limits.max_request_bytes)
         header, binary = split_request(request.headers.get(HEADER_LENGTH), body)
-        outputs = requested_outputs(header, len(frontend.card.classes))
-        probabilities = await frontend.classify(await input_images(frontend, header, binary))
+        outputs = requested_outputs(header, len(worker.card.classes))
+        probabilities = await worker.classify(await input_images(worker, header, binary))
         rid = request_id(request, header.get("id"))
-        prediction_ids(frontend, rid, np.asarray(probabilities))
-        response = build_response(frontend.card, header, outputs, probabilities)
+        prediction_ids(worker, rid, np.asarray(probabilities))
+        response = build_response(worker.card, header, outputs, probabilities)
         response.headers[REQUEST_ID_HEADER] = rid
         return response
 
     return await handle(request, "v2_infer", work)
 
 
-def _check_model(request: Request, frontend: Frontend) -> None:
-    card = frontend.card
+def _check_model(request: Request, worker: WorkerContext) -> None:
+    card = worker.card
     name = request.path_params["name"]
     version = request.path_params.get("version")
     if name != card.name:

@@ -22,8 +22,9 @@ from starlette.routing import Route
 
 from monitoring.feedback import FeedbackError, FeedbackStore
 from monitoring.observers import FeedbackObserver
-from serving.errors import ImgclfError, NotFoundError
-from serving.http import Frontend, handle, read_body
+from serving.core.errors import ImgclfError, NotFoundError
+from serving.web.context import WorkerContext, handle
+from serving.web.requests import read_body
 
 MAX_ITEMS = 1000
 MAX_BODY_BYTES = 1024 * 1024
@@ -38,10 +39,14 @@ class Feedback:
     reference: dict | None = None
 
 
+#: The HTTP status of each reason ``monitoring.feedback`` refuses feedback for.
+REFUSAL_STATUS = {"unknown_label": 422, "unknown_request_id": 404, "duplicate_feedback": 409}
+
+
 class RefusedFeedbackError(ImgclfError):
     def __init__(self, error: FeedbackError) -> None:
         super().__init__(error.message, reason=error.reason)
-        self.status_code = error.status_code
+        self.status_code = REFUSAL_STATUS[error.reason]
         self.details = {"problems": error.problems[:100]} if error.problems else None
 
 
@@ -55,14 +60,14 @@ def feedback_routes() -> list[Route]:
     return [Route("/feedback", feedback, methods=["GET", "POST"])]
 
 
-def _enabled(frontend: Frontend) -> Feedback:
-    if frontend.feedback is None:
+def _enabled(worker: WorkerContext) -> Feedback:
+    if worker.feedback is None:
         raise NotFoundError(
             "feedback is off on this server (IMGCLF_FEEDBACK_STORE_SIZE=0 or "
             "IMGCLF_MONITORING=false)",
             reason="feedback_off",
         )
-    return frontend.feedback
+    return worker.feedback
 
 
 def parse_items(body: bytes) -> list[tuple[str, str]]:
@@ -89,8 +94,8 @@ def parse_items(body: bytes) -> list[tuple[str, str]]:
 
 
 async def post_feedback(request: Request):
-    async def work(frontend: Frontend):
-        feedback = _enabled(frontend)
+    async def work(worker: WorkerContext):
+        feedback = _enabled(worker)
         items = parse_items(await read_body(request, MAX_BODY_BYTES))
         try:
             result = await asyncio.to_thread(feedback.store.label, items)
@@ -109,8 +114,8 @@ async def post_feedback(request: Request):
 
 
 async def get_feedback(request: Request):
-    async def work(frontend: Frontend):
-        feedback = _enabled(frontend)
+    async def work(worker: WorkerContext):
+        feedback = _enabled(worker)
         summary = await asyncio.to_thread(feedback.store.summary)
         return {
             "labelled": summary.pop("count"),

@@ -3,7 +3,7 @@ into ``/docs.json`` with the others."""
 
 from __future__ import annotations
 
-from serving.openapi import ERROR
+from serving.web.openapi import ERROR
 
 JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
 TENSOR = {

@@ -1,7 +1,7 @@
 """Batch shapes: the few batch sizes ONNX Runtime is ever called with.
 
 Every batch is zero-padded up to the next bucket, so a session sees a handful of shapes that
-can all be warmed up (and, on CUDA, one session per shape: see ``serving.runtime``).
+can all be warmed up (and, on CUDA, one session per shape: see ``serving.core.runtime``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from serving.errors import ConfigError
+from serving.core.errors import ConfigError
 
 
 def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:

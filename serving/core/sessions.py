@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import onnxruntime as ort
 
-from serving.errors import ConfigError, ModelError
+from serving.core.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.errors import ImgclfError
+from serving.core.errors import ImgclfError
 
 
 class OverloadedError(ImgclfError):

@@ -4,8 +4,6 @@ mounts, and FastAPI is not a dependency)."""
 
 from __future__ import annotations
 
-import json
-
 ERROR = {
     "description": "A mistake in the request; the body says what.",
     "content": {
@@ -231,41 +229,3 @@ def feedback_paths() -> dict:
             },
         }
     }
-
-
-class MergeOpenAPIPaths:
-    """ASGI middleware: add ``paths()`` to the JSON that ``GET /docs.json`` returns."""
-
-    def __init__(
-        self, app, max_top_k: int = 20, max_images: int = 32, served=lambda: (None, None)
-    ) -> None:
-        self.app = app
-        self.paths = paths(max_top_k, max_images) | feedback_paths()
-        self.served = served  # () -> (model name, version), once the model is loaded
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/docs.json":
-            await self.app(scope, receive, send)
-            return
-        start: dict = {}
-        chunks: list[bytes] = []
-
-        async def capture(message) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, capture)
-        body = b"".join(chunks)
-        if start.get("status") == 200:
-            from serving import openapi_v2
-
-            spec = json.loads(body)
-            spec.setdefault("paths", {}).update(self.paths)
-            spec["paths"].update(openapi_v2.paths(*self.served()))
-            body = json.dumps(spec).encode()
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({**start, "headers": headers})
-        await send({"type": "http.response.body", "body": body})

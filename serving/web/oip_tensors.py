@@ -11,10 +11,11 @@ import struct
 import numpy as np
 from starlette.responses import JSONResponse, Response
 
-from serving.errors import ImgclfError
-from serving.http import Frontend, Upload, safe_text
-from serving.model_dir import INPUT_NAME, OUTPUT_NAME
-from serving.runtime import ModelCard
+from serving.core.errors import ImgclfError
+from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
+from serving.core.runtime import ModelCard
+from serving.web.context import WorkerContext
+from serving.web.requests import Upload, safe_text
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: Datatypes the input accepts as pixels, and the numpy dtype of their binary form.
@@ -51,7 +52,7 @@ def split_request(declared: str | None, body: bytes) -> tuple[dict, bytes]:
     return header, body[length:]
 
 
-async def input_images(frontend: Frontend, header: dict, binary: bytes) -> np.ndarray:
+async def input_images(worker: WorkerContext, header: dict, binary: bytes) -> np.ndarray:
     """The request's one input as a float32 NHWC batch, within the request limits."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -65,16 +66,16 @@ async def input_images(frontend: Frontend, header: dict, binary: bytes) -> np.nd
     ):
         raise ImgclfError("the input's shape must be a list of non-negative integers")
     raw = _tensor_bytes(tensor, binary)
-    limit = frontend.limits.max_images_per_request
+    limit = worker.limits.max_images_per_request
     if not shape or not 1 <= shape[0] <= limit:
         raise ImgclfError(
             f"the batch dimension must be from 1 to {limit}, got {shape[:1]}",
             reason="too_many_images",
         )
     if datatype == "BYTES":
-        return await _encoded_images(frontend, tensor, shape, raw)
+        return await _encoded_images(worker, tensor, shape, raw)
     if datatype in PIXEL_TYPES:
-        expected = [shape[0], *frontend.card.spec.input_shape]
+        expected = [shape[0], *worker.card.spec.input_shape]
         if shape != expected:
             raise ImgclfError(f"a {datatype} input must have shape {expected}, got {shape}")
         return _pixels(tensor, datatype, shape, raw)
@@ -119,7 +120,7 @@ def _pixels(tensor: dict, datatype: str, shape: list[int], raw: bytes | None) ->
 
 
 async def _encoded_images(
-    frontend: Frontend, tensor: dict, shape: list[int], raw: bytes | None
+    worker: WorkerContext, tensor: dict, shape: list[int], raw: bytes | None
 ) -> np.ndarray:
     if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
         raise ImgclfError(f"a BYTES input must have shape [N, 1] or [N], got {shape}")
@@ -135,7 +136,7 @@ async def _encoded_images(
         blobs = [item.encode("utf-8") for item in flat]
     if len(blobs) != shape[0]:
         raise ImgclfError(f"{len(blobs)} BYTES elements do not fill shape {shape}")
-    return await frontend.decode_all([Upload(blob, None) for blob in blobs])
+    return await worker.decode_all([Upload(blob, None) for blob in blobs])
 
 
 def _deserialize_bytes(raw: bytes) -> list[bytes]:

@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from serving.buckets import normalise_buckets
-from serving.errors import ConfigError
+from serving.core.buckets import normalise_buckets
+from serving.core.errors import ConfigError
 
 ENV_PREFIX = "IMGCLF_"
 
@@ -74,22 +74,31 @@ class ServingSettings(BaseModel):
     max_images_per_request: int = Field(
         32, ge=1, description="Images in one /predict_batch (default: 32, or max_batch_size)."
     )
-    max_image_bytes: int = Field(20 * 1024**2, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_request_bytes: int = Field(64 * 1024**2, ge=1024)
-    default_top_k: int = Field(5, ge=1)
-    max_top_k: int = Field(20, ge=1)
+    max_image_bytes: int = Field(
+        20 * 1024**2, ge=1024, description="Largest encoded image, in bytes (413 beyond)."
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Largest image, in pixels, checked from its header before decoding.",
+    )
+    max_request_bytes: int = Field(
+        64 * 1024**2, ge=1024, description="Largest request body, in bytes (413 beyond)."
+    )
+    default_top_k: int = Field(5, ge=1, description="Labels in an answer's top_k by default.")
+    max_top_k: int = Field(20, ge=1, description="Largest top_k a request may ask for.")
     workers: int | None = Field(
         None,
         ge=1,
-        description="Worker processes, each with its own session and batcher. Default: one "
-        "per core on the CPU provider, one per GPU... see default_workers().",
+        description="Worker processes, each with its own sessions and batcher. Default: one "
+        "per core on the CPU provider; on CUDA one per two cores, at most 8.",
     )
     decode_threads: int | None = Field(
         None,
         ge=1,
         description="Threads per worker that decode images (Pillow releases the GIL). "
-        "Default: see default_decode_threads().",
+        "Default: 4 on the CPU provider; on CUDA the cores shared out among the workers, at "
+        "least 2.",
     )
     cuda_device_id: int = Field(0, ge=0, description="GPU the CUDA provider runs on.")
     cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(

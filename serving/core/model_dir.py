@@ -10,8 +10,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from serving.errors import ModelError
-from serving.files import sha256_file
+from serving.core.errors import ModelError
+from serving.core.files import sha256_file
 
 METADATA = "metadata.json"
 ONNX_MODEL = "model.onnx"
@@ -21,7 +21,34 @@ REFERENCE_PROFILE = "reference_profile.json"
 SAVED_MODEL = "saved_model"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
-#: Keys every metadata.json must have for a server to start on it.
+#: What each file of a published version holds (the reference page is generated from this).
+FILES = {
+    METADATA: "The contract: classes, input size, preprocessing, metrics, versions, file hashes.",
+    ONNX_MODEL: f"The canonical model: fp32, dynamic batch, NHWC float32 {INPUT_NAME!r} in "
+    f"[0, 255] -> {OUTPUT_NAME!r} (softmax).",
+    INT8_MODEL: "Optional: static QDQ INT8, kept only if its held-out accuracy is within the gate.",
+    SAVED_MODEL + "/": "TensorFlow SavedModel with a serving_default signature (not served).",
+    REFERENCE_PROFILE: "What 'no drift' looks like on held-out data, with calibrated thresholds.",
+    PARITY: "Keras vs SavedModel vs ONNX: the numbers behind the parity gate.",
+}
+#: The keys of metadata.json; those in REQUIRED_KEYS must be there for a server to start.
+METADATA_FIELDS = {
+    "name": "Model name (the repository folder's name).",
+    "version": "Version number (the version folder's name).",
+    "created_at": "When it was exported (ISO 8601, UTC).",
+    "architecture": "seed-cnn, mobilenetv2, resnet50 or vgg16.",
+    "classes": "Class names, in the order of the output's columns.",
+    "input": "The graph's input: name, height, width, channels, layout, dtype.",
+    "output": "The graph's output: name, kind, dtype.",
+    "preprocessing": "The preprocessing contract serving applies: size, resize filter, limits.",
+    "metrics": "Held-out test metrics of the exported model.",
+    "parity": "Summary of parity.json: max |difference| and top-1 agreement per format.",
+    "int8": "Whether the INT8 model was kept, with both accuracies.",
+    "opset": "The ONNX opset.",
+    "versions": "Library versions that produced the files.",
+    "source_run": "The training run it was exported from.",
+    "files": "sha256 of every other file; a mismatch refuses the model.",
+}
 REQUIRED_KEYS = ("name", "version", "classes", "input", "preprocessing", "files")
 
 

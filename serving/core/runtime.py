@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.buckets import normalise_buckets, pad_to_bucket
-from serving.errors import ConfigError, ModelError
-from serving.model_dir import (
+from serving.core.buckets import normalise_buckets, pad_to_bucket
+from serving.core.errors import ConfigError, ModelError
+from serving.core.model_dir import (
     INPUT_NAME,
     INT8_MODEL,
     ONNX_MODEL,
@@ -28,8 +28,8 @@ from serving.model_dir import (
     read_verified,
     resolve_model_dir,
 )
-from serving.preprocessing import PreprocessSpec, preprocess_bytes
-from serving.sessions import (
+from serving.core.preprocessing import PreprocessSpec, preprocess_bytes
+from serving.core.sessions import (
     CUDA,
     SESSION_MODES,
     CudaOptions,

@@ -19,11 +19,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from serving.batch import decode_path, infer_decoded
-from serving.errors import ConfigError
-from serving.model_dir import INT8_MODEL, METADATA, ONNX_MODEL, REFERENCE_PROFILE
-from serving.runtime import ClassifierRuntime
-from serving.scoring import Engine, parquet_schema, rows_for
+from serving.batch.engine import Engine, decode_path, infer_decoded, rows_for
+from serving.batch.writers import parquet_schema
+from serving.core.errors import ConfigError
+from serving.core.model_dir import INT8_MODEL, METADATA, ONNX_MODEL, REFERENCE_PROFILE
+from serving.core.runtime import ClassifierRuntime
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
 
 def model_files(runtime: ClassifierRuntime) -> dict[str, bytes]:
     """The files an actor needs to rebuild the runtime, read (and hash-checked) once."""
-    from serving.model_dir import read_verified
+    from serving.core.model_dir import read_verified
 
     names = [METADATA, INT8_MODEL if runtime.precision == "int8" else ONNX_MODEL]
     if REFERENCE_PROFILE in runtime.metadata["files"]:
@@ -107,7 +107,7 @@ def ray_engine(
     gpus_per_actor: float = 0,
     batch_size: int = 64,
 ) -> Engine:
-    """An engine for ``serving.scoring.score`` that runs on the connected Ray cluster."""
+    """An engine for ``serving.batch.job.score`` that runs on the connected Ray cluster."""
     ray = import_ray()
     from ray.data import ActorPoolStrategy
 

@@ -1,0 +1,170 @@
+"""The worker context: what every route of one worker process needs (the model card, the
+batcher, the decode pool, limits, observers, feedback), how a prediction request is decoded
+and classified, and ``handle``, which turns every outcome into an answer and counts it.
+
+Each worker process holds one service instance (``serving/service.py``), whose ``worker``
+attribute is this context; routes find it through ``bentoml.get_current_service()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from serving.core.errors import ImgclfError, InvalidImageError
+from serving.web.requests import Limits, Upload, safe_text
+
+log = logging.getLogger(__name__)
+
+
+class WorkerContext:
+    """What the routes need from their worker: a card to decode and format answers, a thread
+    pool to decode on, the batcher to classify with, and what ``/metadata`` says. Built by
+    ``serving.web.worker.start_worker``."""
+
+    def __init__(
+        self,
+        card,
+        classify: Callable[[np.ndarray], Awaitable[np.ndarray]],
+        limits: Limits,
+        describe: Callable[[], dict],
+        decoder: Executor,
+        observer=None,
+        is_ready: Callable[[], bool] = lambda: True,
+        feedback=None,
+        close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.card = card
+        #: Stops the worker's threads and closes its stores (the service's shutdown hook).
+        self.close = close
+        #: The worker's ``serving.web.labels.Feedback`` (store and metrics), or None when off.
+        self.feedback = feedback
+        self.is_ready = is_ready
+        self.classify = classify
+        self.limits = limits
+        self.describe = describe
+        self.decoder = decoder
+        self.observer = observer
+
+    async def decode_all(self, uploads: list[Upload]) -> np.ndarray:
+        """Decode every image side by side; the first bad one fails the request, named by its
+        index (and file name) when there are several."""
+        if len(uploads) == 1:
+            decoded = [await self.decode(uploads[0])]
+        else:
+            decoded = await asyncio.gather(
+                *(self.decode(upload) for upload in uploads), return_exceptions=True
+            )
+        for index, (upload, result) in enumerate(zip(uploads, decoded, strict=True)):
+            if isinstance(result, InvalidImageError) and len(uploads) > 1:
+                name = f" ({safe_text(upload.filename, 60)})" if upload.filename else ""
+                result.args = (f"image {index}{name}: {result.message}",)
+            if isinstance(result, BaseException):
+                raise result
+        return np.stack(decoded)
+
+    async def decode(self, upload: Upload) -> np.ndarray:
+        """Decode and preprocess one image on the decode pool (Pillow releases the GIL)."""
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        array = await loop.run_in_executor(self.decoder, self.card.preprocess, upload.data)
+        if self.observer is not None:
+            self.observer.decoded(time.perf_counter() - started)
+        return array
+
+
+def prediction_ids(worker: WorkerContext, rid: str, probabilities: np.ndarray) -> list[str]:
+    """One id per image (the request's own for one image, ``id/index`` for several), each
+    kept with its predicted class for ``POST /feedback``."""
+    if len(probabilities) == 1:
+        ids = [rid]
+    else:
+        ids = [f"{rid}/{index}" for index in range(len(probabilities))]
+    if worker.feedback is not None:
+        worker.feedback.store.remember(ids, np.asarray(probabilities).argmax(axis=1).tolist())
+    return ids
+
+
+async def predict_uploads(worker: WorkerContext, uploads: list[Upload], top_k: int, rid: str):
+    """Decode every image (a bad one fails this request alone), then classify them in one
+    batch with whatever else is queued."""
+    card = worker.card
+    probabilities = np.asarray(await worker.classify(await worker.decode_all(uploads)))
+    ids = prediction_ids(worker, rid, probabilities)
+    return [
+        {
+            "label": best[0]["label"],
+            "score": best[0]["score"],
+            "top_k": best,
+            "model_version": card.version,
+            "request_id": image_id,
+        }
+        for best, image_id in zip(card.top_k(probabilities, top_k), ids, strict=True)
+    ]
+
+
+def starting() -> JSONResponse:
+    """The answer before this process's service instance exists."""
+    return JSONResponse(
+        {"error": "the service is starting"}, status_code=503, headers={"Retry-After": "1"}
+    )
+
+
+def current_worker() -> WorkerContext | None:
+    """This process's worker context, or None while the service is starting."""
+    try:
+        return bentoml.get_current_service().worker
+    except (BentoMLException, AttributeError):
+        return None
+
+
+async def handle(request: Request, endpoint: str, work) -> Response:
+    """Run ``work(worker)`` for ``endpoint``: its result (a Response, or JSON content), or
+    ``{"error": ...}`` with the error's status; every outcome counted by endpoint."""
+    worker = current_worker()
+    if worker is None:
+        return starting()
+    started = time.perf_counter()
+    try:
+        result = await work(worker)
+        response = result if isinstance(result, Response) else JSONResponse(result)
+        if worker.observer is not None:
+            worker.observer.request(endpoint, response.status_code, time.perf_counter() - started)
+        return response
+    except ImgclfError as error:
+        reason, status, message = error.reason, error.status_code, error.message
+        details = error.details or {}
+        log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
+    except Exception:
+        log.exception("%s failed", endpoint)
+        reason, status, message = "internal", 500, "internal error; see the server log"
+        details = {}
+    if worker.observer is not None:
+        worker.observer.error(endpoint, reason)
+        worker.observer.request(endpoint, status, time.perf_counter() - started)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": message, **details}, status_code=status, headers=headers)
+
+
+def service_method(name: str):
+    """A Starlette endpoint calling ``name`` on this process's service instance, so that the
+    routes can be methods of the service class (``serving/service.py``)."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            service = bentoml.get_current_service()
+        except BentoMLException:
+            return starting()
+        return await getattr(service, name)(request)
+
+    endpoint.__name__ = name
+    return endpoint

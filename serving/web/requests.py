@@ -1,0 +1,186 @@
+"""Reading a request: the body within its size limit, the uploaded images of a multipart or
+raw body, ``top_k``, and the id a prediction is answered and labelled under. Nothing is ever
+fetched for a caller, and every mistake is an ``ImgclfError`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from serving.core.errors import ImgclfError, InvalidImageError
+
+#: Raw-body content types we accept ("image/jpg" is wrong but common, so it is accepted too).
+RAW_IMAGE_TYPES = (
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/png",
+    "image/gif",
+    "image/bmp",
+    "image/x-ms-bmp",
+    "image/webp",
+    "application/octet-stream",
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: A caller's request id we keep: no "/" (several images get "id/index"), at most 128 chars.
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+REQUEST_ID_HEADER = "X-Request-ID"
+#: Random bits for new ids, without a system call per request (os.urandom costs several
+#: microseconds in a sandboxed container). Ids are unique, not secret: whoever holds an id
+#: can label its prediction through POST /feedback (SECURITY.md).
+_IDS = random.Random(os.urandom(32))
+
+
+@dataclass
+class Upload:
+    data: bytes
+    filename: str | None
+
+
+@dataclass
+class Limits:
+    max_request_bytes: int
+    max_images_per_request: int
+    default_top_k: int
+    max_top_k: int
+
+
+def safe_text(text: str | None, limit: int = 120) -> str:
+    """User-supplied text for logs and messages: no control characters, bounded length."""
+    if text is None:
+        return ""
+    return _CONTROL.sub("?", text)[:limit]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ImgclfError("Content-Length is not a number") from None
+        if size > limit:
+            raise InvalidImageError(
+                f"the request body is {size} bytes; the limit is {limit}",
+                reason="too_large",
+                status_code=413,
+            )
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise InvalidImageError(
+                f"the request body exceeds the limit of {limit} bytes",
+                reason="too_large",
+                status_code=413,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_uploads(request: Request, *, field: str, limits: Limits, raw_allowed: bool):
+    """The uploaded images and the text form fields of a request."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, limits.max_request_bytes)
+    if media_type == "multipart/form-data":
+        return await _multipart(request, body, field=field, limits=limits)
+    if media_type in RAW_IMAGE_TYPES or (raw_allowed and media_type.startswith("image/")):
+        if not raw_allowed:
+            raise InvalidImageError(
+                f"send several images as multipart/form-data fields named {field!r}",
+                reason="unsupported_media_type",
+                status_code=415,
+            )
+        return [Upload(body, None)], {}
+    accepted = "multipart/form-data" + (", " + ", ".join(RAW_IMAGE_TYPES) if raw_allowed else "")
+    shown = safe_text(media_type) or "none"
+    raise InvalidImageError(
+        f"unsupported Content-Type {shown}; send {accepted}",
+        reason="unsupported_media_type",
+        status_code=415,
+    )
+
+
+async def _multipart(request: Request, body: bytes, *, field: str, limits: Limits):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        async with Request(request.scope, replay).form(
+            max_files=limits.max_images_per_request + 1, max_fields=16, max_part_size=64 * 1024
+        ) as form:
+            values = form.getlist(field)
+            texts = {key: value for key, value in form.items() if isinstance(value, str)}
+            uploads = []
+            for value in values:
+                if not isinstance(value, UploadFile):
+                    raise ImgclfError(
+                        f"field {field!r} must be a file upload, not text (URLs are never fetched)"
+                    )
+                uploads.append(Upload(await value.read(), value.filename))
+    except (MultiPartException, HTTPException) as error:  # Starlette raises either
+        detail = getattr(error, "detail", None) or str(error)
+        raise ImgclfError(f"malformed multipart body: {safe_text(str(detail))}") from None
+    except (AssertionError, KeyError, ValueError, UnicodeDecodeError) as error:
+        raise ImgclfError(f"malformed multipart body ({type(error).__name__})") from None
+    if not uploads:
+        raise ImgclfError(f"no file in multipart field {field!r}", reason="empty")
+    return uploads, texts
+
+
+def parse_top_k(request: Request, form: dict, limits: Limits) -> int:
+    """``top_k`` from the query or a form field: 1 to ``max_top_k``; more than the model has
+    classes returns them all."""
+    raw = request.query_params.get("top_k", form.get("top_k"))
+    limit = limits.max_top_k
+    if raw is None:
+        return limits.default_top_k
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ImgclfError(
+            f"top_k must be an integer from 1 to {limit}", reason="bad_top_k"
+        ) from None
+    if not 1 <= value <= limit:
+        raise ImgclfError(f"top_k must be from 1 to {limit}, got {value}", reason="bad_top_k")
+    return value
+
+
+def request_id(request: Request, proposed: object = None) -> str:
+    """The id a prediction is answered and labelled under: the caller's own (``proposed``,
+    then ``X-Request-ID``) when it is safe to log and store, else a new random one."""
+    for candidate in (proposed, request.headers.get("x-request-id")):
+        if isinstance(candidate, str) and _SAFE_ID.fullmatch(candidate):
+            return candidate
+    return uuid7_hex()
+
+
+def uuid7_hex() -> str:
+    """A UUIDv7 (RFC 9562: 48 bits of Unix milliseconds, then 74 random bits) as 32 hex
+    digits. Time-ordered ids land at the end of the feedback store's index, so storing one
+    costs a few microseconds at any store size; random ids (UUIDv4) cost up to 20 as the
+    index outgrows the cache."""
+    rand = _IDS.getrandbits(74)
+    value = (
+        (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (rand >> 62) << 64
+        | 0b10 << 62
+        | rand & 0x3FFF_FFFF_FFFF_FFFF
+    )
+    return f"{value:032x}"

@@ -1,0 +1,112 @@
+"""``imgclf serve``: the serving settings as command-line options (generated from
+``ServingSettings``, the one source of truth for names, types, defaults and help), checked by
+loading the model once, then ``bentoml serve`` in place of this process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic.fields import FieldInfo
+
+from serving.core.errors import ConfigError
+from serving.web.settings import ENV_PREFIX, ServingSettings
+
+#: Settings ``imgclf serve`` does not take as options: ``--model`` resolves a repository or a
+#: version folder into ``model_dir``.
+NOT_OPTIONS = frozenset({"model_dir"})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def option_fields() -> dict[str, FieldInfo]:
+    """The settings that are options of ``imgclf serve``, in declaration order."""
+    return {k: v for k, v in ServingSettings.model_fields.items() if k not in NOT_OPTIONS}
+
+
+def is_flag(field: FieldInfo) -> bool:
+    return field.annotation is bool
+
+
+def metavar(field: FieldInfo) -> str:
+    """``auto|cuda|cpu`` for a choice, else the value's type in capitals."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(map(str, typing.get_args(annotation)))
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(kinds[0]) is typing.Literal:
+        return "|".join(map(str, typing.get_args(kinds[0])))
+    if typing.get_origin(kinds[0]) is tuple:
+        return "N,N,..."
+    return getattr(kinds[0], "__name__", "VALUE").upper()
+
+
+def help_text(name: str, field: FieldInfo) -> str:
+    default = field.default
+    shown = "none" if default is None else str(default).lower() if is_flag(field) else default
+    description = (field.description or "").rstrip(".")
+    return f"{description}. (env {ENV_PREFIX}{name.upper()}, default {shown})".lstrip(". ")
+
+
+def settings_from(
+    options: Mapping[str, object], environ: Mapping[str, str] | None = None
+) -> ServingSettings:
+    """``IMGCLF_*`` variables, overridden by the options given (None: not given)."""
+    environ = os.environ if environ is None else environ
+    given = {
+        ENV_PREFIX + name.upper(): str(value).lower() if isinstance(value, bool) else str(value)
+        for name, value in options.items()
+        if value is not None
+    }
+    try:
+        return ServingSettings.from_env(
+            {**{k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}, **given}
+        )
+    except ConfigError as error:  # name the option the user typed, not its variable
+        message = error.message
+        for name in options:
+            variable = ENV_PREFIX + name.upper()
+            if ENV_PREFIX + name.upper() in given and variable in message:
+                message = message.replace(variable, flag(name))
+        raise ConfigError(message) from None
+
+
+def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typing.NoReturn:
+    """Refuse to start on a model the server could not load (one line now, not a crash in
+    every worker), print how to call it, then exec ``bentoml serve``."""
+    import serving
+    from serving.core.runtime import ClassifierRuntime
+
+    if settings.model_dir is not None:
+        directory = settings.model_dir
+    else:
+        from serving.registry import stored_model_path
+
+        directory = stored_model_path(settings.bento_model)
+    runtime = ClassifierRuntime.from_settings(directory, settings)
+    bentoml_cli = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which(
+        "bentoml"
+    )
+    if bentoml_cli is None:
+        raise ConfigError("bentoml is not installed: install the serve extra")
+    base = f"http://{host}:{port}"
+    echo(
+        f"serving {runtime.summary()} ({directory})\n"
+        f"  curl -X POST -H 'Content-Type: image/png' --data-binary @digit.png {base}/predict\n"
+        f"  curl -F images=@a.png -F images=@b.jpg '{base}/predict_batch?top_k=3'\n"
+        f"  curl {base}/metadata    curl {base}/readyz    curl {base}/metrics"
+    )
+    sys.stdout.flush()
+    env = {**os.environ, **settings.to_env()}
+    if settings.model_dir is None:
+        env.pop(ENV_PREFIX + "MODEL_DIR", None)
+    working_dir = str(Path(serving.__file__).resolve().parent.parent)
+    args = [bentoml_cli, "serve", "serving.service:ImageClassifier"]
+    args += ["--port", str(port), "--host", host, "--working-dir", working_dir]
+    os.execve(bentoml_cli, args, env)

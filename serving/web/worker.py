@@ -1,0 +1,182 @@
+"""Starting one worker process: its runtime, batcher, decode pool, observers and feedback
+store, warmed in the background so that ``/livez`` answers while ``/readyz`` says
+"warming"; and what ``/metadata`` says about it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from monitoring.buffer import BUFFER
+from monitoring.feedback import FeedbackStore
+from monitoring.observers import (
+    FeedbackObserver,
+    PredictionObserver,
+    RequestObserver,
+    WorkerObserver,
+)
+from serving.core.runtime import ClassifierRuntime
+from serving.web.batcher import AdaptiveBatcher
+from serving.web.context import WorkerContext
+from serving.web.labels import Feedback
+from serving.web.lifecycle import FAILED, READY, WARMING, Lifecycle, drain_before_exit
+from serving.web.requests import Limits
+from serving.web.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+
+def start_worker(
+    settings: ServingSettings,
+    model_dir: Path,
+    *,
+    lifecycle: Lifecycle,
+    metrics: WorkerObserver | None,
+    workers: int,
+    decode_threads: int,
+    ort_threads: int,
+) -> WorkerContext:
+    """Load and verify the model (failing start-up at once if it cannot), build the worker's
+    parts, and warm every batch bucket on a background thread."""
+    if settings.monitoring:
+        BUFFER.start()
+    runtime = ClassifierRuntime.from_settings(model_dir, settings, intra_op_threads=ort_threads)
+    log.info(
+        "serving %s; %d workers, %d decode threads each", runtime.summary(), workers, decode_threads
+    )
+    profile = runtime.reference_profile() if settings.monitoring else None
+    predictions = prediction_observer(runtime, profile, settings) if settings.monitoring else None
+    feedback = (
+        open_feedback(runtime, profile, settings)
+        if settings.monitoring and settings.feedback_store_size
+        else None
+    )
+    batcher = AdaptiveBatcher(
+        runtime.predict,
+        max_batch_size=runtime.max_batch_size,
+        max_wait_s=settings.batch_wait_ms / 1000,
+        max_latency_s=settings.max_latency_ms / 1000,
+        max_queue_size=settings.max_queue_size,
+        on_batch=predictions.record if predictions else None,
+        on_queue=metrics.queued if metrics else None,
+        on_wait=metrics.waited if metrics else None,
+    )
+
+    def describe() -> dict:
+        return {
+            **runtime.describe(),
+            "batching": {
+                "max_batch_size": runtime.max_batch_size,
+                "buckets": list(runtime.buckets),
+                "batch_wait_ms": settings.batch_wait_ms,
+                "max_latency_ms": settings.max_latency_ms,
+                "max_queue_size": settings.max_queue_size,
+            },
+            "workers": workers,
+            "decode_threads": decode_threads,
+            "state": lifecycle.state,
+            "monitoring": None
+            if predictions is None
+            else {**predictions.describe(), "feedback": feedback_settings(feedback, settings)},
+        }
+
+    def close() -> None:
+        batcher.close()
+        if predictions is not None:
+            predictions.stop()
+        BUFFER.close()
+        if feedback is not None:
+            feedback.store.close()
+
+    worker = WorkerContext(
+        runtime,
+        batcher.submit,
+        Limits(
+            max_request_bytes=settings.max_request_bytes,
+            max_images_per_request=settings.max_images_per_request,
+            default_top_k=settings.default_top_k,
+            max_top_k=settings.max_top_k,
+        ),
+        describe,
+        ThreadPoolExecutor(decode_threads, thread_name_prefix="decode"),
+        RequestObserver() if settings.monitoring else None,
+        is_ready=lambda: lifecycle.ready,
+        feedback=feedback,
+        close=close,
+    )
+    if metrics:
+        metrics.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)
+    drain_before_exit(lifecycle, settings.drain_timeout_s)
+    threading.Thread(
+        target=warm_up, args=(runtime, lifecycle, metrics), name="warm-up", daemon=True
+    ).start()
+    return worker
+
+
+def warm_up(runtime: ClassifierRuntime, lifecycle: Lifecycle, metrics) -> None:
+    """Run every bucket once, then report ready (or failed, with the reason)."""
+    lifecycle.set(WARMING, f"running batch sizes {', '.join(map(str, runtime.buckets))} once")
+    try:
+        runtime.warm_up()
+    except Exception as error:
+        log.exception("warm-up failed; this worker stays unready")
+        lifecycle.set(FAILED, f"warm-up failed: {type(error).__name__}")
+        return
+    if metrics:
+        metrics.warmed(runtime.warmed_batch_sizes, runtime.warm_up_seconds)
+    lifecycle.set(READY)
+
+
+def prediction_observer(
+    runtime: ClassifierRuntime, profile: dict | None, settings: ServingSettings
+) -> PredictionObserver:
+    return PredictionObserver(
+        classes=runtime.classes,
+        name=runtime.name,
+        version=runtime.version,
+        provider=runtime.provider,
+        precision=runtime.precision,
+        profile=profile,
+        window=settings.drift_window,
+        min_samples=settings.drift_min_samples,
+        interval=settings.drift_interval_s,
+        thresholds=settings.drift_thresholds,
+    )
+
+
+def open_feedback(
+    runtime: ClassifierRuntime, profile: dict | None, settings: ServingSettings
+) -> Feedback:
+    """The store every worker shares: in BentoML's per-server runtime folder (emptied when
+    the server starts), or a private folder when the service runs alone."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="imgclf-")
+    observer = FeedbackObserver(
+        capacity=settings.feedback_store_size,
+        min_samples=settings.feedback_min_samples,
+        margin=settings.accuracy_alert_margin,
+    )
+    store = FeedbackStore(
+        Path(folder) / "imgclf-feedback.sqlite3",
+        runtime.classes,
+        capacity=settings.feedback_store_size,
+        max_age_s=settings.feedback_max_age_s,
+        window=settings.feedback_window,
+        on_count=observer.stored,
+    )
+    return Feedback(store, observer, (profile or {}).get("performance"))
+
+
+def feedback_settings(feedback: Feedback | None, settings: ServingSettings) -> dict | None:
+    if feedback is None:
+        return None
+    return {
+        "store_capacity": settings.feedback_store_size,
+        "max_age_s": settings.feedback_max_age_s,
+        "window": settings.feedback_window,
+        "min_samples": settings.feedback_min_samples,
+        "accuracy_alert_margin": settings.accuracy_alert_margin,
+    }
