@@ -29,6 +29,29 @@ SAVE_FORMATS = [  # (suffix, Pillow format, mode): the formats a class folder ma
 ]
 
 
+#: Fixtures that train, export or start a service: every test using one is marked slow, so
+#: that ``pytest -m "not slow"`` (make test-fast) is the quick subset for day-to-day work.
+SLOW_FIXTURES = frozenset(
+    {
+        "trained_run",
+        "published_model",
+        "digits_run",
+        "digits_model",
+        "service_module",
+        "client",
+        "server",
+        "http",
+        "api",
+    }
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def digit_images(count_per_class: int, classes: tuple[int, ...] = (0, 1, 2), scale: int = 4):
     """Real 8x8 digit scans, upscaled so JPEG and resize have something to work on."""
     from sklearn.datasets import load_digits

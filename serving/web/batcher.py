@@ -59,6 +59,7 @@ class AdaptiveBatcher:
         on_batch: Callable[[np.ndarray, np.ndarray, float], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -68,6 +69,8 @@ class AdaptiveBatcher:
         self._on_batch = on_batch
         self._on_queue = on_queue
         self._on_wait = on_wait
+        #: Seconds for queueing deadlines (a test passes its own clock).
+        self._clock = clock
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._queue: deque[_Waiting] = deque()
         self._queued_images = 0
@@ -86,7 +89,7 @@ class AdaptiveBatcher:
         loop = asyncio.get_running_loop()
         self._start(loop)
         future = loop.create_future()
-        self._queue.append(_Waiting(images, future, time.perf_counter()))
+        self._queue.append(_Waiting(images, future, self._clock()))
         self._queued_images += len(images)
         self._queue_changed()
         self._wakeup.set()
@@ -119,7 +122,7 @@ class AdaptiveBatcher:
     async def _wait_for_more(self) -> None:
         deadline = self._queue[0].enqueued + self.max_wait_s
         while self._queued_images < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
+            remaining = deadline - self._clock()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -133,7 +136,7 @@ class AdaptiveBatcher:
         Requests whose caller has gone are dropped; those past their deadline get 503."""
         batch: list[_Waiting] = []
         size = 0
-        now = time.perf_counter()
+        now = self._clock()
         while self._queue and size + len(self._queue[0].images) <= self.max_batch_size:
             waiting = self._queue.popleft()
             self._queued_images -= len(waiting.images)

@@ -80,6 +80,7 @@ def synthetic_signals(rng, count, classes=4, shift=0.0):
     return image_signals(images, probabilities)
 
 
+@pytest.mark.slow
 def test_reference_profile_and_comparison():
     rng = np.random.default_rng(0)
     profile = build_reference_profile(synthetic_signals(rng, 4000), list("abcd"), source="test")
@@ -97,6 +98,7 @@ def test_reference_profile_and_comparison():
     assert darker["status"] == "critical"
 
 
+@pytest.mark.slow
 def test_monitor_window_is_a_ring_with_a_minimum():
     rng = np.random.default_rng(1)
     profile = build_reference_profile(synthetic_signals(rng, 500), list("abcd"), source="test")
@@ -119,6 +121,7 @@ def test_monitor_window_is_a_ring_with_a_minimum():
         DriftMonitor(profile, window=10, min_samples=20)
 
 
+@pytest.mark.slow
 def test_no_drift_psi_matches_the_expected_noise_floor():
     """NOTES.md: undrifted PSI averages about (bins-1) * (1/window + 1/reference)."""
     rng = np.random.default_rng(2)
@@ -159,6 +162,7 @@ def test_a_saturated_value_gets_its_own_bin_and_no_bin_is_narrower_than_the_grid
     assert bin_fractions(quantize(entropy), low)[0] == pytest.approx(np.mean(entropy == 0.0))
 
 
+@pytest.mark.slow
 def test_calibrated_thresholds_keep_false_alarms_rare_and_still_catch_drift():
     """Windows drawn from the population the reference came from (never from the reference
     itself) raise a warning on at most about 1 % of them, as calibrated; a shift of a third
@@ -179,6 +183,7 @@ def test_calibrated_thresholds_keep_false_alarms_rare_and_still_catch_drift():
     }
 
 
+@pytest.mark.slow
 def test_thresholds_shrink_with_the_window_and_hold_at_the_ends():
     rng = np.random.default_rng(5)
     profile = build_reference_profile(confident_signals(rng, 2000), list("abcd"), source="t")
@@ -204,6 +209,7 @@ def test_thresholds_shrink_with_the_window_and_hold_at_the_ends():
     )
 
 
+@pytest.mark.slow
 def test_fixed_bands_as_a_setting_and_for_profiles_without_thresholds():
     rng = np.random.default_rng(6)
     profile = build_reference_profile(synthetic_signals(rng, 1000), list("abcd"), source="t")

@@ -1,5 +1,5 @@
 """The delayed-label store: two stores on one file stand for two worker processes (the real
-server with two workers is tested in tests/serving/test_monitoring_server.py)."""
+server with two workers is tested in tests/monitoring/test_live_monitoring.py)."""
 
 from __future__ import annotations
 

@@ -113,6 +113,7 @@ def test_random_affine_moves_pixels_within_the_configured_range():
     assert len(columns) > 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["seed-cnn", *BACKBONES])
 def test_every_architecture_builds_and_takes_a_training_step(arch):
     keras.utils.set_random_seed(0)
@@ -179,6 +180,7 @@ def test_seed_cnn_is_the_documented_stack():
     ]
 
 
+@pytest.mark.slow
 def test_local_weights_file_is_loaded(tmp_path):
     _source, backbone = build_model("mobilenetv2", (32, 32, 3), 2, weights="none")
     path = tmp_path / "backbone.weights.h5"
@@ -188,6 +190,7 @@ def test_local_weights_file_is_loaded(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_backbone_preprocessing_round_trips_through_a_safe_mode_save(tmp_path):
     model, _ = build_model("resnet50", (32, 32, 3), 2, weights="none")
     path = tmp_path / "m.keras"

@@ -51,6 +51,7 @@ def noise_folder(root, classes: int = 3, per_class: int = 60):
     return root
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_learn_says_so_and_exits_3(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(

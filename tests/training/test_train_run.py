@@ -19,6 +19,8 @@ from training import datasets
 from training.config import load_config
 from training.train import train
 
+pytestmark = pytest.mark.slow  # every test here trains
+
 FAST = {
     "data.image_size": [16, 16],
     "train.batch_size": 8,

@@ -9,7 +9,6 @@ import re
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,7 @@ from monitoring.metrics import ENDPOINTS
 from serving.core.errors import ERROR_REASONS
 from serving.core.model_dir import resolve_model_dir
 from serving.core.runtime import ClassifierRuntime
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import REPO, assert_one_line_error, run_cli
 
 
 def copy_model(source, target):
@@ -143,7 +142,7 @@ def test_metric_labels_hold_only_known_values_after_hostile_traffic(http, server
 
 def test_control_characters_never_reach_responses_or_logs(http, server):
     evil = "evil\r\n2026-01-01 CRITICAL FORGED LOG LINE\x1b[2J.png"
-    png = (Path(__file__).resolve().parents[1] / "hostile" / "tiny_1x1.png").read_bytes()
+    png = (REPO / "tests" / "hostile" / "tiny_1x1.png").read_bytes()
     response = http.post(
         "/predict_batch",
         files=[

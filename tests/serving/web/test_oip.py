@@ -14,8 +14,8 @@ from tritonclient.utils import InferenceServerException
 
 from serving.core.runtime import ClassifierRuntime
 from tests.serving.cases import good_images
-from tests.serving.test_endpoints import batch_size_totals
-from tests.serving.test_hostile import CORPUS, REFUSED
+from tests.serving.web.test_endpoints import batch_size_totals
+from tests.serving.web.test_hostile import CORPUS, REFUSED
 
 GOOD = good_images()
 MODEL = "tiny"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -35,8 +34,10 @@ class Recorder:
 
     def __init__(self, runtime, gate: threading.Event | None = None) -> None:
         self.runtime, self.gate, self.shapes = runtime, gate, []
+        self.started = threading.Event()  # set when the first batch reaches the runtime
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.started.set()
         if self.gate is not None:
             assert self.gate.wait(10)
         self.shapes.append(len(batch))
@@ -88,9 +89,9 @@ def test_concurrent_requests_share_padded_batches_and_get_their_own_rows(runtime
 
     async def scenario():
         tasks = [asyncio.create_task(batcher.submit(requests[0]))]
-        await asyncio.sleep(0.02)  # the first request runs alone, held by the gate
+        await asyncio.to_thread(recorder.started.wait, 10)  # running alone, held by the gate
         tasks += [asyncio.create_task(batcher.submit(r)) for r in requests[1:]]
-        await asyncio.sleep(0.02)  # the rest queue behind it
+        await asyncio.sleep(0)  # one turn of the loop: the rest queue behind it
         gate.set()
         return await asyncio.gather(*tasks)
 
@@ -107,19 +108,21 @@ def test_concurrent_requests_share_padded_batches_and_get_their_own_rows(runtime
 
 def test_a_full_queue_and_a_missed_deadline_are_503(runtime, images):
     gate = threading.Event()
+    recorder = Recorder(runtime, gate)
+    now = [0.0]
     batcher = AdaptiveBatcher(
-        Recorder(runtime, gate), max_batch_size=8, max_queue_size=3, max_latency_s=0.1
+        recorder, max_batch_size=8, max_queue_size=3, max_latency_s=0.1, clock=lambda: now[0]
     )
 
     async def scenario():
         first = asyncio.create_task(batcher.submit(images[:1]))
-        await asyncio.sleep(0.02)  # running, held by the gate
+        await asyncio.to_thread(recorder.started.wait, 10)  # running, held by the gate
         queued = asyncio.create_task(batcher.submit(images[:3]))
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # queued
         with pytest.raises(OverloadedError, match="queue is full") as full:
             await batcher.submit(images[:1])
         assert full.value.status_code == 503
-        await asyncio.sleep(0.15)  # the queued request is now past its deadline
+        now[0] += 0.15  # the queued request is now past its deadline
         gate.set()
         assert (await first).shape[0] == 1
         with pytest.raises(OverloadedError, match="waited"):
@@ -132,11 +135,13 @@ def test_a_full_queue_and_a_missed_deadline_are_503(runtime, images):
 
 def test_a_failing_batch_fails_only_its_requests_and_cancelled_callers_are_skipped(runtime, images):
     calls = []
+    first_call, release = threading.Event(), threading.Event()
 
     def flaky(batch):
         calls.append(len(batch))
+        first_call.set()
         if len(calls) == 1:
-            time.sleep(0.05)
+            assert release.wait(10)  # held until the others queued and one was cancelled
             raise RuntimeError("device lost")
         return runtime.predict(batch)
 
@@ -144,11 +149,12 @@ def test_a_failing_batch_fails_only_its_requests_and_cancelled_callers_are_skipp
 
     async def scenario():
         doomed = asyncio.create_task(batcher.submit(images[:1]))
-        await asyncio.sleep(0.01)
+        await asyncio.to_thread(first_call.wait, 10)  # the doomed batch is running
         gone = asyncio.create_task(batcher.submit(images[1:2]))
         kept = asyncio.create_task(batcher.submit(images[2:4]))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # both queued behind it
         gone.cancel()
+        release.set()
         with pytest.raises(RuntimeError, match="device lost"):
             await doomed
         return await kept
@@ -164,7 +170,7 @@ def test_batch_wait_gathers_requests_that_arrive_close_together(runtime, images)
 
     async def scenario():
         first = asyncio.create_task(batcher.submit(images[:1]))
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # queued; the batch waits up to 0.2 s for more
         second = asyncio.create_task(batcher.submit(images[1:3]))
         return await asyncio.gather(first, second)
 

@@ -22,7 +22,7 @@ from serving.batch.job import score
 from serving.core.runtime import ClassifierRuntime
 from tests.conftest import IMGCLF, REPO, assert_one_line_error, make_image_folder, run_cli
 from tests.serving.conftest import free_port
-from tests.serving.test_hostile import ACCEPTED, CORPUS, REFUSED
+from tests.serving.web.test_hostile import ACCEPTED, CORPUS, REFUSED
 
 pytestmark = pytest.mark.timeout(180)
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

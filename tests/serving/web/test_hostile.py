@@ -10,9 +10,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import REPO
 from tests.serving.cases import bad_requests, good_images, send
 
-CORPUS = Path(__file__).resolve().parents[1] / "hostile"
+CORPUS = REPO / "tests" / "hostile"
 REFUSED = {  # file -> (status, what the error says)
     "truncated.jpg": (400, "corrupt"),
     "truncated.png": (400, "corrupt"),
