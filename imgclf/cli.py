@@ -404,55 +404,24 @@ def score(
 
     Exit status: 0 every image scored, 4 finished but some files could not be read,
     130 interrupted (rerun the same command to resume), 1 a mistake in the command."""
-    from serving.batch.job import score as run_score
-    from serving.core.errors import ConfigError
-    from serving.core.runtime import ClassifierRuntime
+    from serving.batch.job import run_job
 
-    if batch_size < 1 or top_k < 1 or (workers is not None and workers < 1):
-        raise ConfigError("--batch-size, --top-k and --workers must be positive")
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"--engine must be local or ray, got {engine!r}")
-    if engine == "local" and (address or actors or gpus_per_actor):
-        raise ConfigError("--address, --actors and --gpus-per-actor need --engine ray")
-    if (actors is not None and actors < 1) or gpus_per_actor < 0:
-        raise ConfigError("--actors must be positive and --gpus-per-actor not negative")
-    from serving.batch.engine import split_cores
-
-    decode_workers, ort_threads = split_cores(workers)
-    runtime = ClassifierRuntime(
+    summary = run_job(
+        inputs,
         model,
+        output,
+        output_format=output_format,
+        batch_size=batch_size,
+        workers=workers,
+        top_k=top_k,
         provider=provider,
         precision=precision,
-        max_batch_size=batch_size,
-        intra_op_threads=ort_threads,
+        progress=progress,
+        engine=engine,
+        address=address,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
     )
-    started_cluster = False
-    scoring_engine = None
-    try:
-        if engine == "ray":
-            from serving.batch import ray_engine
-
-            ray_engine.import_ray()  # one line if the extra is missing, before any work
-            started_cluster = ray_engine.connect(address)
-            scoring_engine = ray_engine.ray_engine(
-                runtime, top_k, actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size
-            )
-        summary = run_score(
-            inputs,
-            runtime,
-            output,
-            output_format=output_format,
-            top_k=top_k,
-            chunk_size=max(256, batch_size * 4),
-            workers=decode_workers,
-            progress=progress,
-            engine=scoring_engine,
-        )
-    finally:
-        if started_cluster:
-            import ray
-
-            ray.shutdown()  # the local cluster this job started, on success, error or Ctrl-C
     typer.echo(summary.line())
     for path in summary.failures:
         typer.echo(f"  failed: {path}", err=True)

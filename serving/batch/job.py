@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from monitoring.offline import SignalCollector
-from serving.batch.engine import Engine, local_engine
+from serving.batch import ray_engine
+from serving.batch.engine import Engine, local_engine, split_cores
 from serving.batch.inputs import list_inputs
 from serving.batch.writers import open_output
+from serving.core.errors import ConfigError
 from serving.core.files import write_json
 from serving.core.runtime import ClassifierRuntime
 
@@ -133,3 +135,64 @@ def progress_bar(total: int, enabled: bool):
         dynamic_ncols=True,
         smoothing=0.1,
     )
+
+
+def run_job(
+    inputs: str | Path,
+    model: Path,
+    output: Path,
+    *,
+    output_format: str | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    top_k: int = 5,
+    provider: str = "auto",
+    precision: str = "fp32",
+    progress: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float = 0.0,
+) -> Summary:
+    """``imgclf score``: check the options, build the runtime and the engine (local, or Ray
+    with the cluster this job may start and always stops), and ``score``."""
+    if batch_size < 1 or top_k < 1 or (workers is not None and workers < 1):
+        raise ConfigError("--batch-size, --top-k and --workers must be positive")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (address or actors or gpus_per_actor):
+        raise ConfigError("--address, --actors and --gpus-per-actor need --engine ray")
+    if (actors is not None and actors < 1) or gpus_per_actor < 0:
+        raise ConfigError("--actors must be positive and --gpus-per-actor not negative")
+    decode_workers, ort_threads = split_cores(workers)
+    runtime = ClassifierRuntime(
+        model,
+        provider=provider,
+        precision=precision,
+        max_batch_size=batch_size,
+        intra_op_threads=ort_threads,
+    )
+    started_cluster = False
+    scoring_engine = None
+    try:
+        if engine == "ray":
+            ray_engine.import_ray()  # one line if the extra is missing, before any work
+            started_cluster = ray_engine.connect(address)
+            scoring_engine = ray_engine.ray_engine(
+                runtime, top_k, actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size
+            )
+        return score(
+            inputs,
+            runtime,
+            output,
+            output_format=output_format,
+            top_k=top_k,
+            chunk_size=max(256, batch_size * 4),
+            workers=decode_workers,
+            progress=progress,
+            engine=scoring_engine,
+        )
+    finally:
+        if started_cluster:
+            # The local cluster this job started, on success, error or Ctrl-C.
+            ray_engine.import_ray().shutdown()
