@@ -81,7 +81,8 @@ def test_train_and_export_hide_tensorflows_native_start_up_lines(trained_run, tm
         "--no-register",
         env={"TF_CPP_MIN_LOG_LEVEL": "0"},
     )
-    assert "oneDNN custom operations" in verbose.stderr  # --verbose shows them
+    # --verbose shows them (the oneDNN line only on CPUs where TensorFlow turns oneDNN on).
+    assert any(noise in verbose.stderr for noise in ("absl::InitializeLog", "oneDNN custom"))
 
 
 def test_evaluate_on_the_runs_own_test_split_equals_its_metrics(
