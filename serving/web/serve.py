@@ -5,7 +5,7 @@ loading the model once, then ``bentoml serve`` in place of this process."""
 from __future__ import annotations
 
 import os
-import shutil
+import socket
 import sys
 import typing
 from collections.abc import Mapping
@@ -78,8 +78,9 @@ def settings_from(
 
 
 def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typing.NoReturn:
-    """Refuse to start on a model the server could not load (one line now, not a crash in
-    every worker), print how to call it, then exec ``bentoml serve``."""
+    """Refuse to start on a model the server could not load or a port it could not listen on
+    (one line now, not a crash in every worker), print how to call it, then exec ``bentoml
+    serve`` (through ``serving.web.launch``)."""
     import serving
     from serving.core.runtime import ClassifierRuntime
 
@@ -90,16 +91,14 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
 
         directory = stored_model_path(settings.bento_model)
     runtime = ClassifierRuntime.from_settings(directory, settings)
-    bentoml_cli = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which(
-        "bentoml"
-    )
-    if bentoml_cli is None:
-        raise ConfigError("bentoml is not installed: install the serve extra")
+    check_port_free(host, port)
     base = f"http://{host}:{port}"
+    example = Path(serving.__file__).resolve().parent.parent / "examples" / "digit-3.png"
+    image = example if example.exists() else Path("digit.png")
     echo(
         f"serving {runtime.summary()} ({directory})\n"
-        f"  curl -X POST -H 'Content-Type: image/png' --data-binary @digit.png {base}/predict\n"
-        f"  curl -F images=@a.png -F images=@b.jpg '{base}/predict_batch?top_k=3'\n"
+        f"  curl -F image=@{image} {base}/predict\n"
+        f"  curl -F images=@{image} -F images=@{image} '{base}/predict_batch?top_k=3'\n"
         f"  curl {base}/metadata    curl {base}/readyz    curl {base}/metrics"
     )
     sys.stdout.flush()
@@ -107,6 +106,22 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
     if settings.model_dir is None:
         env.pop(ENV_PREFIX + "MODEL_DIR", None)
     working_dir = str(Path(serving.__file__).resolve().parent.parent)
-    args = [bentoml_cli, "serve", "serving.service:ImageClassifier"]
+    # Through serving.web.launch: this server's metrics and feedback live in a folder of
+    # their own, whatever other server runs or starts on this host.
+    args = [sys.executable, "-m", "serving.web.launch", "serve", "serving.service:ImageClassifier"]
     args += ["--port", str(port), "--host", host, "--working-dir", working_dir]
-    os.execve(bentoml_cli, args, env)
+    os.execve(sys.executable, args, env)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One readable line, before any worker starts, when another process holds the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}); another server "
+                "may hold it: choose another --port"
+            ) from None

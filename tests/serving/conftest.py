@@ -47,6 +47,7 @@ class Server:
     """A real server process; ``stop()`` sends SIGTERM like an orchestrator would."""
 
     def __init__(self, model_dir: Path, env: dict | None = None, args: tuple = ()) -> None:
+        self.model_dir = model_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ["BENTOML_HOME"]) / f"server-{self.port}.log", "w+")  # noqa: SIM115
@@ -54,8 +55,8 @@ class Server:
             [IMGCLF, "serve", "--model", str(model_dir), "--port", str(self.port), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            # Its own BentoML home: each `bentoml serve` empties the Prometheus folder under
-            # BENTOML_HOME when it starts, which would wipe another running server's metrics.
+            # Its own BentoML home: a private model store. (Metrics and feedback are per server
+            # whatever the home: test_several_servers.py shares one on purpose.)
             env={**os.environ, **TEST_ENV, "BENTOML_HOME": tempfile.mkdtemp(), **(env or {})},
             cwd=REPO,
             start_new_session=True,
