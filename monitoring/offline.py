@@ -8,6 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from monitoring.drift import SIGNALS, compare, image_signals
+from monitoring.thresholds import WINDOW_SIZES
+
+#: Fewer images than the smallest window the thresholds are calibrated for are not judged:
+#: five images would be "critical" on every signal by chance alone.
+MIN_JUDGED = WINDOW_SIZES[0]
 
 
 class SignalCollector:
@@ -36,7 +41,12 @@ class SignalCollector:
         if len(signals["class"]) == 0:
             return {**context, "samples": 0, "status": "no images scored", "signals": {}}
         signals["class"] = signals["class"].astype(np.int64)
-        return {**context, **compare(profile, signals)}
+        found = compare(profile, signals)
+        if found["samples"] < MIN_JUDGED:
+            for values in found["signals"].values():
+                values["level"] = "not judged"
+            found["status"] = f"too few images to judge ({found['samples']} < {MIN_JUDGED})"
+        return {**context, **found}
 
 
 SHOWN = (("psi", "PSI"), ("js_distance", "JS"), ("ks", "KS"))

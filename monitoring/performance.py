@@ -20,8 +20,13 @@ def confusion(true_labels: np.ndarray, predicted: np.ndarray, num_classes: int) 
 
 
 def scores(matrix: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro and per-class precision / recall / F1 of a confusion matrix (0 where a
-    class was never predicted or never seen, as scikit-learn's ``zero_division=0``)."""
+    """Accuracy, macro and per-class precision / recall / F1 of a confusion matrix.
+
+    Per class, 0 where a class was never predicted or never seen (scikit-learn's
+    ``zero_division=0``). The macro figures average over the classes that have labels
+    (support > 0) only: ten labels of one class, all correct, are a macro precision of 1,
+    not 0.1. With no labels at all, accuracy and the macro figures are None, not 0.
+    """
     matrix = np.asarray(matrix, dtype=np.int64)
     hits = np.diag(matrix).astype(np.float64)
     support = matrix.sum(axis=1)
@@ -31,11 +36,16 @@ def scores(matrix: np.ndarray, classes: list[str]) -> dict:
     both = precision + recall
     f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
     count = int(matrix.sum())
+    labelled = support > 0
+
+    def macro(values: np.ndarray) -> float | None:
+        return float(values[labelled].mean()) if labelled.any() else None
+
     return {
-        "accuracy": float(hits.sum() / count) if count else 0.0,
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
+        "accuracy": float(hits.sum() / count) if count else None,
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
+        "macro_f1": macro(f1),
         "count": count,
         "per_class": {
             name: {

@@ -27,7 +27,19 @@ def test_scores_match_scikit_learn_including_a_class_never_predicted():
         assert found["per_class"][name]["recall"] == pytest.approx(recall[i])
         assert found["per_class"][name]["support"] == support[i]
     assert found["per_class"]["e"]["precision"] == 0.0
-    assert scores(np.zeros((3, 3)), list("abc"))["accuracy"] == 0.0
+    empty = scores(np.zeros((3, 3)), list("abc"))
+    assert empty["accuracy"] is None and empty["macro_precision"] is None  # no labels yet
+
+
+def test_macro_figures_average_over_the_labelled_classes_only():
+    """Ten labels, all of class 3 and all correct, out of ten classes: every figure is 1."""
+    true = np.full(10, 3)
+    found = scores(confusion(true, true, 10), [str(d) for d in range(10)])
+    assert found["accuracy"] == 1.0
+    assert (found["macro_precision"], found["macro_recall"], found["macro_f1"]) == (1.0, 1.0, 1.0)
+    # A wrong answer for a labelled class still counts against it, in the labelled classes.
+    found = scores(confusion(np.array([3, 3]), np.array([3, 5]), 10), [str(d) for d in range(10)])
+    assert found["macro_recall"] == 0.5 and found["macro_precision"] == 1.0
 
 
 def test_calibrated_and_overconfident_models():

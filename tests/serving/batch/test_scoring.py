@@ -228,3 +228,17 @@ def test_same_predictions_as_the_http_service(tmp_path, images, runtime, client)
         assert answer["label"] == row["label"]
         assert answer["score"] == pytest.approx(float(row["score"]), rel=1e-6)
         assert [e["label"] for e in answer["top_k"]] == json.loads(row["top_k_labels"])
+
+
+def test_too_few_images_are_not_judged_for_drift(tmp_path, images, runtime):
+    """Five images would be "critical" on every signal by chance: below the smallest window
+    the thresholds are calibrated for (50), the report says so instead of a verdict."""
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in all_files(images)[:5]:
+        shutil.copy(path, few / Path(path).name)
+    summary = score(few, runtime, tmp_path / "few.csv", progress=False)
+    assert summary.drift_status == "too few images to judge (5 < 50)"
+    report = json.loads((tmp_path / "few.csv.drift.json").read_text())
+    assert {values["level"] for values in report["signals"].values()} == {"not judged"}
+    assert report["samples"] == 5 and "psi" in report["signals"]["class"]  # still measured

@@ -78,4 +78,6 @@ def test_each_server_counts_its_own_requests_and_labels(two_servers):
     refused = httpx.post(second.url + "/feedback", json=labels[:1])
     assert refused.status_code == 404, refused.text
     assert httpx.get(first.url + "/feedback").json()["labelled"] == 5
-    assert httpx.get(second.url + "/feedback").json()["labelled"] == 0
+    unlabelled = httpx.get(second.url + "/feedback").json()
+    assert unlabelled["labelled"] == 0
+    assert unlabelled["accuracy"] is None and unlabelled["macro_recall"] is None  # not 0.0
