@@ -39,7 +39,8 @@ def list_inputs(spec: str | Path) -> list[str]:
         raise ConfigError(f"input {text} is not a folder, a file or a glob")
     if not found:
         raise ConfigError(f"input {text} holds no images")
-    return found
+    # Absolute paths: a rerun that names the same folder another way resumes, not rescores.
+    return [p if p.startswith(URI_SCHEMES) else os.path.abspath(p) for p in found]
 
 
 def _list_uri(uri: str) -> list[str]:

@@ -72,6 +72,7 @@ def score(
     writer = open_output(Path(output), output_format)
     writer.check_model(runtime.name, runtime.version)
     paths = list_inputs(inputs)
+    writer.drop_failed()  # a rerun tries the inputs that failed again
     done = writer.scored_paths()
     todo = [path for path in paths if path not in done]
     summary = Summary(total=len(paths), skipped=len(paths) - len(todo))

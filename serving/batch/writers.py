@@ -42,6 +42,11 @@ def parquet_schema():
     return pa.schema([(name, arrow(kind)) for name, kind in COLUMN_TYPES])
 
 
+def _key(path: str) -> str:
+    """A path as inputs list it: object-store URIs as they are, local paths absolute."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def open_output(path: Path, output_format: str | None):
     output_format = output_format or ("parquet" if path.suffix.lower() == ".parquet" else "csv")
     if output_format == "csv":
@@ -68,7 +73,17 @@ class _Output:
                 return
 
     def scored_paths(self) -> set[str]:
-        return {row["path"] for rows in self.read_rows() for row in rows}
+        """Inputs already scored without error (local paths absolute), so that a rerun skips
+        them and tries the failed ones again."""
+        return {_key(row["path"]) for rows in self.read_rows() for row in rows if not row["error"]}
+
+    def drop_failed(self) -> int:
+        """Remove the rows that failed, before a rerun scores those inputs again: each input
+        keeps one row. Returns how many were removed."""
+        failed = sum(1 for rows in self.read_rows() for row in rows if row["error"])
+        if failed:
+            self._rewrite_without_errors()
+        return failed
 
 
 class CsvOutput(_Output):
@@ -123,6 +138,20 @@ class CsvOutput(_Output):
         if new:
             fsync_dir(self.path.parent)
 
+    def _rewrite_without_errors(self) -> None:
+        import csv
+
+        kept = [row for rows in self.read_rows() for row in rows if not row["error"]]
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(kept)  # read back as text: already in the file's own form
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
+        fsync_dir(self.path.parent)
+
     def _repair(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
@@ -159,6 +188,23 @@ class ParquetOutput(_Output):
 
         for part in self._parts():
             yield pq.read_table(part).to_pylist()
+
+    def _rewrite_without_errors(self) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        for part in self._parts():
+            table = pq.read_table(part)
+            kept = table.filter(pc.equal(table.column("error"), ""))
+            if kept.num_rows == table.num_rows:
+                continue
+            if kept.num_rows == 0:
+                part.unlink()
+                continue
+            temporary = part.with_name(f".{part.name}.tmp")
+            pq.write_table(kept, temporary)
+            os.replace(temporary, part)
+        fsync_dir(self.path)
 
     def append(self, rows: list[dict]) -> None:
         import pyarrow as pa

@@ -12,7 +12,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from serving import __version__
 from serving.web import openapi, openapi_v2
+
+#: The OpenAPI document's ``info``.
+INFO = {
+    "title": "imgclf",
+    "version": __version__,
+    "description": "Image classification on ONNX Runtime: /predict, /predict_batch, "
+    "/metadata, /feedback and the Open Inference Protocol (/v2). Errors are "
+    '{"error": "..."} with a 4xx or 5xx status.',
+}
 
 
 def build_app(routes: list[Route]) -> Starlette:
@@ -99,6 +109,8 @@ class MergeOpenAPIPaths:
         body = b"".join(chunks)
         if start.get("status") == 200:
             spec = json.loads(body)
+            # BentoML's info says version "None" and its own boilerplate: say what this is.
+            spec["info"] = {**spec.get("info", {}), **INFO}
             spec.setdefault("paths", {}).update(self.paths)
             spec["paths"].update(openapi_v2.paths(*self.served()))
             body = json.dumps(spec).encode()

@@ -79,9 +79,16 @@ def start_worker(
             "workers": workers,
             "decode_threads": decode_threads,
             "state": lifecycle.state,
+            # Each worker keeps its own drift window: say whose figures these are. The fleet's
+            # figures are on /metrics (the drift gauges take the fullest live worker's).
+            "worker": {"pid": os.getpid(), "of": workers},
             "monitoring": None
             if predictions is None
-            else {**predictions.describe(), "feedback": feedback_settings(feedback, settings)},
+            else {
+                "scope": f"this worker (pid {os.getpid()}) of {workers}; /metrics has them all",
+                **predictions.describe(),
+                "feedback": feedback_settings(feedback, settings),
+            },
         }
 
     def close() -> None:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from serving.batch.job import score
-from serving.batch.writers import COLUMNS
+from serving.batch.writers import COLUMNS, open_output
 from serving.core.runtime import ClassifierRuntime
 from tests.conftest import IMGCLF, assert_one_line_error, make_image_folder, run_cli
 
@@ -73,9 +73,8 @@ def test_glob_and_list_inputs(tmp_path, images, runtime):
         "# seven of them\n" + "\n".join(os.path.relpath(p, tmp_path) for p in chosen) + "\n"
     )
     listed = score(listing, runtime, tmp_path / "listed.csv", progress=False)
-    assert sorted(r["path"] for r in read_csv(tmp_path / "listed.csv")) == sorted(
-        str(tmp_path / os.path.relpath(p, tmp_path)) for p in chosen
-    )
+    # Entries relative to the list file, written out absolute and normalised.
+    assert sorted(r["path"] for r in read_csv(tmp_path / "listed.csv")) == sorted(chosen)
     assert listed.scored == 7
     table = tmp_path / "list.csv"
     table.write_text("id,path\n" + "".join(f"{i},{p}\n" for i, p in enumerate(chosen[:3])))
@@ -242,3 +241,25 @@ def test_too_few_images_are_not_judged_for_drift(tmp_path, images, runtime):
     report = json.loads((tmp_path / "few.csv.drift.json").read_text())
     assert {values["level"] for values in report["signals"].values()} == {"not judged"}
     assert report["samples"] == 5 and "psi" in report["signals"]["class"]  # still measured
+
+
+@pytest.mark.parametrize("output_name", ["scores.csv", "scores.parquet"])
+def test_a_rerun_retries_failed_rows_and_resumes_however_the_folder_is_named(
+    tmp_path, images, runtime, monkeypatch, output_name
+):
+    folder = tmp_path / "in"
+    shutil.copytree(images, folder)
+    (folder / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n not yet uploaded")
+    output = tmp_path / output_name
+    monkeypatch.chdir(tmp_path)
+    first = score("in", runtime, output, progress=False)  # a relative path
+    assert (first.scored, first.failed) == (40, 1)
+    shutil.copy(all_files(images)[0], folder / "late.png")  # the file is fixed
+    second = score(str(folder), runtime, output, progress=False)  # the same, absolute
+    assert (second.scored, second.failed, second.skipped) == (1, 0, 40)
+    writer = open_output(output, None)
+    rows = [row for chunk in writer.read_rows() for row in chunk]
+    paths = [row["path"] for row in rows]
+    assert len(paths) == len(set(paths)) == 41, "each input keeps one row"
+    assert not any(row["error"] for row in rows)
+    assert str(folder / "late.png") in paths

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from serving import __version__
 from serving.core.runtime import ClassifierRuntime
 from tests.serving.cases import bad_requests, good_images, send
 
@@ -150,6 +151,8 @@ def test_health_and_openapi(api):
     for path in ("/predict", "/predict_batch", "/metadata"):
         assert path in spec["paths"], path
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert spec["info"]["version"] == __version__ != "None"
+    assert spec["info"]["title"] == "imgclf" and "/predict" in spec["info"]["description"]
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c.name for c in BAD])

@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import assert_one_line_error, run_cli
@@ -81,3 +82,17 @@ def test_each_server_counts_its_own_requests_and_labels(two_servers):
     unlabelled = httpx.get(second.url + "/feedback").json()
     assert unlabelled["labelled"] == 0
     assert unlabelled["accuracy"] is None and unlabelled["macro_recall"] is None  # not 0.0
+
+
+def test_metadata_says_which_worker_answered(two_servers):
+    """Each worker keeps its own drift window, so /metadata names the worker whose figures
+    it gives: a worker process of this server, never another's."""
+    first, second, _ = two_servers
+    workers = {p.pid for p in psutil.Process(first.process.pid).children(recursive=True)}
+    others = {p.pid for p in psutil.Process(second.process.pid).children(recursive=True)}
+    for _ in range(20):
+        body = httpx.get(first.url + "/metadata").json()
+        pid = body["worker"]["pid"]
+        assert pid in workers and pid not in others
+        assert body["worker"]["of"] == 2  # the default here: a worker per core
+        assert body["monitoring"]["scope"].startswith(f"this worker (pid {pid}) of 2")
