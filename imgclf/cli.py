@@ -60,9 +60,23 @@ def quiet_native_logs():
     return nullcontext() if VERBOSE["on"] else native_log_filter()
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from serving import __version__
+
+        typer.echo(f"imgclf {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     VERBOSE["on"] = verbose
     logging.basicConfig(
@@ -265,8 +279,10 @@ def evaluate(
 
     if (data is None) == (run is None):
         raise ConfigError("give either --data FOLDER or --run RUN_DIR --split test")
-    if run is not None and split not in ("train", "validation", "test"):
+    if run is not None and split is None:
         raise ConfigError("--run needs --split train, validation or test")
+    if run is not None and split not in ("train", "validation", "test"):
+        raise ConfigError(f"--split must be train, validation or test, got {split!r}")
     if data is not None and split is not None:
         raise ConfigError("--split goes with --run, not --data")
     with quiet_native_logs():

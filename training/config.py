@@ -225,11 +225,12 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _describe_validation_error(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "config"
+    where = ".".join(str(part) for part in first["loc"])
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"unknown config key {where}{more}"
-    return f"invalid config {where}: {first['msg']}{more}"
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's wording, not ours
+    return f"invalid config{' ' + where if where else ''}: {message}{more}"
 
 
 def _one_line(error: Exception) -> str:

@@ -18,7 +18,7 @@ from monitoring.offline import SignalCollector
 from serving.batch import ray_engine
 from serving.batch.engine import Engine, local_engine, split_cores
 from serving.batch.inputs import list_inputs
-from serving.batch.writers import open_output
+from serving.batch.writers import open_output, output_format_of
 from serving.core.errors import ConfigError
 from serving.core.files import write_json
 from serving.core.runtime import ClassifierRuntime
@@ -165,6 +165,7 @@ def run_job(
         raise ConfigError("--address, --actors and --gpus-per-actor need --engine ray")
     if (actors is not None and actors < 1) or gpus_per_actor < 0:
         raise ConfigError("--actors must be positive and --gpus-per-actor not negative")
+    output_format_of(output, output_format)  # before the model loads: a wrong name is one line
     decode_workers, ort_threads = split_cores(workers)
     runtime = ClassifierRuntime(
         model,

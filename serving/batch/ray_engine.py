@@ -114,7 +114,14 @@ def ray_engine(
     # Our own progress bar counts rows; Ray Data's would print over it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 1))
+    if gpus_per_actor > resources.get("GPU", 0):
+        # Ray would wait for a GPU that never comes, with a warning after a minute.
+        raise ConfigError(
+            f"--gpus-per-actor {gpus_per_actor:g} but the Ray cluster has "
+            f"{resources.get('GPU', 0):g} GPU(s); drop --gpus-per-actor to score on CPUs"
+        )
     # On a small node an actor pool that takes every CPU starves Ray Data's own tasks.
     size = actors or max(1, cpus - 1)
     provider = "cuda" if gpus_per_actor > 0 else "cpu"

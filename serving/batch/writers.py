@@ -47,13 +47,26 @@ def _key(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def output_format_of(path: Path, output_format: str | None) -> str:
+    """csv or parquet: ``output_format`` when given, else from the name (``.csv``,
+    ``.parquet``); any other ending is refused rather than silently written as CSV."""
+    if output_format is None:
+        suffix = Path(path).suffix.lower()
+        if suffix not in (".csv", ".parquet"):
+            raise ConfigError(
+                f"--output {path} must end in .csv or .parquet (or give --format csv|parquet)"
+            )
+        output_format = suffix[1:]
+    if output_format not in ("csv", "parquet"):
+        raise ConfigError(f"--format must be csv or parquet, got {output_format!r}")
+    return output_format
+
+
 def open_output(path: Path, output_format: str | None):
-    output_format = output_format or ("parquet" if path.suffix.lower() == ".parquet" else "csv")
+    output_format = output_format_of(path, output_format)
     if output_format == "csv":
         return CsvOutput(path)
-    if output_format == "parquet":
-        return ParquetOutput(path)
-    raise ConfigError(f"--format must be csv or parquet, got {output_format!r}")
+    return ParquetOutput(path)
 
 
 class _Output:

@@ -176,6 +176,17 @@ def test_an_actor_killed_mid_job_is_retried_and_nothing_is_lost(
     assert not any(row["error"] for row in rows)
 
 
+def test_gpu_actors_on_a_cluster_without_a_gpu_are_refused_at_once(
+    tmp_path, published_model, cluster
+):
+    """Before, the job waited for a GPU that never comes (Ray's own warning after 60 s)."""
+    folder = make_image_folder(tmp_path / "images", 1)
+    output = tmp_path / "gpu.csv"
+    result = score_with_ray(cluster, folder, published_model, output, "--gpus-per-actor", "1")
+    assert_one_line_error(result, "--gpus-per-actor 1 but the Ray cluster has 0 GPU(s)")
+    assert not output.exists()
+
+
 def test_ray_engine_without_ray_installed_is_one_line(tmp_path, published_model):
     shim = tmp_path / "no_ray" / "ray"
     shim.mkdir(parents=True)
