@@ -69,8 +69,13 @@ def train(
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    spec = preprocess_spec(config.data)
-    splits, classes, skipped = _load_splits(config, run, spec, resuming=resuming)
+    try:
+        spec = preprocess_spec(config.data)
+        splits, classes, skipped = _load_splits(config, run, spec, resuming=resuming)
+    except BaseException:
+        if not resuming:  # nothing started: leave nothing that would block the fixed command
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
     loaders = {
         name: make_dataset(
             splits[name],

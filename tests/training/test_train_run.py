@@ -173,6 +173,15 @@ def test_cli_user_mistakes_are_one_line(tmp_path, image_folder):
     assert_one_line_error(
         run_cli("train", "--data", str(empty), "--output", str(tmp_path / "b")), "9", "no images"
     )
+    # Neither failure left a run folder behind that would refuse the corrected command as
+    # "an interrupted run with a different config".
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    fixed = run_cli(
+        *("train", "--data", str(image_folder), "--output", str(tmp_path / "b")),
+        *("--image-size", "16", "--epochs", "1", "--weights", "none"),
+    )
+    assert fixed.returncode in (0, 3), fixed.stderr[-2000:]  # trained (learning or not)
+    assert (tmp_path / "b" / "metrics.json").exists()
 
     bad_config = tmp_path / "bad.yaml"
     bad_config.write_text("train: [unclosed\n")
