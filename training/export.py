@@ -267,15 +267,19 @@ def _quantize_and_gate(staging, calibration, test_images, test_labels, activatio
         staging / ONNX_MODEL, int8_path, calibration, activation_type=activation_type
     )
 
-    def accuracy(path: Path) -> float:
-        probabilities = parity.run_batched(parity.onnx_predictor(path), test_images, 64)
-        return float((probabilities.argmax(axis=1) == test_labels).mean())
+    def probabilities(path: Path) -> np.ndarray:
+        return parity.run_batched(parity.onnx_predictor(path), test_images, 64)
 
-    gate = quantize.accuracy_gate(accuracy(staging / ONNX_MODEL), accuracy(int8_path))
+    def accuracy(found: np.ndarray) -> float:
+        return float((found.argmax(axis=1) == test_labels).mean())
+
+    fp32, int8 = probabilities(staging / ONNX_MODEL), probabilities(int8_path)
+    vectors = quantize.output_check(fp32, int8)  # the whole vector, not just top-1
+    gate = quantize.accuracy_gate(accuracy(fp32), accuracy(int8), vectors["sums_to_one"])
     if not gate["kept"]:
         int8_path.unlink()
         log.warning("INT8 model %s", gate["decision"])
-    return {**settings, **gate}
+    return {**settings, **vectors, **gate}
 
 
 def _saved_model_predictor(path: Path):

@@ -21,6 +21,7 @@ from serving.core.model_dir import load_metadata, verify_files, version_numbers 
 from tests.conftest import IMGCLF, REPO, assert_one_line_error, run_cli  # noqa: E402
 from training import export as export_module  # noqa: E402
 from training import parity  # noqa: E402
+from training.datasets import read_manifest  # noqa: E402
 from training.export import export  # noqa: E402
 
 
@@ -310,3 +311,39 @@ def test_scale_fold_is_exact_and_skips_negative_scales(tmp_path, published_model
     reference = run(negative)
     assert fold_positive_scales(negative) == 4  # the conv BN with a negative scale stays
     np.testing.assert_allclose(run(negative), reference, rtol=1e-4, atol=1e-6)
+
+
+def test_int8_keeps_the_softmax_in_float_so_probabilities_sum_to_one(
+    tmp_path, published_model, trained_run
+):
+    """Quantized whole, the softmax gave probabilities in steps of 1/255 that did not sum to
+    1, and every class after the first tied at 0.0; its head now stays in float."""
+    from serving.core.preprocessing import PreprocessSpec, preprocess_file
+    from training import quantize
+
+    spec = PreprocessSpec.from_metadata(load_metadata(published_model)["preprocessing"])
+    test = read_manifest(trained_run)["test"]
+    images = np.stack([preprocess_file(s.path, spec) for s in test])
+    int8_path = tmp_path / "model.int8.onnx"
+    settings = quantize.quantize(published_model / "model.onnx", int8_path, images)
+    model = onnx.load(str(int8_path))
+    head = {
+        node.name: node.op_type for node in model.graph.node if node.name in settings["float_nodes"]
+    }
+    assert "Softmax" in head.values() and {"MatMul", "Gemm"} & set(head.values()), head
+    assert not any(
+        node.op_type == "QuantizeLinear" and "probabilities" in node.input
+        for node in model.graph.node
+    )
+
+    def run(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["probabilities"], {"image": images})[0]
+
+    fp32, int8 = run(published_model / "model.onnx"), run(int8_path)
+    check = quantize.output_check(fp32, int8)
+    assert check["sums_to_one"] and check["max_sum_error"] < 1e-5
+    second = np.sort(int8, axis=1)[:, -2]
+    assert (second > 0).all(), "the runner-up is a real probability, not a quantized 0"
+    report = json.loads((published_model / "parity.json").read_text())["int8"]
+    assert report["sums_to_one"] and "max_abs_diff" in report  # the export checked the vector
