@@ -511,9 +511,31 @@ def _parse_size(text: str) -> list[int]:
     return sizes
 
 
+def command():
+    """The click command behind ``app``, with on/off flags shown without a ``<bool>`` value
+    they do not take."""
+    group = typer.main.get_command(app)
+    for each in [group, *group.commands.values()]:
+        for param in each.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        each.get_help_option = _without_metavar(each.get_help_option)  # --help, made per call
+    return group
+
+
+def _without_metavar(make_option):
+    def help_option(ctx):
+        option = make_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return help_option
+
+
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(app())
+    sys.exit(command()())
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout and "--help" in result.stdout
+    assert "<bool>" not in result.stdout  # flags take no value
 
 
 def test_the_cli_does_not_import_tensorflow_until_a_command_needs_it():
