@@ -85,6 +85,9 @@ def main(
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not verbose:  # the converters' INFO chatter; our own lines stay
+        for chatty in ("tensorflow", "tf2onnx", "onnxruntime", "absl", "PIL", "matplotlib"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -121,6 +124,15 @@ def train(
         Optional[list[str]],
         typer.Option(
             "--set", help="Override any config key: --set train.optimizer=sgd (repeatable)."
+        ),
+    ] = None,
+    progress: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--progress/--no-progress",
+            help="Keras' progress bar per epoch (default: when the output is a terminal; "
+            "otherwise one line per epoch, for logs).",
+            show_default=False,
         ),
     ] = None,
     force: Annotated[
@@ -168,7 +180,11 @@ def train(
     with quiet_native_logs():
         from training.train import train as run_training
 
-        metrics = run_training(resolved, output, force=force, sources=sources)
+        if progress is None:
+            progress = sys.stdout.isatty()
+        metrics = run_training(
+            resolved, output, force=force, sources=sources, verbose=1 if progress else 2
+        )
     test = metrics["test"]
     auc = "n/a" if test["macro_auc"] is None else f"{test['macro_auc']:.4f}"
     typer.echo(

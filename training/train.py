@@ -281,6 +281,7 @@ def _fit_stage(model, config, loaders, run, stage, initial_epoch, epochs, class_
         callbacks=callbacks,
         class_weight=class_weight,
         verbose=verbose,
+        shuffle=False,  # the tf.data pipeline shuffles; Keras would only warn it ignores this
     )
     return history.epoch
 

@@ -182,6 +182,9 @@ def test_cli_user_mistakes_are_one_line(tmp_path, image_folder):
     )
     assert fixed.returncode in (0, 3), fixed.stderr[-2000:]  # trained (learning or not)
     assert (tmp_path / "b" / "metrics.json").exists()
+    # Into a log (no terminal): one line per epoch, no progress bars, no Keras warning.
+    assert "\x1b[" not in fixed.stdout + fixed.stderr and "shuffle=True" not in fixed.stderr
+    assert "val_accuracy" in fixed.stdout  # the epoch's one line
 
     bad_config = tmp_path / "bad.yaml"
     bad_config.write_text("train: [unclosed\n")
