@@ -9,6 +9,7 @@ RUN_DIR ?= runs/digits
 REPOSITORY ?= model_repository
 MODEL_NAME ?= digits
 PORT ?= 3000
+HOST ?= 127.0.0.1
 
 .PHONY: venv run train export serve test test-fast docs lint clean
 
@@ -21,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 ## run: build the environment, train on the built-in digits, export (the next version), serve
+## (make run PORT=3001 HOST=0.0.0.0 to choose where it listens)
 run: export
-	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT)
+	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT) --host $(HOST)
 
 train: $(STAMP)
 	$(BIN)/imgclf train --dataset digits --output $(RUN_DIR) --force
@@ -32,7 +34,7 @@ export: train
 
 ## serve: serve the newest published version without retraining
 serve: $(STAMP)
-	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT)
+	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT) --host $(HOST)
 
 ## test: build the environment, run the whole suite
 test: $(STAMP)

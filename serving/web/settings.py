@@ -144,6 +144,12 @@ class ServingSettings(BaseModel):
         description="Predictions kept (id, class, time; never the image) for POST /feedback "
         "to match delayed labels to, shared by the workers. 0: no feedback.",
     )
+    feedback_store_path: Path | None = Field(
+        None,
+        description="A SQLite file for the feedback store, for servers meant to share their "
+        "labels (replicas of one model behind a balancer). Default: a file in this server's "
+        "own runtime folder, which no other server touches.",
+    )
     feedback_max_age_s: float = Field(
         3 * 86400.0, gt=0, description="Predictions older than this can no longer be labelled."
     )
@@ -161,7 +167,14 @@ class ServingSettings(BaseModel):
         "falls this far below its held-out value.",
     )
 
-    @field_validator("model_dir", "workers", "max_concurrency", "decode_threads", mode="before")
+    @field_validator(
+        "model_dir",
+        "workers",
+        "max_concurrency",
+        "decode_threads",
+        "feedback_store_path",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value):
         return None if value in ("", None) else value

@@ -158,16 +158,18 @@ def prediction_observer(
 def open_feedback(
     runtime: ClassifierRuntime, profile: dict | None, settings: ServingSettings
 ) -> Feedback:
-    """The store every worker shares: in BentoML's per-server runtime folder (emptied when
-    the server starts), or a private folder when the service runs alone."""
+    """The store every worker of this server shares: in the server's own runtime folder
+    (``serving.web.launch``), a private folder when the service runs alone, or the file
+    ``feedback_store_path`` names when several servers are meant to share their labels."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="imgclf-")
+    path = settings.feedback_store_path or Path(folder) / "imgclf-feedback.sqlite3"
     observer = FeedbackObserver(
         capacity=settings.feedback_store_size,
         min_samples=settings.feedback_min_samples,
         margin=settings.accuracy_alert_margin,
     )
     store = FeedbackStore(
-        Path(folder) / "imgclf-feedback.sqlite3",
+        path,
         runtime.classes,
         capacity=settings.feedback_store_size,
         max_age_s=settings.feedback_max_age_s,
