@@ -6,8 +6,10 @@ first one's metrics, and a start that failed on a busy port emptied them for goo
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -79,6 +81,9 @@ def test_each_server_counts_its_own_requests_and_labels(two_servers):
     refused = httpx.post(second.url + "/feedback", json=labels[:1])
     assert refused.status_code == 404, refused.text
     assert httpx.get(first.url + "/feedback").json()["labelled"] == 5
+    # The first request works by copy-paste: the printed curl line names a file that exists.
+    printed = re.search(r"curl -F image=@(\S+) ", first.output())
+    assert printed and Path(printed.group(1)).is_file(), first.output()[:2000]
     unlabelled = httpx.get(second.url + "/feedback").json()
     assert unlabelled["labelled"] == 0
     assert unlabelled["accuracy"] is None and unlabelled["macro_recall"] is None  # not 0.0
