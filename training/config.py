@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serving.core.errors import ConfigError
+from serving.core.errors import ConfigError, validation_message
 
 ARCHITECTURES = ("seed-cnn", "mobilenetv2", "resnet50", "vgg16")
 
@@ -229,8 +229,7 @@ def _describe_validation_error(error: ValidationError) -> str:
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"unknown config key {where}{more}"
-    message = first["msg"].removeprefix("Value error, ")  # pydantic's wording, not ours
-    return f"invalid config{' ' + where if where else ''}: {message}{more}"
+    return f"invalid config{' ' + where if where else ''}: {validation_message(first)}{more}"
 
 
 def _one_line(error: Exception) -> str:

@@ -58,6 +58,12 @@ class ConfigError(ImgclfError):
     reason = "config"
 
 
+def validation_message(problem: dict) -> str:
+    """One pydantic validation problem (an item of ``ValidationError.errors()``) in our
+    words: its message without pydantic's "Value error, " prefix."""
+    return problem["msg"].removeprefix("Value error, ")
+
+
 class DataError(ImgclfError):
     """A data set that cannot be trained on: missing folder, empty class, one class only."""
 

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from serving.core.buckets import normalise_buckets
-from serving.core.errors import ConfigError
+from serving.core.errors import ConfigError, validation_message
 
 ENV_PREFIX = "IMGCLF_"
 
@@ -202,13 +202,10 @@ class ServingSettings(BaseModel):
                 f"max_images_per_request ({self.max_images_per_request}) cannot exceed "
                 f"max_batch_size ({self.max_batch_size}): one request must fit one batch"
             )
-        if self.batch_buckets is not None and (
-            min(self.batch_buckets) < 1 or max(self.batch_buckets) != self.max_batch_size
-        ):
-            raise ValueError(
-                f"batch_buckets must be positive and end at max_batch_size "
-                f"({self.max_batch_size}), got {list(self.batch_buckets)}"
-            )
+        try:
+            normalise_buckets(self.batch_buckets, self.max_batch_size)  # the runtime's check
+        except ConfigError as error:
+            raise ValueError(error.message) from None
         return self
 
     @property
@@ -229,7 +226,7 @@ class ServingSettings(BaseModel):
         except ValidationError as error:
             first = error.errors()[0]
             name = ENV_PREFIX + str(first["loc"][0]).upper() if first["loc"] else "settings"
-            raise ConfigError(f"invalid {name}: {first['msg']}") from error
+            raise ConfigError(f"invalid {name}: {validation_message(first)}") from error
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a server process."""

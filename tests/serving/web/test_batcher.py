@@ -56,6 +56,9 @@ def test_settings_refuse_requests_larger_than_a_batch_and_bad_buckets():
         ServingSettings(max_batch_size=4, max_images_per_request=8)
     with pytest.raises(ValueError, match="end at max_batch_size"):
         ServingSettings.model_validate({"max_batch_size": 8, "batch_buckets": "1,4"})
+    with pytest.raises(ConfigError, match="end at max_batch_size") as caught:
+        ServingSettings.from_env({"IMGCLF_MAX_BATCH_SIZE": "8", "IMGCLF_BATCH_BUCKETS": "1,4"})
+    assert "Value error" not in caught.value.message  # our words, not pydantic's
     custom = ServingSettings.from_env(
         {"IMGCLF_MAX_BATCH_SIZE": "12", "IMGCLF_BATCH_BUCKETS": "12,1,6"}
     )
