@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,15 +37,14 @@ def is_flag(field: FieldInfo) -> bool:
 
 def metavar(field: FieldInfo) -> str:
     """``auto|cuda|cpu`` for a choice, else the value's type in capitals."""
-    annotation = field.annotation
-    if typing.get_origin(annotation) is typing.Literal:
-        return "|".join(map(str, typing.get_args(annotation)))
-    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    if typing.get_origin(kinds[0]) is typing.Literal:
-        return "|".join(map(str, typing.get_args(kinds[0])))
-    if typing.get_origin(kinds[0]) is tuple:
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is typing.Literal:
+        return "|".join(map(str, typing.get_args(kind)))
+    if typing.get_origin(kind) is tuple:
         return "N,N,..."
-    return getattr(kinds[0], "__name__", "VALUE").upper()
+    return getattr(kind, "__name__", "VALUE").upper()
 
 
 def help_text(name: str, field: FieldInfo) -> str:
@@ -72,7 +72,7 @@ def settings_from(
         message = error.message
         for name in options:
             variable = ENV_PREFIX + name.upper()
-            if ENV_PREFIX + name.upper() in given and variable in message:
+            if variable in given and variable in message:
                 message = message.replace(variable, flag(name))
         raise ConfigError(message) from None
 
