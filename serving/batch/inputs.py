@@ -39,8 +39,13 @@ def list_inputs(spec: str | Path) -> list[str]:
         raise ConfigError(f"input {text} is not a folder, a file or a glob")
     if not found:
         raise ConfigError(f"input {text} holds no images")
-    # Absolute paths: a rerun that names the same folder another way resumes, not rescores.
-    return [p if p.startswith(URI_SCHEMES) else os.path.abspath(p) for p in found]
+    return [input_key(p) for p in found]
+
+
+def input_key(path: str) -> str:
+    """An input as jobs list and resume it: object-store URIs as they are, local paths
+    absolute, so that a rerun naming the same folder another way resumes, not rescores."""
+    return path if path.startswith(URI_SCHEMES) else os.path.abspath(path)
 
 
 def _list_uri(uri: str) -> list[str]:

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from serving.batch.inputs import input_key
 from serving.core.errors import ConfigError
 from serving.core.files import fsync_dir
 
@@ -40,11 +41,6 @@ def parquet_schema():
         return getattr(pa, kind)()
 
     return pa.schema([(name, arrow(kind)) for name, kind in COLUMN_TYPES])
-
-
-def _key(path: str) -> str:
-    """A path as inputs list it: object-store URIs as they are, local paths absolute."""
-    return path if "://" in path else os.path.abspath(path)
 
 
 def output_format_of(path: Path, output_format: str | None) -> str:
@@ -88,7 +84,9 @@ class _Output:
     def scored_paths(self) -> set[str]:
         """Inputs already scored without error (local paths absolute), so that a rerun skips
         them and tries the failed ones again."""
-        return {_key(row["path"]) for rows in self.read_rows() for row in rows if not row["error"]}
+        return {
+            input_key(row["path"]) for rows in self.read_rows() for row in rows if not row["error"]
+        }
 
     def drop_failed(self) -> int:
         """Remove the rows that failed, before a rerun scores those inputs again: each input
