@@ -5,7 +5,9 @@ The service's workers are separate processes and a label may reach any of them, 
 store is one SQLite file that they share (in the server's runtime folder, which BentoML
 empties at every start: the store lives as long as the server). It keeps a request id, the
 predicted class and the time of each of the last ``capacity`` predictions, never an image,
-and forgets predictions older than ``max_age_s``. Each worker buffers its predictions and
+and forgets predictions older than ``max_age_s``. An id names the first prediction made
+under it, and can be labelled once, for as long as the store keeps that prediction. Each
+worker buffers its predictions and
 writes them in one transaction every ``flush_interval_s``, off the request path; a label for
 an id that is not found yet is looked up again for up to four intervals, while the other
 workers write theirs.
@@ -77,6 +79,7 @@ class FeedbackStore:
         window: int = 1000,
         flush_interval_s: float = 0.25,
         on_count: Callable[[int], None] | None = None,
+        on_taken: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
@@ -89,6 +92,8 @@ class FeedbackStore:
         self.window = window
         self.flush_interval_s = flush_interval_s
         self.on_count = on_count
+        #: Called with the number of predictions not stored because their id was taken.
+        self.on_taken = on_taken
         self._buffer: deque[tuple[Sequence[str], Sequence[int], float]] = deque()
         self._db_lock = threading.Lock()
         self._db = sqlite3.connect(
@@ -130,18 +135,25 @@ class FeedbackStore:
                 with self._transaction():
                     # One statement for all rows: executemany would release and take back
                     # the GIL once per row, tugging at the event loop's thread each time.
-                    # A caller's id sent again names its newest prediction.
+                    # The first prediction under an id keeps it for as long as the store
+                    # does: a later one under the same id (a retry, or another caller
+                    # choosing it) is answered but not stored, so it can neither change what
+                    # the first caller's label is scored against nor clear "labelled".
+                    before = self._db.total_changes
                     self._db.execute(
-                        "INSERT OR REPLACE INTO predictions (request_id, predicted, created) "
+                        "INSERT OR IGNORE INTO predictions (request_id, predicted, created) "
                         "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
                         "json_extract(value, '$[2]') FROM json_each(?)",
                         (json.dumps(rows),),
                     )
+                    taken = len(rows) - (self._db.total_changes - before)
                     self._db.execute(
                         "DELETE FROM predictions WHERE seq <= "
                         "(SELECT MAX(seq) FROM predictions) - ?",
                         (self.capacity,),
                     )
+                if taken and self.on_taken is not None:
+                    self.on_taken(taken)
             if time.monotonic() - self._last_prune >= PRUNE_INTERVAL_S:
                 self._prune()
 

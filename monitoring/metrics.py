@@ -116,6 +116,11 @@ BATCH_QUEUE_WAIT = Histogram(
     "Time a request waited between joining the queue and its batch starting to run.",
     buckets=QUEUE_WAIT_BUCKETS,
 )
+WORKER_DEATHS = Counter(
+    "imgclf_worker_deaths_total",
+    "Worker processes that ended without being asked to (killed, out of memory, crashed), "
+    "counted by the worker that replaced them.",
+)
 READY = Gauge(
     "imgclf_ready",
     "1 when every live worker is loaded and warmed up and not draining, else 0.",
@@ -252,6 +257,12 @@ FEEDBACK = Counter(
     "Labels matched to a prediction through POST /feedback, by true class and outcome "
     "(correct or incorrect). Refused feedback is not counted here.",
     ["class", "outcome"],
+)
+FEEDBACK_IDS_TAKEN = Counter(
+    "imgclf_feedback_ids_taken_total",
+    "Predictions not kept for feedback because an earlier prediction holds their request id "
+    "(a retry, or callers choosing the same X-Request-ID): a label for that id is scored "
+    "against the first prediction.",
 )
 FEEDBACK_ACCURACY = Gauge(
     "imgclf_feedback_accuracy_ratio",

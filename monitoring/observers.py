@@ -1,7 +1,8 @@
 """What the service records. Each worker process records its own requests, batches,
 predictions and start-up facts; counters and histograms add up across workers, and each
 worker keeps its own drift window over the share of traffic it serves. What happens on every
-request or batch goes through ``monitoring.buffer.BUFFER``; the rest is written at once."""
+request or batch goes through ``monitoring.buffer.BUFFER``, except the request count; the
+rest is written at once."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 class RequestObserver:
     """HTTP-side metrics: requests by endpoint and code, error reasons, latency, decode time.
-    Labelled children are cached: ``labels()`` takes a lock on every call."""
+    Labelled children are cached: ``labels()`` takes a lock on every call. Requests are
+    counted at once; the latency and decode histograms go through the buffer (a killed
+    worker loses at most its last second of them)."""
 
     def __init__(self) -> None:
         self._requests: dict[tuple[str, int], object] = {}
@@ -34,7 +37,9 @@ class RequestObserver:
         duration = self._durations.get(endpoint)
         if duration is None:
             duration = self._durations[endpoint] = metrics.REQUEST_DURATION.labels(endpoint)
-        BUFFER.inc(counter)
+        # Written at once, not buffered: a worker killed before its next flush would take
+        # a second of answers with it, and this count is what the error alerts divide by.
+        counter.inc()
         BUFFER.observe(duration, seconds)
 
     def error(self, endpoint: str, reason: str) -> None:
@@ -49,6 +54,9 @@ class WorkerObserver:
 
     def ready(self, ready: bool) -> None:
         metrics.READY.set(1 if ready else 0)
+
+    def replaced(self, dead_workers: int) -> None:
+        metrics.WORKER_DEATHS.inc(dead_workers)
 
     def queued(self, requests: int) -> None:
         BUFFER.set(metrics.BATCH_QUEUE, requests)
@@ -201,6 +209,9 @@ class FeedbackObserver:
 
     def stored(self, predictions: int) -> None:
         metrics.FEEDBACK_STORE.set(predictions)
+
+    def taken(self, predictions: int) -> None:
+        metrics.FEEDBACK_IDS_TAKEN.inc(predictions)
 
     def labelled(self, outcomes: list[tuple[str, bool]], summary: dict) -> None:
         for label, correct in outcomes:

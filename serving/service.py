@@ -25,6 +25,7 @@ from monitoring.buffer import FlushBeforeScrape
 from monitoring.observers import WorkerObserver
 from serving.core.errors import ImgclfError
 from serving.core.sessions import expected_provider
+from serving.web import http_limits
 from serving.web.context import current_worker, handle, predict_uploads, service_method
 from serving.web.labels import feedback_routes
 from serving.web.lifecycle import Lifecycle, LifecycleMiddleware
@@ -42,6 +43,7 @@ DECODE_THREADS = SETTINGS.decode_threads or default_decode_threads(PROVIDER, WOR
 ORT_THREADS = SETTINGS.intra_op_threads or max(1, (os.cpu_count() or 1) // WORKERS)
 WORKER_METRICS = WorkerObserver() if SETTINGS.monitoring else None
 LIFECYCLE = Lifecycle(on_ready=WORKER_METRICS.ready if WORKER_METRICS else None)
+http_limits.install(SETTINGS.max_header_bytes)  # before BentoML starts this worker's uvicorn
 
 
 @bentoml.service(

@@ -27,6 +27,9 @@ ERROR_REASONS = (
     "duplicate_feedback",
     "unknown_label",
     "feedback_off",
+    "unauthorized",
+    "timeout",
+    "cancelled",
     "internal",
 )
 
@@ -39,6 +42,8 @@ class ImgclfError(Exception):
 
     #: More for the JSON answer besides ``error`` (which items of a list were refused, say).
     details: dict | None = None
+    #: HTTP headers the answer carries (``WWW-Authenticate`` with a 401, say).
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -62,6 +67,17 @@ def validation_message(problem: dict) -> str:
     """One pydantic validation problem (an item of ``ValidationError.errors()``) in our
     words: its message without pydantic's "Value error, " prefix."""
     return problem["msg"].removeprefix("Value error, ")
+
+
+class UnauthorizedError(ImgclfError):
+    """A request to a route that needs a token, without the right one."""
+
+    status_code = 401
+    reason = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": 'Bearer realm="imgclf"'}
 
 
 class DataError(ImgclfError):

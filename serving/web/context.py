@@ -140,18 +140,30 @@ async def handle(request: Request, endpoint: str, work) -> Response:
         if worker.observer is not None:
             worker.observer.request(endpoint, response.status_code, time.perf_counter() - started)
         return response
+    except asyncio.CancelledError:
+        # BentoML's timeout cancels the handler and answers 504 itself; anything else that
+        # cancels a request (a shutdown past its grace period) is counted as 499, nginx's
+        # "client closed request". Either way the request is counted, then cancelled.
+        timed_out = time.perf_counter() - started >= 0.9 * worker.limits.timeout_s
+        reason, status = ("timeout", 504) if timed_out else ("cancelled", 499)
+        if worker.observer is not None:
+            worker.observer.error(endpoint, reason)
+            worker.observer.request(endpoint, status, time.perf_counter() - started)
+        raise
     except ImgclfError as error:
         reason, status, message = error.reason, error.status_code, error.message
         details = error.details or {}
+        headers = error.headers
         log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
     except Exception:
         log.exception("%s failed", endpoint)
         reason, status, message = "internal", 500, "internal error; see the server log"
-        details = {}
+        details, headers = {}, None
     if worker.observer is not None:
         worker.observer.error(endpoint, reason)
         worker.observer.request(endpoint, status, time.perf_counter() - started)
-    headers = {"Retry-After": "1"} if status == 503 else None
+    if status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse({"error": message, **details}, status_code=status, headers=headers)
 
 

@@ -8,13 +8,14 @@ ids and classes alone: no image is kept).
 
 A call is applied whole or not at all: an unknown label (422), an unknown or expired id (404)
 or one labelled before (409) refuses it, lists every bad item under ``problems``, and
-counts nothing.
+counts nothing. Labels drive the accuracy alerts: with ``IMGCLF_FEEDBACK_TOKEN`` set, both
+methods need ``Authorization: Bearer <token>`` (401 without it, before the body is read).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hmac
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -22,9 +23,9 @@ from starlette.routing import Route
 
 from monitoring.feedback import FeedbackError, FeedbackStore
 from monitoring.observers import FeedbackObserver
-from serving.core.errors import ImgclfError, NotFoundError
+from serving.core.errors import ImgclfError, NotFoundError, UnauthorizedError
 from serving.web.context import WorkerContext, handle
-from serving.web.requests import read_body
+from serving.web.requests import parse_json, read_body
 
 MAX_ITEMS = 1000
 MAX_BODY_BYTES = 1024 * 1024
@@ -37,6 +38,8 @@ class Feedback:
     store: FeedbackStore
     observer: FeedbackObserver
     reference: dict | None = None
+    #: The bearer token both methods need (``IMGCLF_FEEDBACK_TOKEN``), or None: anyone.
+    token: str | None = None
 
 
 #: The HTTP status of each reason ``monitoring.feedback`` refuses feedback for.
@@ -60,22 +63,31 @@ def feedback_routes() -> list[Route]:
     return [Route("/feedback", feedback, methods=["GET", "POST"])]
 
 
-def _enabled(worker: WorkerContext) -> Feedback:
+def _enabled(worker: WorkerContext, request: Request) -> Feedback:
+    """The worker's feedback, once the caller has shown the token (when one is set)."""
     if worker.feedback is None:
         raise NotFoundError(
             "feedback is off on this server (IMGCLF_FEEDBACK_STORE_SIZE=0 or "
             "IMGCLF_MONITORING=false)",
             reason="feedback_off",
         )
+    expected = worker.feedback.token
+    if expected is not None:
+        scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+        # Constant time: how much of a guess matched must not show in the answer's timing.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            sent.strip().encode(), expected.encode()
+        ):
+            raise UnauthorizedError(
+                "/feedback needs 'Authorization: Bearer <token>' with this server's "
+                "IMGCLF_FEEDBACK_TOKEN"
+            )
     return worker.feedback
 
 
 def parse_items(body: bytes) -> list[tuple[str, str]]:
     """``(request_id, label)`` pairs from one JSON object or a list of them."""
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ImgclfError("the body is not JSON") from None
+    document = parse_json(body, "the body")
     entries = document if isinstance(document, list) else [document]
     if not entries or len(entries) > MAX_ITEMS:
         raise ImgclfError(f"send 1 to {MAX_ITEMS} labels, got {len(entries)}")
@@ -95,7 +107,7 @@ def parse_items(body: bytes) -> list[tuple[str, str]]:
 
 async def post_feedback(request: Request):
     async def work(worker: WorkerContext):
-        feedback = _enabled(worker)
+        feedback = _enabled(worker, request)
         items = parse_items(await read_body(request, MAX_BODY_BYTES))
         try:
             result = await asyncio.to_thread(feedback.store.label, items)
@@ -115,7 +127,7 @@ async def post_feedback(request: Request):
 
 async def get_feedback(request: Request):
     async def work(worker: WorkerContext):
-        feedback = _enabled(worker)
+        feedback = _enabled(worker, request)
         summary = await asyncio.to_thread(feedback.store.summary)
         return {
             "labelled": summary.pop("count"),

@@ -14,15 +14,19 @@ when the server exits.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import sys
 import tempfile
+
+from serving.web.supervision import SERVER_PID_VARIABLE
 
 
 def main() -> None:
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml_cli.cli import cli
 
+    os.environ[SERVER_PID_VARIABLE] = str(os.getpid())  # the workers' parent, to die with
     folder = tempfile.mkdtemp(prefix="imgclf-server-")
     BentoMLContainer.prometheus_multiproc_dir.set(folder)
     atexit.register(shutil.rmtree, folder, True)

@@ -157,7 +157,12 @@ async def infer(request: Request) -> Response:
     async def work(worker: WorkerContext):
         _check_model(request, worker)
         body = await read_body(request, worker.limits.max_request_bytes)
-        header, binary = split_request(request.headers.get(HEADER_LENGTH), body)
+        header, binary = split_request(
+            request.headers.get(HEADER_LENGTH),
+            body,
+            max_images=worker.limits.max_images_per_request,
+            pixels_per_image=int(np.prod(worker.card.spec.input_shape)),
+        )
         outputs = requested_outputs(header, len(worker.card.classes))
         probabilities = await worker.classify(await input_images(worker, header, binary))
         rid = request_id(request, header.get("id"))

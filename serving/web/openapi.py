@@ -187,7 +187,8 @@ def feedback_paths() -> dict:
                 "description": "One label or a list of up to 1,000, matched by request id to "
                 "the predictions the server keeps (IMGCLF_FEEDBACK_STORE_SIZE, "
                 "IMGCLF_FEEDBACK_MAX_AGE_S). All or nothing: an unknown label (422), an "
-                "unknown or expired id (404) or an id labelled before (409) refuses the call.",
+                "unknown or expired id (404) or an id labelled before (409) refuses the call. "
+                "With IMGCLF_FEEDBACK_TOKEN set: 'Authorization: Bearer <token>' (401 without).",
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -207,6 +208,7 @@ def feedback_paths() -> dict:
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     },
                     "400": ERROR,
+                    "401": ERROR,
                     "404": REFUSED,
                     "409": REFUSED,
                     "413": ERROR,
@@ -218,12 +220,14 @@ def feedback_paths() -> dict:
                 "summary": "Accuracy of the last labelled predictions",
                 "description": "Accuracy, per-class precision, recall and F1, and the "
                 "confusion matrix over the last IMGCLF_FEEDBACK_WINDOW labelled predictions, "
-                "next to the held-out figures of the export.",
+                "next to the held-out figures of the export. With IMGCLF_FEEDBACK_TOKEN set: "
+                "'Authorization: Bearer <token>' (401 without).",
                 "responses": {
                     "200": {
                         "description": "The figures",
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     },
+                    "401": ERROR,
                     "404": ERROR,
                 },
             },

@@ -11,6 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 
+import orjson
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -35,8 +36,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 REQUEST_ID_HEADER = "X-Request-ID"
 #: Random bits for new ids, without a system call per request (os.urandom costs several
-#: microseconds in a sandboxed container). Ids are unique, not secret: whoever holds an id
-#: can label its prediction through POST /feedback (SECURITY.md).
+#: microseconds in a sandboxed container). Ids are unique, not secret: an id is what a label
+#: names, so /feedback, which drives the accuracy alerts, is guarded by its own token
+#: (IMGCLF_FEEDBACK_TOKEN), not by ids being hard to guess (SECURITY.md).
 _IDS = random.Random(os.urandom(32))
 
 
@@ -52,6 +54,8 @@ class Limits:
     max_images_per_request: int
     default_top_k: int
     max_top_k: int
+    #: BentoML answers 504 past it (the handler sees only a cancellation).
+    timeout_s: float = 30.0
 
 
 def safe_text(text: str | None, limit: int = 120) -> str:
@@ -59,6 +63,17 @@ def safe_text(text: str | None, limit: int = 120) -> str:
     if text is None:
         return ""
     return _CONTROL.sub("?", text)[:limit]
+
+
+def parse_json(body: bytes, what: str):
+    """A request's JSON document. orjson refuses, while parsing, what would otherwise fail
+    later as a 500: nesting deeper than 1,024 levels (the standard library recurses until
+    ``RecursionError``), invalid UTF-8 and lone surrogates (``"\\ud800"``: text that cannot be
+    encoded again, for a log line, the feedback store or the echoed ``id``)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ImgclfError(f"{what} is not JSON: {safe_text(str(error), 120)}") from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:

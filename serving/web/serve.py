@@ -18,8 +18,9 @@ from serving.core.errors import ConfigError
 from serving.web.settings import ENV_PREFIX, ServingSettings
 
 #: Settings ``imgclf serve`` does not take as options: ``--model`` resolves a repository or a
-#: version folder into ``model_dir``.
-NOT_OPTIONS = frozenset({"model_dir"})
+#: version folder into ``model_dir``; a secret on a command line shows in every process
+#: listing, so ``IMGCLF_FEEDBACK_TOKEN`` is read from the environment only.
+NOT_OPTIONS = frozenset({"model_dir", "feedback_token"})
 
 
 def flag(name: str) -> str:

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -85,6 +86,12 @@ class ServingSettings(BaseModel):
     max_request_bytes: int = Field(
         64 * 1024**2, ge=1024, description="Largest request body, in bytes (413 beyond)."
     )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest request line and headers together, in bytes (431 beyond, "
+        "refused while they arrive).",
+    )
     default_top_k: int = Field(5, ge=1, description="Labels in an answer's top_k by default.")
     max_top_k: int = Field(20, ge=1, description="Largest top_k a request may ask for.")
     workers: int | None = Field(
@@ -150,6 +157,13 @@ class ServingSettings(BaseModel):
         "labels (replicas of one model behind a balancer). Default: a file in this server's "
         "own runtime folder, which no other server touches.",
     )
+    feedback_token: SecretStr | None = Field(
+        None,
+        description="When set, POST and GET /feedback need 'Authorization: Bearer <token>' "
+        "(401 without it): labels drive the accuracy alerts, so only callers you trust should "
+        "send them. At least 16 characters; an environment variable only, never an option "
+        "(a process listing would show it).",
+    )
     feedback_max_age_s: float = Field(
         3 * 86400.0, gt=0, description="Predictions older than this can no longer be labelled."
     )
@@ -173,11 +187,19 @@ class ServingSettings(BaseModel):
         "max_concurrency",
         "decode_threads",
         "feedback_store_path",
+        "feedback_token",
         mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value):
         return None if value in ("", None) else value
+
+    @field_validator("feedback_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("a token needs at least 16 characters (try: openssl rand -hex 32)")
+        return value
 
     @field_validator("batch_buckets", mode="before")
     @classmethod
@@ -232,7 +254,9 @@ class ServingSettings(BaseModel):
         """The environment that reproduces these settings in a server process."""
         env = {}
         for name, value in self.model_dump().items():
-            if isinstance(value, bool):
+            if isinstance(value, SecretStr):
+                env[ENV_PREFIX + name.upper()] = value.get_secret_value()
+            elif isinstance(value, bool):
                 env[ENV_PREFIX + name.upper()] = str(value).lower()
             elif isinstance(value, tuple):
                 env[ENV_PREFIX + name.upper()] = ",".join(str(v) for v in value)

@@ -26,6 +26,7 @@ from serving.web.labels import Feedback
 from serving.web.lifecycle import FAILED, READY, WARMING, Lifecycle, drain_before_exit
 from serving.web.requests import Limits
 from serving.web.settings import ServingSettings
+from serving.web.supervision import WorkerRoll, die_with_server
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def start_worker(
 ) -> WorkerContext:
     """Load and verify the model (failing start-up at once if it cannot), build the worker's
     parts, and warm every batch bucket on a background thread."""
+    roll = supervise(metrics)
     if settings.monitoring:
         BUFFER.start()
     runtime = ClassifierRuntime.from_settings(model_dir, settings, intra_op_threads=ort_threads)
@@ -92,6 +94,8 @@ def start_worker(
         }
 
     def close() -> None:
+        if roll is not None:
+            roll.leave()
         batcher.close()
         if predictions is not None:
             predictions.stop()
@@ -107,6 +111,7 @@ def start_worker(
             max_images_per_request=settings.max_images_per_request,
             default_top_k=settings.default_top_k,
             max_top_k=settings.max_top_k,
+            timeout_s=settings.timeout_s,
         ),
         describe,
         ThreadPoolExecutor(decode_threads, thread_name_prefix="decode"),
@@ -122,6 +127,28 @@ def start_worker(
         target=warm_up, args=(runtime, lifecycle, metrics), name="warm-up", daemon=True
     ).start()
     return worker
+
+
+def supervise(metrics: WorkerObserver | None) -> WorkerRoll | None:
+    """In a server's worker process (``serving.web.supervision``): die with the server, join
+    its roll of workers and report the ones found dead. None in-process (no runtime
+    folder: no server around it)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return None
+    die_with_server()
+    roll = WorkerRoll(Path(folder))
+    dead = roll.join()
+    for pid in dead:
+        log.warning(
+            "worker pid %d ended without shutting down (killed, out of memory or crashed: "
+            "see the kernel log); pid %d replaces it",
+            pid,
+            os.getpid(),
+        )
+    if dead and metrics is not None:
+        metrics.replaced(len(dead))
+    return roll
 
 
 def warm_up(runtime: ClassifierRuntime, lifecycle: Lifecycle, metrics) -> None:
@@ -175,8 +202,10 @@ def open_feedback(
         max_age_s=settings.feedback_max_age_s,
         window=settings.feedback_window,
         on_count=observer.stored,
+        on_taken=observer.taken,
     )
-    return Feedback(store, observer, (profile or {}).get("performance"))
+    token = settings.feedback_token.get_secret_value() if settings.feedback_token else None
+    return Feedback(store, observer, (profile or {}).get("performance"), token)
 
 
 def feedback_settings(feedback: Feedback | None, settings: ServingSettings) -> dict | None:
@@ -188,4 +217,5 @@ def feedback_settings(feedback: Feedback | None, settings: ServingSettings) -> d
         "window": settings.feedback_window,
         "min_samples": settings.feedback_min_samples,
         "accuracy_alert_margin": settings.accuracy_alert_margin,
+        "token_required": settings.feedback_token is not None,
     }

@@ -86,9 +86,18 @@ def test_rolling_figures_cover_the_last_window_of_labels(open_store):
     assert summary["accuracy"] == pytest.approx(2 / 5)
 
 
-def test_a_reused_caller_id_names_its_newest_prediction(open_store):
-    store = open_store()
-    store.remember(["same"], np.array([4]))
-    store.flush()
-    store.remember(["same"], np.array([7]))
-    assert store.label([("same", "7")])["outcomes"] == [("7", True)]
+def test_an_id_names_its_first_prediction_and_is_labelled_once(open_store):
+    taken = []
+    victim, other = open_store(on_taken=taken.append), open_store()
+    victim.remember(["order-17"], np.array([4]))
+    victim.flush()
+    other.remember(["order-17", "order-17"], np.array([7, 7]))  # another caller, same id
+    other.flush()
+    assert victim.label([("order-17", "4")])["outcomes"] == [("4", True)]  # the first one's
+    other.remember(["order-17"], np.array([9]))  # predicting again does not clear "labelled"
+    other.flush()
+    assert refused(other, [("order-17", "9")]).reason == "duplicate_feedback"
+    victim.remember(["order-17", "fresh"], np.array([1, 2]))
+    victim.flush()
+    assert taken == [1]  # counted by the worker whose prediction was not kept
+    assert victim.summary()["count"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,6 +193,71 @@ def bad_requests() -> list[BadRequest]:
             path="/predict_batch",
             body=png,
             content_type="image/png",
+        ),
+        *malformed_json(),
+    ]
+
+
+#: The test model's inference route (the published test model is named "tiny").
+INFER = "/v2/models/tiny/infer"
+
+
+def malformed_json() -> list[BadRequest]:
+    """JSON that once got a 500: nesting deep enough to exhaust the standard parser's
+    recursion, and lone UTF-16 surrogates, which parse into text that cannot be encoded again
+    (for the feedback store, the log, or the echoed id). Plus a body of many tiny BYTES
+    elements, which once blocked a worker while it was parsed."""
+    pixels = {"name": "image", "datatype": "FP32", "shape": [1, 16, 16, 3], "data": [0.0] * 768}
+    pixels_json = json.dumps(pixels).encode()
+    many = b",".join([b'"a"'] * (7 * 1024 * 1024 // 4))
+    return [
+        BadRequest("oip_nested_200k", 400, "not JSON", INFER, b"[" * 200_000 + b"]" * 200_000),
+        BadRequest(
+            "oip_objects_nested_200k",
+            400,
+            "not JSON",
+            INFER,
+            b'{"a":' * 200_000 + b"1" + b"}" * 200_000,
+        ),
+        BadRequest(
+            "feedback_nested_100k",
+            400,
+            "not JSON",
+            "/feedback",
+            b"[" * 100_000 + b"]" * 100_000,
+            "application/json",
+        ),
+        BadRequest(
+            "oip_bytes_lone_surrogate",
+            400,
+            "surrogate",
+            INFER,
+            b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], '
+            b'"data": ["\\ud800"]}]}',
+        ),
+        BadRequest(
+            "oip_id_lone_surrogate",
+            400,
+            "surrogate",
+            INFER,
+            b'{"id": "\\udc00", "inputs": [' + pixels_json + b"]}",
+        ),
+        BadRequest(
+            "feedback_id_lone_surrogate",
+            400,
+            "surrogate",
+            "/feedback",
+            b'{"request_id": "a\\ud800b", "label": "0"}',
+            "application/json",
+        ),
+        BadRequest(
+            "oip_seven_mib_of_tiny_bytes_elements",
+            413,
+            "more values than 8 images",
+            INFER,
+            b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ['
+            + many
+            + b"]}]}",
         ),
     ]
 

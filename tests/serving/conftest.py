@@ -79,6 +79,16 @@ class Server:
         self.log.seek(0)
         return self.log.read()
 
+    def __enter__(self) -> Server:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def client(self, timeout: float = 60) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -120,15 +130,13 @@ def server(published_model):
     run the default, one worker per core). It runs the CUDA default, one ONNX Runtime session
     per batch bucket, on the CPU provider: every endpoint test then checks that mode against
     the in-process service's one shared session."""
-    running = Server(
+    with Server(
         published_model, env={"IMGCLF_SESSION_MODE": "per-bucket"}, args=("--workers", "1")
-    )
-    running.wait_ready()
-    yield running
-    running.stop()
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as session:
+    with server.client() as session:
         yield session
