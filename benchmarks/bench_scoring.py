@@ -7,7 +7,10 @@ memory (maximum RSS, from /usr/bin/time) is measured separately:
 - ``imgclf score`` on 1,000 of them, for peak memory at 1,000 vs 10,000;
 - ``imgclf score --engine ray`` (a local one-node cluster started by the job) on both, so its
   fixed start-up (cluster, actors) is told apart from its steady rate:
-  steady = 9,000 images / (wall at 10,000 - wall at 1,000); start-up = the rest.
+  steady = 9,000 images / (wall at 10,000 - wall at 1,000); start-up = the rest;
+- ``imgclf score`` over a folder of phone photos (12-megapixel class JPEGs from real photos),
+  twice on the same graph: with the preprocessing contract of models exported before the
+  JPEG draft step (full-size decoding) and with today's.
 
     .venv/bin/python benchmarks/bench_scoring.py [--model model_repository/digits]
 """
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageEnhance  # noqa: E402
 
-from benchmarks.common import machine, table  # noqa: E402
+from benchmarks.common import contract_copy, machine, phone_photos, table  # noqa: E402
 from serving.core.model_dir import resolve_model_dir  # noqa: E402
 from training.datasets import discover, write_digits  # noqa: E402
 
@@ -78,10 +81,34 @@ def timed(args: list[str]) -> tuple[str, float, float]:
     return result.stdout, seconds, peak
 
 
+def photo_comparison(model_dir: Path, scratch: Path, count: int) -> list[list]:
+    """``imgclf score`` over ``count`` phone photos, before and after the JPEG draft step."""
+    folder = scratch / "photos"
+    folder.mkdir()
+    for index, jpeg in enumerate(phone_photos(count)):
+        (folder / f"photo_{index:04d}.jpg").write_bytes(jpeg)
+    rows, before = [], None
+    for margin in (None, 2.0):
+        copy = contract_copy(model_dir, scratch / f"contract-{margin}", margin)
+        out, wall, peak = timed(
+            [
+                *(str(BIN / "imgclf"), "score", str(folder), "--model", str(copy)),
+                *("--output", str(scratch / f"photos-{margin}.csv"), "--no-progress"),
+                *("--provider", "cpu"),
+            ]
+        )
+        rate = float(re.search(r"([\d.]+) images/s", out).group(1))
+        before = before or rate
+        label = "full-size decoding (before)" if margin is None else "JPEG draft, margin 2"
+        rows.append([label, count, rate, f"{rate / before:.1f}x", wall, peak])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "digits")
     parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--photos", type=int, default=60, help="phone photos; 0: skip them")
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model).resolve()
     with tempfile.TemporaryDirectory() as scratch:
@@ -121,6 +148,7 @@ def main() -> None:
                 walls[engine, count] = wall
                 label = "imgclf score" + (" --engine ray" if engine == "ray" else "")
                 rows.append([label, count, rate, f"{rate / ceiling:.2f}", wall, peak])
+        photo_rows = photo_comparison(model_dir, scratch, args.photos) if args.photos else []
     print(f"machine: {machine()}")
     print(f"model: {model_dir}; {args.images} JPEGs (64x64) generated from the digits\n")
     headers = ["job", "images", "images/s (scoring loop)", "vs ceiling", "wall s", "peak RSS MiB"]
@@ -138,6 +166,10 @@ def main() -> None:
             f"ceiling), fixed start-up {startup:.1f} s (process, model, "
             f"{'Ray cluster and actors' if engine == 'ray' else 'no cluster'})"
         )
+    if photo_rows:
+        print(f"\nimgclf score over {args.photos} phone photos (12-megapixel class JPEGs):\n")
+        headers = ["decoding", "images", "images/s", "vs before", "wall s", "peak RSS MiB"]
+        print(table(headers, photo_rows))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ In one run, on one model (default: the newest model_repository/digits version):
 - the in-process ceiling: decode + preprocess + ONNX Runtime in one loop, no HTTP, at batch
   1 (the reference for the ratio) and batch 32;
 - a reference service built the tutorial way: BentoML serving the SavedModel with TensorFlow,
-  same request (``benchmarks/tf_reference_service.py``).
+  same request (``benchmarks/tf_reference_service.py``);
+- phone photos (12-megapixel class JPEGs from real photos, ``common.phone_photos``) at
+  concurrency 8, served twice from the same ONNX graph: with the preprocessing contract of
+  models exported before the JPEG draft step (full-size decoding) and with today's.
 
     .venv/bin/python benchmarks/bench_service.py [--model model_repository/digits] [--seconds 15]
 
@@ -36,7 +39,13 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import Timer, machine, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Timer,
+    contract_copy,
+    machine,
+    phone_photos,
+    table,
+)
 from serving.core.model_dir import resolve_model_dir  # noqa: E402
 from serving.core.runtime import ClassifierRuntime  # noqa: E402
 from training.datasets import discover, write_digits  # noqa: E402
@@ -160,6 +169,45 @@ class Process:
         self.process.wait(timeout=60)
 
 
+def serve(model_dir: Path) -> Process:
+    port = free_port()
+    return Process(
+        [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)],
+        {"IMGCLF_PROVIDER": "cpu"},
+        port,
+    )
+
+
+def photo_comparison(model_dir: Path, scratch: Path, count: int, seconds: int) -> list[list]:
+    """Phone-photo uploads at concurrency 8: full-size decoding (the contract before the JPEG
+    draft step) against today's contract, the same graph, one after the other."""
+    photos = phone_photos(count)
+    (scratch / "photos").mkdir()
+    script = wrk_script(scratch / "photos", photos)
+    rows, before = [], None
+    for margin in (None, 2.0):
+        copy = contract_copy(model_dir, scratch / f"contract-{margin}", margin)
+        server = serve(copy)
+        try:
+            run_wrk(server.url, script, 8, 3)
+            result = run_wrk(server.url, script, 8, seconds)
+        finally:
+            server.stop()
+        before = before or result["rps"]
+        rows.append(
+            [
+                "full-size decoding (before)" if margin is None else "JPEG draft, margin 2",
+                8,
+                result["rps"],
+                result["p50"],
+                result["p99"],
+                f"{result['errors']} / {result['socket_errors'] or 0}",
+                f"{result['rps'] / before:.1f}x",
+            ]
+        )
+    return rows
+
+
 def ceiling(model_dir: Path, jpegs: list[bytes], seconds: float, batch_size: int) -> float:
     """Decode + preprocess + ONNX Runtime in one process, no HTTP: images/s."""
     runtime = ClassifierRuntime(model_dir, provider="cpu", max_batch_size=max(batch_size, 2))
@@ -179,6 +227,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--photos", type=int, default=8, help="phone photos; 0: skip them")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("error: wrk is not installed (apt-get install wrk)")
@@ -193,12 +242,7 @@ def main() -> None:
         rows.append(["in-process ceiling, batch 1", "-", ceiling_1, "", "", "", ""])
         rows.append(["in-process ceiling, batch 32", "-", ceiling_32, "", "", "", ""])
 
-        port = free_port()
-        ours = Process(
-            [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)],
-            {"IMGCLF_PROVIDER": "cpu"},
-            port,
-        )
+        ours = serve(model_dir)
         results = {}
         try:
             for connections in args.concurrency:
@@ -227,6 +271,11 @@ def main() -> None:
                     reference[connections] = run_wrk(ref.url, script, connections, args.seconds)
             finally:
                 ref.stop()
+        photo_rows = (
+            photo_comparison(model_dir, Path(scratch), args.photos, args.seconds)
+            if args.photos
+            else []
+        )
 
     # The machine is shared: measure the ceiling again after the servers and rate against the
     # higher of the two (the conservative ratio).
@@ -283,6 +332,13 @@ def main() -> None:
             rows,
         )
     )
+    if photo_rows:
+        print(
+            f"\n{args.photos} phone photos (12-megapixel class JPEGs from real photos) as "
+            f"multipart uploads, the same model:\n"
+        )
+        headers = ["decoding", "concurrency", "requests/s", "p50 ms", "p99 ms"]
+        print(table([*headers, "non-2xx / socket errors", "vs before"], photo_rows))
 
 
 if __name__ == "__main__":

@@ -85,32 +85,94 @@ def time_mixed(predict, images, sizes: list[int], seconds: float) -> dict:
     }
 
 
-def photo_jpegs(count: int, smallest: int = 160, largest: int = 420, seed: int = 0) -> list:
-    """Photo-sized JPEG uploads (longer side ``smallest`` to ``largest`` pixels) cut from the
-    two real photographs that scikit-learn ships, at varied crops, sizes and qualities."""
-    import io
-
-    import numpy as np
+def _real_photos() -> list:
+    """The two real photographs scikit-learn ships (427x640), as Pillow images."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    photos = [Image.fromarray(array) for array in load_sample_images().images]
-    rng = np.random.default_rng(seed)
+    return [Image.fromarray(array) for array in load_sample_images().images]
+
+
+def _crop(photo, rng, width: int, height: int):
+    """A ``width`` x ``height`` crop of ``photo`` at a random place."""
+    left = int(rng.integers(0, photo.width - width + 1))
+    top = int(rng.integers(0, photo.height - height + 1))
+    return photo.crop((left, top, left + width, top + height))
+
+
+def _jpeg(image, quality: int, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality, **options)
+    return buffer.getvalue()
+
+
+def photo_jpegs(count: int, smallest: int = 160, largest: int = 420, seed: int = 0) -> list:
+    """Photo-sized JPEG uploads (longer side ``smallest`` to ``largest`` pixels) cut from the
+    two real photographs that scikit-learn ships, at varied crops, sizes and qualities."""
+    import numpy as np
+    from PIL import Image
+
+    photos, rng = _real_photos(), np.random.default_rng(seed)
     jpegs = []
     for index in range(count):
         photo = photos[index % len(photos)]
-        width, height = photo.size
-        crop_w = int(rng.integers(width // 3, width + 1))
-        crop_h = int(rng.integers(height // 3, height + 1))
-        left = int(rng.integers(0, width - crop_w + 1))
-        top = int(rng.integers(0, height - crop_h + 1))
-        crop = photo.crop((left, top, left + crop_w, top + crop_h))
+        crop_w = int(rng.integers(photo.width // 3, photo.width + 1))
+        crop_h = int(rng.integers(photo.height // 3, photo.height + 1))
+        crop = _crop(photo, rng, crop_w, crop_h)
         side = int(rng.integers(smallest, largest + 1))
         scale = side / max(crop.size)
         resized = crop.resize(
             (max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.BILINEAR
         )
-        buffer = io.BytesIO()
-        resized.save(buffer, "JPEG", quality=int(rng.integers(80, 95)))
-        jpegs.append(buffer.getvalue())
+        jpegs.append(_jpeg(resized, int(rng.integers(80, 95))))
     return jpegs
+
+
+def phone_photos(count: int, seed: int = 0) -> list[bytes]:
+    """Phone-camera JPEGs: 12-megapixel class (longer side 3,000 to 4,032 pixels, 4:3),
+    quality 88 to 95, made from the two real photographs scikit-learn ships (cropped and
+    upscaled, with a little sensor-like noise so that they compress like camera files, 1 to
+    3 MB); every third one stored sideways with EXIF orientation 6, as phones write them."""
+    import numpy as np
+    from PIL import Image
+
+    photos, rng = _real_photos(), np.random.default_rng(seed)
+    jpegs = []
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        crop_h = int(rng.integers(photo.height * 2 // 3, photo.height + 1))
+        crop = _crop(photo, rng, min(photo.width, crop_h * 4 // 3), crop_h)
+        side = int(rng.integers(3000, 4033))
+        size = (side, side * 3 // 4)
+        upscaled = crop.resize(size, Image.BICUBIC)
+        noisy = np.asarray(upscaled, dtype=np.int16) + rng.normal(0, 3, (size[1], size[0], 3))
+        image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+        exif = Image.Exif()
+        if index % 3 == 2:
+            image = image.transpose(Image.Transpose.ROTATE_90)  # stored sideways,
+            exif[0x0112] = 6  # and tagged to be turned upright
+        jpegs.append(_jpeg(image, int(rng.integers(88, 96)), exif=exif))
+    return jpegs
+
+
+def contract_copy(model_dir, target, jpeg_draft_margin: float | None):
+    """A copy of a published model whose preprocessing contract differs in the JPEG draft
+    step only (None: full-size decoding, the contract of models exported before the step),
+    for before/after comparisons on the same ONNX graph in one run."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from serving.core.preprocessing import PreprocessSpec
+
+    target = Path(target)
+    shutil.copytree(model_dir, target)
+    metadata = json.loads((target / "metadata.json").read_text())
+    spec = PreprocessSpec.from_metadata(
+        {**metadata["preprocessing"], "jpeg_draft_margin": jpeg_draft_margin}
+    )
+    metadata["preprocessing"] = {**metadata["preprocessing"], **spec.describe()}
+    (target / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return target

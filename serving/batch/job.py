@@ -44,9 +44,11 @@ class Summary:
 
     def line(self) -> str:
         state = "interrupted" if self.interrupted else "done"
+        digits = 1 if self.images_per_second < 100 else 0  # slow jobs (big photos) need it
         return (
             f"{state}: {self.scored} scored, {self.failed} failed, {self.skipped} skipped "
-            f"(already in the output) of {self.total}; {self.images_per_second:.0f} images/s"
+            f"(already in the output) of {self.total}; {self.images_per_second:.{digits}f} "
+            "images/s"
         )
 
 

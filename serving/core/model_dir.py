@@ -40,7 +40,8 @@ METADATA_FIELDS = {
     "classes": "Class names, in the order of the output's columns.",
     "input": "The graph's input: name, height, width, channels, layout, dtype.",
     "output": "The graph's output: name, kind, dtype.",
-    "preprocessing": "The preprocessing contract serving applies: size, resize filter, limits.",
+    "preprocessing": "The preprocessing contract serving applies (contract_version): size, "
+    "resize filter, limits, the JPEG draft margin.",
     "metrics": "Held-out test metrics of the exported model.",
     "parity": "Summary of parity.json: max |difference| and top-1 agreement per format.",
     "int8": "Whether the INT8 model was kept, with both accuracies.",

@@ -9,12 +9,13 @@ inside the model graph, so the values produced here are always float32 in [0, 25
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, JpegImagePlugin
 
 from serving.core.errors import InvalidImageError
 
@@ -34,6 +35,13 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 #: Transparent pixels are composited onto this colour, as an image viewer shows them.
 ALPHA_BACKGROUND = (255, 255, 255)
+#: New exports decode a JPEG at 1/2, 1/4 or 1/8 scale while both sides stay at least this many
+#: times the model's input: a 12-megapixel photo for a 224x224 model then decodes at 1/8 in a
+#: sixth of the time, and the resize still has twice the pixels it needs to average over
+#: (``benchmarks/bench_jpeg_draft.py`` measures the margins; docs/serving.md has the table).
+DEFAULT_JPEG_DRAFT_MARGIN = 2.0
+#: EXIF orientations that turn the image a quarter: its stored width becomes its height.
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -46,12 +54,19 @@ class PreprocessSpec:
     resize_filter: str = DEFAULT_RESIZE_FILTER
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: JPEG only: decode at the smallest scale (1/8, 1/4, 1/2, 1: libjpeg's DCT-domain
+    #: reduction, Pillow's draft mode) that keeps both upright sides at least this many times
+    #: the model's input. None: always decode at full size, the contract of models exported
+    #: before this step existed (their metadata has no such key, and they keep it).
+    jpeg_draft_margin: float | None = DEFAULT_JPEG_DRAFT_MARGIN
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
             raise ValueError(f"image size must be positive, got {self.height}x{self.width}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.jpeg_draft_margin is not None and self.jpeg_draft_margin < 1:
+            raise ValueError(f"jpeg_draft_margin must be at least 1, got {self.jpeg_draft_margin}")
         if self.resize_filter not in RESIZE_FILTERS:
             raise ValueError(
                 f"unknown resize filter {self.resize_filter!r}; "
@@ -70,8 +85,18 @@ class PreprocessSpec:
             "dtype": "float32",
             "value_range": [0.0, 255.0],
             "color": "RGB" if self.channels == 3 else "L",
+            # 1: full-size decoding only; 2: JPEGs decoded at a reduced scale (the draft step).
+            "contract_version": 1 if self.jpeg_draft_margin is None else 2,
             "steps": [
-                "decode (" + ", ".join(ACCEPTED_FORMATS) + "; first frame of animations)",
+                "decode ("
+                + ", ".join(ACCEPTED_FORMATS)
+                + "; first frame of animations)"
+                + (
+                    ""
+                    if self.jpeg_draft_margin is None
+                    else f"; JPEG at 1/8, 1/4 or 1/2 scale while both upright sides stay at "
+                    f"least {self.jpeg_draft_margin:g}x the target"
+                ),
                 "apply EXIF orientation",
                 f"convert to {'RGB' if self.channels == 3 else 'grayscale'}; "
                 f"alpha composited onto {ALPHA_BACKGROUND}; 16-bit scaled to 8-bit",
@@ -82,8 +107,20 @@ class PreprocessSpec:
 
     @classmethod
     def from_metadata(cls, preprocessing: dict) -> PreprocessSpec:
-        fields = ("height", "width", "channels", "resize_filter", "max_bytes", "max_pixels")
-        return cls(**{k: preprocessing[k] for k in fields if k in preprocessing})
+        """The contract a model was exported with: a model from before a step keeps its
+        own (no ``jpeg_draft_margin``: JPEGs decoded at full size, as it was validated)."""
+        fields = (
+            "height",
+            "width",
+            "channels",
+            "resize_filter",
+            "max_bytes",
+            "max_pixels",
+            "jpeg_draft_margin",
+        )
+        values = {k: preprocessing[k] for k in fields if k in preprocessing}
+        values.setdefault("jpeg_draft_margin", None)
+        return cls(**values)
 
 
 def decode(data: bytes, spec: PreprocessSpec) -> Image.Image:
@@ -117,6 +154,7 @@ def decode(data: bytes, spec: PreprocessSpec) -> Image.Image:
         raise _too_many_pixels(spec, width, height)
     try:
         image.seek(0)
+        _draft(image, spec)
         image.load()
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
         raise InvalidImageError(
@@ -181,6 +219,25 @@ def sniff_format(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _draft(image: Image.Image, spec: PreprocessSpec) -> None:
+    """Ask the JPEG decoder (before it runs) for the smallest power-of-two reduction that
+    keeps the upright image at least ``jpeg_draft_margin`` times the target on each side."""
+    if spec.jpeg_draft_margin is None or not isinstance(image, JpegImagePlugin.JpegImageFile):
+        return
+    wide = math.ceil(spec.width * spec.jpeg_draft_margin)
+    high = math.ceil(spec.height * spec.jpeg_draft_margin)
+    if _orientation(image) in _QUARTER_TURNS:
+        wide, high = high, wide  # what is stored as width becomes the upright height
+    image.draft(None, (wide, high))
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # a broken EXIF block: _upright leaves such an image as stored too
+        return 1
 
 
 def _upright(image: Image.Image) -> Image.Image:

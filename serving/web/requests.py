@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 
 import orjson
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from serving.core.errors import ImgclfError, InvalidImageError
@@ -31,6 +32,11 @@ RAW_IMAGE_TYPES = (
     "image/webp",
     "application/octet-stream",
 )
+#: Starlette spools each uploaded file part over 1 MiB to a temporary file on disk, and then
+#: reads it back through a thread: 4.5 ms of a 1.5 MB phone photo's request, against 0.7 ms
+#: in memory. The whole body is already in memory (and bounded by max_request_bytes), so its
+#: parts stay there too.
+MultiPartParser.spool_max_size = sys.maxsize
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: A caller's request id we keep: no "/" (several images get "id/index"), at most 128 chars.
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

@@ -183,3 +183,70 @@ def test_module_does_not_import_tensorflow():
     code = "import sys, serving.core.preprocessing; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def photo(width: int, height: int, orientation: int | None = None) -> bytes:
+    """A real photograph (scikit-learn's), resized to ``width`` x ``height``, as a JPEG;
+    with an EXIF orientation tag when given."""
+    from sklearn.datasets import load_sample_image
+
+    image = Image.fromarray(load_sample_image("china.jpg")).resize((width, height))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=92, exif=exif)
+
+
+FULL_SIZE = {"jpeg_draft_margin": None}
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_close_to_full_size():
+    data = photo(1600, 1200)
+    spec = PreprocessSpec(32, 32)  # margin 2: at least 64 px a side, so 1/8 scale
+    assert decode(data, spec).size == (200, 150)
+    full = PreprocessSpec(32, 32, **FULL_SIZE)
+    assert decode(data, full).size == (1600, 1200)
+    difference = np.abs(preprocess_bytes(data, spec) - preprocess_bytes(data, full))
+    assert 0 < difference.mean() < 1.0 and difference.max() < 16, (
+        difference.mean(),
+        difference.max(),
+    )
+
+
+def test_the_reduction_keeps_the_margin_and_accounts_for_exif_rotation():
+    # Stored 1600x800 and tagged "turn a quarter": upright it is 800 wide, 1600 high. A wide
+    # 200x50 target needs 400x100 upright; read unrotated, 1/4 scale would leave 200 wide.
+    data = photo(1600, 800, orientation=6)
+    upright = decode(data, PreprocessSpec(height=50, width=200))
+    assert upright.size == (400, 800)  # 1/2 scale, then turned
+    for height, width in ((50, 200), (200, 50), (30, 30), (800, 400)):
+        spec = PreprocessSpec(height=height, width=width)
+        got_width, got_height = decode(data, spec).size
+        assert got_width >= min(800, 2 * width) and got_height >= min(1600, 2 * height)
+        assert preprocess_bytes(data, spec).shape == (height, width, 3)
+
+
+def test_other_formats_and_small_jpegs_are_decoded_as_before():
+    spec, full = PreprocessSpec(32, 32), PreprocessSpec(32, 32, **FULL_SIZE)
+    png = encode(Image.open(io.BytesIO(photo(800, 600))), "PNG")
+    for data in (png, photo(100, 80)):  # no reduction keeps 2x64 px: decoded whole
+        assert np.array_equal(preprocess_bytes(data, spec), preprocess_bytes(data, full))
+
+
+def test_a_model_exported_before_the_draft_step_keeps_full_size_decoding():
+    old = {"height": 32, "width": 32, "channels": 3, "resize_filter": "bilinear"}
+    spec = PreprocessSpec.from_metadata(old)
+    assert spec.jpeg_draft_margin is None and spec.describe()["contract_version"] == 1
+    assert decode(photo(1600, 1200), spec).size == (1600, 1200)
+    new = PreprocessSpec(32, 32).describe()
+    assert new["contract_version"] == 2 and new["jpeg_draft_margin"] == 2.0
+    assert PreprocessSpec.from_metadata(new) == PreprocessSpec(32, 32)
+    with pytest.raises(ValueError, match="at least 1"):
+        PreprocessSpec(32, 32, jpeg_draft_margin=0.5)
+
+
+def test_a_truncated_large_jpeg_is_still_corrupt_with_the_reduction():
+    data = photo(1600, 1200)
+    with pytest.raises(InvalidImageError) as caught:
+        preprocess_bytes(data[: len(data) // 3], PreprocessSpec(32, 32))
+    assert caught.value.reason == "corrupt"

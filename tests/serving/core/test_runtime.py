@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -186,3 +187,43 @@ def test_serving_path_never_imports_tensorflow(published_model):
         check=True,
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_runtime_follows_the_contract_each_model_was_exported_with(
+    published_model, trained_run, tmp_path
+):
+    """A model exported before the JPEG draft step (no ``jpeg_draft_margin`` in its metadata)
+    decodes at full size, exactly as Pillow did before; a new export, trained with the same
+    step (no skew between training and serving), decodes large JPEGs at a reduced scale."""
+    from PIL import Image, ImageOps
+    from sklearn.datasets import load_sample_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(load_sample_image("flower.jpg")).resize((1600, 1200)).save(
+        buffer, "JPEG", quality=92
+    )
+    data = buffer.getvalue()
+    trained = json.loads((trained_run / "run.json").read_text())["preprocessing"]
+    exported = json.loads((published_model / "metadata.json").read_text())["preprocessing"]
+    assert trained["jpeg_draft_margin"] == exported["jpeg_draft_margin"] == 2.0
+    assert exported["contract_version"] == 2
+
+    old = tmp_path / "old"
+    shutil.copytree(published_model, old)
+    metadata = json.loads((old / "metadata.json").read_text())
+    for key in ("jpeg_draft_margin", "contract_version"):
+        metadata["preprocessing"].pop(key)
+    (old / "metadata.json").write_text(json.dumps(metadata))
+    before, now = ClassifierRuntime(old, provider="cpu"), ClassifierRuntime(published_model)
+
+    height, width, _ = before.spec.input_shape
+    with Image.open(io.BytesIO(data)) as image:  # the contract as written before the step
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+        expected = np.asarray(upright.resize((width, height), Image.BILINEAR), np.float32)
+    assert np.array_equal(before.preprocess(data), expected)
+    assert np.array_equal(
+        before.predict(before.preprocess(data)[None]), before.predict(expected[None])
+    )
+    reduced = now.preprocess(data)
+    assert not np.array_equal(reduced, expected)
+    assert np.abs(reduced - expected).mean() < 1.0
