@@ -9,10 +9,12 @@ In one run, on one model (default: the newest model_repository/digits version):
 - a reference service built the tutorial way: BentoML serving the SavedModel with TensorFlow,
   same request (``benchmarks/tf_reference_service.py``);
 - phone photos (12-megapixel class JPEGs from real photos, ``common.phone_photos``) at
-  concurrency 8, served twice from the same ONNX graph: with the preprocessing contract of
-  models exported before the JPEG draft step (full-size decoding) and with today's.
+  concurrency 8, served twice from the same ONNX graph, side by side, three alternating rounds:
+  with the preprocessing contract of models exported before the JPEG draft step (full-size
+  decoding), or with ``--before-tree``'s code (a worktree of main), and with today's.
 
     .venv/bin/python benchmarks/bench_service.py [--model model_repository/digits] [--seconds 15]
+    git worktree add /tmp/main main   # then: ... --before-tree /tmp/main
 
 Needs wrk (``apt-get install wrk``).
 """
@@ -142,13 +144,13 @@ def free_port() -> int:
 
 
 class Process:
-    def __init__(self, args: list[str], env: dict, port: int) -> None:
+    def __init__(self, args: list[str], env: dict, port: int, cwd: Path = ROOT) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             args,
             env={**os.environ, **env},
-            cwd=ROOT,
+            cwd=cwd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -169,40 +171,67 @@ class Process:
         self.process.wait(timeout=60)
 
 
-def serve(model_dir: Path) -> Process:
+def serve(model_dir: Path, tree: Path = ROOT) -> Process:
+    """``imgclf serve`` on the CPU provider, from this checkout or from another one (a git
+    worktree of the commit to compare with: its code, this environment)."""
     port = free_port()
+    command = [str(BIN / "imgclf")]
+    env = {"IMGCLF_PROVIDER": "cpu"}
+    if tree != ROOT:
+        command = [str(BIN / "python"), "-c", "import sys; from imgclf.cli import run; run()"]
+        env["PYTHONPATH"] = str(tree)
     return Process(
-        [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)],
-        {"IMGCLF_PROVIDER": "cpu"},
-        port,
+        [*command, "serve", "--model", str(model_dir), "--port", str(port)], env, port, cwd=tree
     )
 
 
-def photo_comparison(model_dir: Path, scratch: Path, count: int, seconds: int) -> list[list]:
-    """Phone-photo uploads at concurrency 8: full-size decoding (the contract before the JPEG
-    draft step) against today's contract, the same graph, one after the other."""
+def photo_comparison(
+    model_dir: Path, scratch: Path, count: int, seconds: int, before_tree: Path | None
+) -> list[list]:
+    """Phone-photo uploads at concurrency 8, before and after the JPEG draft step. Before: the
+    contract of models exported without the step, on this code, or ``before_tree``'s code (a
+    worktree of main) serving the model as it is. Both servers run side by side and wrk
+    alternates between them, three rounds each; the median round counts."""
     photos = phone_photos(count)
     (scratch / "photos").mkdir()
     script = wrk_script(scratch / "photos", photos)
-    rows, before = [], None
-    for margin in (None, 2.0):
-        copy = contract_copy(model_dir, scratch / f"contract-{margin}", margin)
-        server = serve(copy)
-        try:
+    if before_tree is None:
+        before = serve(contract_copy(model_dir, scratch / "before", None))
+        before_label = "full-size decoding (before)"
+    else:
+        before = serve(model_dir, before_tree.resolve())
+        before_label = f"{before_tree.name} (full-size decoding)"
+    try:
+        after = serve(contract_copy(model_dir, scratch / "after", 2.0))
+    except RuntimeError:
+        before.stop()
+        raise
+    rounds: dict[str, list[dict]] = {"before": [], "after": []}
+    try:
+        for server in (before, after):
             run_wrk(server.url, script, 8, 3)
-            result = run_wrk(server.url, script, 8, seconds)
-        finally:
-            server.stop()
-        before = before or result["rps"]
+        for _ in range(3):
+            rounds["before"].append(run_wrk(before.url, script, 8, seconds))
+            rounds["after"].append(run_wrk(after.url, script, 8, seconds))
+    finally:
+        before.stop()
+        after.stop()
+    rows = []
+    base = float(np.median([r["rps"] for r in rounds["before"]]))
+    for key, label in (("before", before_label), ("after", "JPEG draft, margin 2")):
+        median = sorted(rounds[key], key=lambda r: r["rps"])[1]
+        errors = sum(r["errors"] for r in rounds[key])
+        sockets = "; ".join(r["socket_errors"] for r in rounds[key] if r["socket_errors"]) or 0
         rows.append(
             [
-                "full-size decoding (before)" if margin is None else "JPEG draft, margin 2",
+                label,
                 8,
-                result["rps"],
-                result["p50"],
-                result["p99"],
-                f"{result['errors']} / {result['socket_errors'] or 0}",
-                f"{result['rps'] / before:.1f}x",
+                median["rps"],
+                median["p50"],
+                median["p99"],
+                " / ".join(f"{r['rps']:.1f}" for r in rounds[key]),
+                f"{errors} / {sockets}",
+                f"{median['rps'] / base:.2f}x",
             ]
         )
     return rows
@@ -228,6 +257,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--photos", type=int, default=8, help="phone photos; 0: skip them")
+    parser.add_argument(
+        "--before-tree",
+        type=Path,
+        help="a checkout (git worktree) whose code serves the 'before' photo rounds",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("error: wrk is not installed (apt-get install wrk)")
@@ -272,7 +306,7 @@ def main() -> None:
             finally:
                 ref.stop()
         photo_rows = (
-            photo_comparison(model_dir, Path(scratch), args.photos, args.seconds)
+            photo_comparison(model_dir, Path(scratch), args.photos, args.seconds, args.before_tree)
             if args.photos
             else []
         )
@@ -337,8 +371,9 @@ def main() -> None:
             f"\n{args.photos} phone photos (12-megapixel class JPEGs from real photos) as "
             f"multipart uploads, the same model:\n"
         )
-        headers = ["decoding", "concurrency", "requests/s", "p50 ms", "p99 ms"]
-        print(table([*headers, "non-2xx / socket errors", "vs before"], photo_rows))
+        headers = ["decoding", "concurrency", "requests/s (median)", "p50 ms", "p99 ms"]
+        headers += ["each round", "non-2xx / socket errors", "vs before"]
+        print(table(headers, photo_rows))
 
 
 if __name__ == "__main__":
