@@ -7,10 +7,9 @@ empties at every start: the store lives as long as the server). It keeps a reque
 predicted class and the time of each of the last ``capacity`` predictions, never an image,
 and forgets predictions older than ``max_age_s``. An id names the first prediction made
 under it, and can be labelled once, for as long as the store keeps that prediction. Each
-worker buffers its predictions and
-writes them in one transaction every ``flush_interval_s``, off the request path; a label for
-an id that is not found yet is looked up again for up to four intervals, while the other
-workers write theirs.
+worker buffers its predictions and writes them in one transaction every
+``flush_interval_s``, off the request path; a label for an id that is not found yet is
+looked up again for up to four intervals, while the other workers write theirs.
 """
 
 from __future__ import annotations

@@ -90,11 +90,9 @@ class _Output:
 
     def drop_failed(self) -> int:
         """Remove the rows that failed, before a rerun scores those inputs again: each input
-        keeps one row. Returns how many were removed."""
-        failed = sum(1 for rows in self.read_rows() for row in rows if row["error"])
-        if failed:
-            self._rewrite_without_errors()
-        return failed
+        keeps one row. Returns how many were removed (the output is read once, and
+        rewritten only where a row failed)."""
+        raise NotImplementedError
 
 
 class CsvOutput(_Output):
@@ -149,10 +147,13 @@ class CsvOutput(_Output):
         if new:
             fsync_dir(self.path.parent)
 
-    def _rewrite_without_errors(self) -> None:
+    def drop_failed(self) -> int:
         import csv
 
-        kept = [row for rows in self.read_rows() for row in rows if not row["error"]]
+        rows = [row for chunk in self.read_rows() for row in chunk]
+        kept = [row for row in rows if not row["error"]]
+        if len(kept) == len(rows):
+            return 0
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         with temporary.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
@@ -162,6 +163,7 @@ class CsvOutput(_Output):
             os.fsync(handle.fileno())
         os.replace(temporary, self.path)
         fsync_dir(self.path.parent)
+        return len(rows) - len(kept)
 
     def _repair(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -200,22 +202,26 @@ class ParquetOutput(_Output):
         for part in self._parts():
             yield pq.read_table(part).to_pylist()
 
-    def _rewrite_without_errors(self) -> None:
+    def drop_failed(self) -> int:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        removed = 0
         for part in self._parts():
             table = pq.read_table(part)
             kept = table.filter(pc.equal(table.column("error"), ""))
             if kept.num_rows == table.num_rows:
                 continue
+            removed += table.num_rows - kept.num_rows
             if kept.num_rows == 0:
                 part.unlink()
                 continue
             temporary = part.with_name(f".{part.name}.tmp")
             pq.write_table(kept, temporary)
             os.replace(temporary, part)
-        fsync_dir(self.path)
+        if removed:
+            fsync_dir(self.path)
+        return removed
 
     def append(self, rows: list[dict]) -> None:
         import pyarrow as pa

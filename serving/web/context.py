@@ -134,21 +134,26 @@ async def handle(request: Request, endpoint: str, work) -> Response:
     if worker is None:
         return starting()
     started = time.perf_counter()
+
+    def count(status: int, reason: str | None = None) -> None:
+        if worker.observer is not None:
+            if reason is not None:
+                worker.observer.error(endpoint, reason)
+            worker.observer.request(endpoint, status, time.perf_counter() - started)
+
     try:
         result = await work(worker)
         response = result if isinstance(result, Response) else JSONResponse(result)
-        if worker.observer is not None:
-            worker.observer.request(endpoint, response.status_code, time.perf_counter() - started)
+        count(response.status_code)
         return response
     except asyncio.CancelledError:
         # BentoML's timeout cancels the handler and answers 504 itself; anything else that
         # cancels a request (a shutdown past its grace period) is counted as 499, nginx's
         # "client closed request". Either way the request is counted, then cancelled.
-        timed_out = time.perf_counter() - started >= 0.9 * worker.limits.timeout_s
-        reason, status = ("timeout", 504) if timed_out else ("cancelled", 499)
-        if worker.observer is not None:
-            worker.observer.error(endpoint, reason)
-            worker.observer.request(endpoint, status, time.perf_counter() - started)
+        if time.perf_counter() - started >= 0.9 * worker.limits.timeout_s:
+            count(504, "timeout")
+        else:
+            count(499, "cancelled")
         raise
     except ImgclfError as error:
         reason, status, message = error.reason, error.status_code, error.message
@@ -159,9 +164,7 @@ async def handle(request: Request, endpoint: str, work) -> Response:
         log.exception("%s failed", endpoint)
         reason, status, message = "internal", 500, "internal error; see the server log"
         details, headers = {}, None
-    if worker.observer is not None:
-        worker.observer.error(endpoint, reason)
-        worker.observer.request(endpoint, status, time.perf_counter() - started)
+    count(status, reason)
     if status == 503:
         headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse({"error": message, **details}, status_code=status, headers=headers)

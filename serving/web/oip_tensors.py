@@ -48,8 +48,9 @@ def split_request(
             data = _serialize_bytes([body])
             tensor = {"name": INPUT_NAME, "datatype": "BYTES", "shape": [1, 1]}
             return {"inputs": [{**tensor, "parameters": {"binary_data_size": len(data)}}]}, data
-    check_value_count(body[:length], max_images, pixels_per_image)
-    header = parse_json(body[:length], "the inference request header")
+    text = body[:length]  # one copy of up to 64 MiB, counted and then parsed
+    check_value_count(text, max_images, pixels_per_image)
+    header = parse_json(text, "the inference request header")
     if not isinstance(header, dict):
         raise ImgclfError("the inference request must be a JSON object")
     return header, body[length:]

@@ -129,15 +129,23 @@ def start_worker(
     return worker
 
 
+def server_folder() -> Path | None:
+    """The runtime folder of the server this worker belongs to (``serving.web.launch``, or
+    BentoML's own), where its metrics, worker cards and feedback store live; None when the
+    service runs in-process, without a server around it."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(folder) if folder else None
+
+
 def supervise(metrics: WorkerObserver | None) -> WorkerRoll | None:
     """In a server's worker process (``serving.web.supervision``): die with the server, join
     its roll of workers and report the ones found dead. None in-process (no runtime
     folder: no server around it)."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder:
+    folder = server_folder()
+    if folder is None:
         return None
     die_with_server()
-    roll = WorkerRoll(Path(folder))
+    roll = WorkerRoll(folder)
     dead = roll.join()
     for pid in dead:
         log.warning(
@@ -188,8 +196,8 @@ def open_feedback(
     """The store every worker of this server shares: in the server's own runtime folder
     (``serving.web.launch``), a private folder when the service runs alone, or the file
     ``feedback_store_path`` names when several servers are meant to share their labels."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="imgclf-")
-    path = settings.feedback_store_path or Path(folder) / "imgclf-feedback.sqlite3"
+    folder = server_folder() or Path(tempfile.mkdtemp(prefix="imgclf-"))
+    path = settings.feedback_store_path or folder / "imgclf-feedback.sqlite3"
     observer = FeedbackObserver(
         capacity=settings.feedback_store_size,
         min_samples=settings.feedback_min_samples,
