@@ -339,8 +339,9 @@ def serve(
     model: Annotated[
         Optional[Path],
         typer.Option(
-            help="Published model directory, or <repository>/<name> for its newest "
-            "version (default: the BentoML store model --bento-model)."
+            help="Published model directory, or <repository>/<name>: its live version, "
+            "switched while serving (imgclf promote, shadow, rollback, pin; default: the "
+            "BentoML store model --bento-model)."
         ),
     ] = None,
     port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
@@ -355,7 +356,9 @@ def serve(
     from serving.web.serve import settings_from
 
     if model is not None:
-        settings["model_dir"] = resolve_model_dir(model).resolve()
+        # A model folder stays a folder: each worker follows its versions file.
+        resolved = resolve_model_dir(model)
+        settings["model_dir"] = (model if resolved.parent == model else resolved).resolve()
     run_server(settings_from(settings), host=host, port=port, echo=typer.echo)
 
 
@@ -431,16 +434,24 @@ def score(
     gpus_per_actor: Annotated[
         float, typer.Option(help="GPUs per Ray actor (> 0 runs the actors on CUDA).")
     ] = 0.0,
+    version: Annotated[
+        Optional[int],
+        typer.Option(
+            help="With --model <repository>/<name>: score with this version (default: the "
+            "live one)."
+        ),
+    ] = None,
 ) -> None:
     """Score many images into CSV or Parquet; resumable; writes a drift report next to it.
 
     Exit status: 0 every image scored, 4 finished but some files could not be read,
     130 interrupted (rerun the same command to resume), 1 a mistake in the command."""
     from serving.batch.job import run_job
+    from serving.core.roles import version_dir
 
     summary = run_job(
         inputs,
-        model,
+        version_dir(model, version),
         output,
         output_format=output_format,
         batch_size=batch_size,
@@ -510,6 +521,134 @@ def drift(
     threshold = {"never": 99, "warning": 1, "critical": 2}[fail_on]
     if levels.get(report["status"], 0) >= threshold:
         raise typer.Exit(3)
+
+
+ModelFolder = Annotated[
+    Path, typer.Argument(help="The model's folder, <repository>/<name>, holding its versions.")
+]
+VersionNumber = Annotated[int, typer.Argument(help="A published version number.")]
+
+
+@app.command()
+@user_errors
+def versions(
+    model: ModelFolder,
+    server: Annotated[
+        Optional[str],
+        typer.Option(help="A running server's URL: add what it reports for each version."),
+    ] = None,
+    check: Annotated[
+        bool, typer.Option(help="Load each version as a server would (hashes, graph).")
+    ] = True,
+) -> None:
+    """List a model's versions: role, test accuracy, created, whether it verifies, and with
+    --server the images each answered, its shadow agreement and its refusals."""
+    from serving.core.roles import server_figures, version_rows
+
+    rows = version_rows(model, verify=check)
+    figures = server_figures(server) if server else None
+    header = f"{'version':>7}  {'role':<16} {'accuracy':>8}  {'created':<25} status"
+    if figures:
+        header += "  | server: answered, shadow agreement, refused"
+    typer.echo(header)
+    for row in rows:
+        accuracy = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "-"
+        line = (
+            f"{row['version']:>7}  {row['role'] or '-':<16} {accuracy:>8}  "
+            f"{row['created_at'] or '-':<25} {row['status']}"
+        )
+        if figures:
+            line += "  | " + _server_line(row["version"], figures)
+        typer.echo(line)
+    if figures and figures["metadata"].get("state_error"):
+        typer.echo(f"server: {figures['metadata']['state_error']}")
+
+
+def _server_line(version: int, figures: dict) -> str:
+    found = figures["by_version"].get(version, {})
+    compared = found.get("shadow_compared", 0)
+    agreement = f"{found.get('shadow_agreed', 0) / compared:.4f} of {compared}" if compared else "-"
+    refusal = figures["metadata"].get("refused", {}).get(str(version))
+    refused = (
+        f"refused: {refusal}"
+        if refusal
+        else (f"refused {found['refusals']}x" if found.get("refusals") else "-")
+    )
+    return f"{found.get('answered', 0)}, {agreement}, {refused}"
+
+
+@app.command()
+@user_errors
+def shadow(
+    model: ModelFolder,
+    version: Annotated[
+        Optional[int], typer.Argument(help="The version to shadow the live one (omit with --off).")
+    ] = None,
+    fraction: Annotated[
+        float, typer.Option(help="Share of live requests copied to the shadow, in (0, 1].")
+    ] = 1.0,
+    off: Annotated[bool, typer.Option("--off", help="Stop shadowing.")] = False,
+) -> None:
+    """Send a copy of a fraction of live requests to another version; its answers are
+    compared with the live ones (metrics, /metadata) and never returned."""
+    from serving.core.errors import ConfigError
+    from serving.core.roles import set_shadow
+
+    if off == (version is not None):
+        raise ConfigError("give a VERSION to shadow, or --off to stop shadowing")
+    state = set_shadow(model, None if off else version, fraction)
+    if state.shadow is None:
+        typer.echo(f"no shadow for {model}")
+    else:
+        typer.echo(
+            f"version {state.shadow.version} shadows {fraction:g} of the live requests of "
+            f"{model}; servers follow within their poll interval"
+        )
+
+
+@app.command()
+@user_errors
+def promote(model: ModelFolder, version: VersionNumber) -> None:
+    """Make a version live (checked first); the live one it replaces stays on disk, for
+    imgclf rollback."""
+    from serving.core.roles import promote as promote_version
+
+    state = promote_version(model, version)
+    earlier = f" (was {state.history[-1]})" if state.history else ""
+    typer.echo(f"version {version} is live for {model}{earlier}; pinned")
+
+
+@app.command()
+@user_errors
+def rollback(model: ModelFolder) -> None:
+    """Back to the version that was live before the last promote, pin or rollback."""
+    from serving.core.roles import rollback as roll_back
+
+    before, after = roll_back(model)
+    typer.echo(f"version {after} is live again for {model} (was {before}); pinned")
+
+
+@app.command()
+@user_errors
+def pin(
+    model: ModelFolder,
+    version: Annotated[Optional[int], typer.Argument(help="The version to hold.")] = None,
+    latest: Annotated[
+        bool, typer.Option("--latest", help="Follow the newest version again.")
+    ] = False,
+) -> None:
+    """Hold a version live (stop following the newest), or --latest to follow it again."""
+    from serving.core.errors import ConfigError
+    from serving.core.roles import current_live
+    from serving.core.roles import pin as pin_version
+
+    if latest == (version is not None):
+        raise ConfigError("give a VERSION to pin, or --latest to follow the newest")
+    pin_version(model, version)
+    if latest:
+        typer.echo(f"{model} follows its newest version (now {current_live(model)})")
+    else:
+        typer.echo(f"version {version} is pinned live for {model}")
 
 
 def _parse_size(text: str) -> list[int]:

@@ -36,12 +36,14 @@ CREATE TABLE IF NOT EXISTS predictions (
     request_id TEXT NOT NULL UNIQUE,
     predicted INTEGER NOT NULL,
     created REAL NOT NULL,
-    labelled INTEGER NOT NULL DEFAULT 0
+    labelled INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outcomes (
     seq INTEGER PRIMARY KEY,
     label INTEGER NOT NULL,
-    predicted INTEGER NOT NULL
+    predicted INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0
 );
 """
 #: Why feedback is refused: a label that is not a class, an id the store does not hold (never
@@ -93,7 +95,7 @@ class FeedbackStore:
         self.on_count = on_count
         #: Called with the number of predictions not stored because their id was taken.
         self.on_taken = on_taken
-        self._buffer: deque[tuple[Sequence[str], Sequence[int], float]] = deque()
+        self._buffer: deque[tuple[Sequence[str], Sequence[int], int, float]] = deque()
         self._db_lock = threading.Lock()
         self._db = sqlite3.connect(
             self.path, timeout=10.0, isolation_level=None, check_same_thread=False
@@ -107,6 +109,12 @@ class FeedbackStore:
         self._db.execute("PRAGMA cache_size=-65536")
         self._db.execute("PRAGMA mmap_size=268435456")
         self._db.executescript(SCHEMA)
+        for table in ("predictions", "outcomes"):  # a store kept from before versions
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if "version" not in columns:
+                self._db.execute(
+                    f"ALTER TABLE {table} ADD COLUMN version INTEGER NOT NULL DEFAULT 0"
+                )
         self._last_prune = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="feedback", daemon=True)
@@ -114,10 +122,13 @@ class FeedbackStore:
 
     # -- predictions -------------------------------------------------------------------
 
-    def remember(self, request_ids: Sequence[str], predicted: Sequence[int]) -> None:
-        """Keep these predictions until their labels come: one list append on the request
-        path; the rows are built and written by the flushing thread."""
-        self._buffer.append((request_ids, predicted, self.clock()))  # deques are thread-safe
+    def remember(
+        self, request_ids: Sequence[str], predicted: Sequence[int], version: int = 0
+    ) -> None:
+        """Keep these predictions (made by model ``version``) until their labels come: one
+        list append on the request path; the rows are built and written by the flushing
+        thread."""
+        self._buffer.append((request_ids, predicted, version, self.clock()))  # thread-safe
 
     def flush(self) -> None:
         """Write the buffered predictions, then keep the store within its bounds."""
@@ -125,8 +136,8 @@ class FeedbackStore:
         while self._buffer:
             batches.append(self._buffer.popleft())
         rows = [
-            (rid, int(predicted), created)
-            for ids, classes, created in batches
+            (rid, int(predicted), created, version)
+            for ids, classes, version, created in batches
             for rid, predicted in zip(ids, classes, strict=True)
         ]
         with self._db_lock:
@@ -140,9 +151,11 @@ class FeedbackStore:
                     # the first caller's label is scored against nor clear "labelled".
                     before = self._db.total_changes
                     self._db.execute(
-                        "INSERT OR IGNORE INTO predictions (request_id, predicted, created) "
+                        "INSERT OR IGNORE INTO predictions "
+                        "(request_id, predicted, created, version) "
                         "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
-                        "json_extract(value, '$[2]') FROM json_each(?)",
+                        "json_extract(value, '$[2]'), json_extract(value, '$[3]') "
+                        "FROM json_each(?)",
                         (json.dumps(rows),),
                     )
                     taken = len(rows) - (self._db.total_changes - before)
@@ -197,11 +210,12 @@ class FeedbackStore:
             if problems:
                 raise _refusal(problems)
             self._db.executemany(
-                "UPDATE predictions SET labelled = 1 WHERE seq = ?", [(s,) for s, _, _ in outcomes]
+                "UPDATE predictions SET labelled = 1 WHERE seq = ?",
+                [(seq,) for seq, *_ in outcomes],
             )
             self._db.executemany(
-                "INSERT INTO outcomes (label, predicted) VALUES (?, ?)",
-                [(label, predicted) for _, label, predicted in outcomes],
+                "INSERT INTO outcomes (label, predicted, version) VALUES (?, ?, ?)",
+                [(label, predicted, version) for _, label, predicted, version in outcomes],
             )
             self._db.execute(
                 "DELETE FROM outcomes WHERE seq <= (SELECT MAX(seq) FROM outcomes) - ?",
@@ -209,7 +223,7 @@ class FeedbackStore:
             )
         return {
             "accepted": len(outcomes),
-            "outcomes": [(self.classes[label], label == p) for _, label, p in outcomes],
+            "outcomes": [(self.classes[label], label == p, v) for _, label, p, v in outcomes],
         }
 
     def _missing(self, items: Sequence[tuple[str, str]]) -> bool:
@@ -227,7 +241,8 @@ class FeedbackStore:
         outcomes, problems, seen = [], [], set()
         for index, (rid, label) in enumerate(items):
             row = self._db.execute(
-                "SELECT seq, predicted, created, labelled FROM predictions WHERE request_id = ?",
+                "SELECT seq, predicted, created, labelled, version FROM predictions "
+                "WHERE request_id = ?",
                 (rid,),
             ).fetchone()
             if rid in seen or (row is not None and row[3]):
@@ -249,23 +264,36 @@ class FeedbackStore:
                     }
                 )
             else:
-                outcomes.append((row[0], self._index[label], row[1]))
+                outcomes.append((row[0], self._index[label], row[1], row[4]))
             seen.add(rid)
         return outcomes, problems
 
     # -- figures -----------------------------------------------------------------------
 
-    def summary(self) -> dict:
+    def summary(self, version: int | None = None) -> dict:
         """Accuracy, per-class precision / recall / F1 and the confusion matrix of the last
-        ``window`` labelled predictions; the store's size and bounds."""
+        ``window`` labelled predictions (of ``version``'s, when given: a label is scored
+        against the version that made the prediction); labelled predictions per version;
+        the store's size and bounds."""
         predictions = self.count()
         with self._db_lock:
-            rows = self._db.execute("SELECT label, predicted FROM outcomes").fetchall()
-        pairs = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-        matrix = confusion(pairs[:, 0], pairs[:, 1], len(self.classes))
+            rows = self._db.execute("SELECT label, predicted, version FROM outcomes").fetchall()
+        triples = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        by_version = {
+            str(v): {
+                "labelled": int((triples[:, 2] == v).sum()),
+                "correct": int(((triples[:, 2] == v) & (triples[:, 0] == triples[:, 1])).sum()),
+            }
+            for v in sorted(set(triples[:, 2].tolist()))
+        }
+        if version is not None:
+            triples = triples[triples[:, 2] == version]
+        matrix = confusion(triples[:, 0], triples[:, 1], len(self.classes))
         return {
             "window": self.window,
+            "version": version,
             **scores(matrix, self.classes),
+            "by_version": by_version,
             "store": {
                 "predictions": predictions,
                 "capacity": self.capacity,

@@ -254,9 +254,10 @@ REFERENCE_CALIBRATION_ERROR = Gauge(
 )
 FEEDBACK = Counter(
     "imgclf_feedback_total",
-    "Labels matched to a prediction through POST /feedback, by true class and outcome "
-    "(correct or incorrect). Refused feedback is not counted here.",
-    ["class", "outcome"],
+    "Labels matched to a prediction through POST /feedback, by true class, outcome (correct "
+    "or incorrect) and the version that made the prediction. Refused feedback is not "
+    "counted here.",
+    ["class", "outcome", "version"],
 )
 FEEDBACK_IDS_TAKEN = Counter(
     "imgclf_feedback_ids_taken_total",
@@ -295,4 +296,74 @@ ACCURACY_ALERT_MARGIN = Gauge(
     "imgclf_accuracy_alert_margin_ratio",
     "How far accuracy may fall below the held-out accuracy before the alerts fire.",
     multiprocess_mode="max",
+)
+# -- versions: which one answers, which one shadows it, what each switch did -------------------
+SERVED_VERSION = Gauge(
+    "imgclf_served_version",
+    "The version each live worker serves in each role (live, shadow; 0: no shadow), per pid: "
+    "min() and max() over a fleet agree once every worker has taken a switch.",
+    ["role"],
+    multiprocess_mode="liveall",
+)
+VERSION_PREDICTIONS = Counter(
+    "imgclf_version_predictions_total",
+    "Images answered, by the version that answered them.",
+    ["version"],
+)
+VERSION_SWITCHES = Counter(
+    "imgclf_version_switches_total",
+    "Versions a worker switched to after it had loaded, verified and warmed them, by role.",
+    ["role"],
+)
+VERSION_REFUSALS = Counter(
+    "imgclf_version_refusals_total",
+    "Versions a worker refused to switch to (hashes, graph, classes or warm-up failed); the "
+    "version serving before keeps serving.",
+    ["version"],
+)
+VERSION_REFUSED = Gauge(
+    "imgclf_version_refused",
+    "1 while a worker refuses a version (until it is published again and loads), else 0.",
+    ["version"],
+    multiprocess_mode="livemax",
+)
+SHADOW_IMAGES = Counter(
+    "imgclf_shadow_images_total",
+    "Copies of live images offered to the shadow version, by outcome: compared, dropped "
+    "(the shadow was behind), failed (the shadow raised) or skipped (input it cannot take).",
+    ["version", "outcome"],
+)
+SHADOW_AGREEMENTS = Counter(
+    "imgclf_shadow_agreements_total",
+    "Compared images where the shadow's top-1 class equals the live version's.",
+    ["version"],
+)
+SHADOW_AGREEMENT = Gauge(
+    "imgclf_shadow_agreement_ratio",
+    "Top-1 agreement of shadow and live over the shadow window (this worker's).",
+    multiprocess_mode="mostrecent",
+)
+SHADOW_MEAN_CONFIDENCE = Gauge(
+    "imgclf_shadow_mean_confidence_ratio",
+    "Mean top-1 confidence over the shadow window, of the live and of the shadow answers to "
+    "the same images.",
+    ["role"],
+    multiprocess_mode="mostrecent",
+)
+SHADOW_WINDOW = Gauge(
+    "imgclf_shadow_window_samples",
+    "Compared images in the shadow window.",
+    multiprocess_mode="mostrecent",
+)
+SHADOW_DURATION = Histogram(
+    "imgclf_shadow_inference_duration_seconds",
+    "ONNX Runtime time per shadow batch (off the live requests' path).",
+    buckets=INFERENCE_BUCKETS,
+)
+SHADOW_DRIFT_PSI = Gauge(
+    "imgclf_shadow_drift_psi",
+    "Population stability index of the shadow's answers over the shadow window against the "
+    "shadow version's own reference profile.",
+    ["signal"],
+    multiprocess_mode="mostrecent",
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 
 import numpy as np
 
@@ -99,7 +100,9 @@ class PredictionObserver:
     ) -> None:
         self.classes = classes
         self._class_counters = [metrics.PREDICTIONS.labels(label) for label in classes]
-        metrics.MODEL_INFO.labels(name, str(version), provider, precision).set(1)
+        self._answered = metrics.VERSION_PREDICTIONS.labels(str(version))
+        self._info = metrics.MODEL_INFO.labels(name, str(version), provider, precision)
+        self._info.set(1)
         self.monitor = None
         self.reference_performance = (profile or {}).get("performance")
         if self.reference_performance:
@@ -127,6 +130,7 @@ class PredictionObserver:
     def record(self, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
         BUFFER.observe(metrics.INFERENCE_DURATION, seconds)
         BUFFER.observe(metrics.BATCH_SIZE, len(images))
+        BUFFER.inc(self._answered, len(images))
         signals = image_signals(images, probabilities)
         for index in signals["class"].tolist():
             BUFFER.inc(self._class_counters[index])
@@ -188,6 +192,11 @@ class PredictionObserver:
         if self.monitor is not None:
             self._stop.set()
 
+    def retire(self) -> None:
+        """Another version took over: stop the drift thread, and say this one is not served."""
+        self.stop()
+        self._info.set(0)
+
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
@@ -213,9 +222,13 @@ class FeedbackObserver:
     def taken(self, predictions: int) -> None:
         metrics.FEEDBACK_IDS_TAKEN.inc(predictions)
 
-    def labelled(self, outcomes: list[tuple[str, bool]], summary: dict) -> None:
-        for label, correct in outcomes:
-            metrics.FEEDBACK.labels(label, "correct" if correct else "incorrect").inc()
+    def labelled(self, outcomes: list[tuple[str, bool, int]], summary: dict) -> None:
+        """``outcomes``: (true class, correct, version that predicted) per label;
+        ``summary``: the live version's figures."""
+        for label, correct, version in outcomes:
+            metrics.FEEDBACK.labels(
+                label, "correct" if correct else "incorrect", str(version)
+            ).inc()
         metrics.FEEDBACK_WINDOW.set(summary["count"])
         if summary["count"] < self.min_samples:
             return
@@ -223,3 +236,101 @@ class FeedbackObserver:
         for label, figures in summary["per_class"].items():
             if figures["support"]:
                 metrics.FEEDBACK_RECALL.labels(label).set(figures["recall"])
+
+
+class VersionObserver:
+    """Which version serves in each role, the switches and the refusals."""
+
+    def serving(self, live: int, shadow: int | None) -> None:
+        metrics.SERVED_VERSION.labels("live").set(live)
+        metrics.SERVED_VERSION.labels("shadow").set(shadow or 0)
+
+    def switched(self, role: str) -> None:
+        metrics.VERSION_SWITCHES.labels(role).inc()
+
+    def refused(self, version: int) -> None:
+        metrics.VERSION_REFUSALS.labels(str(version)).inc()
+        metrics.VERSION_REFUSED.labels(str(version)).set(1)
+
+    def forgiven(self, version: int) -> None:
+        """A refused version was published again: it is tried afresh."""
+        metrics.VERSION_REFUSED.labels(str(version)).set(0)
+
+
+class ShadowObserver:
+    """The evidence for one shadow version against the live one: counters over its whole
+    life (fleet-wide by summing), and this worker's window of the last ``window`` compared
+    images (agreement, mean confidence of each, drift of the shadow's answers against its
+    own reference profile)."""
+
+    def __init__(
+        self, version: int, profile: dict | None, *, window: int, min_samples: int, mode: str
+    ) -> None:
+        label = str(version)
+        self._outcomes = {
+            outcome: metrics.SHADOW_IMAGES.labels(label, outcome)
+            for outcome in ("compared", "dropped", "failed", "skipped")
+        }
+        self._agreements = metrics.SHADOW_AGREEMENTS.labels(label)
+        self.window = window
+        self._agree: deque[bool] = deque(maxlen=window)
+        self._live_confidence: deque[float] = deque(maxlen=window)
+        self._shadow_confidence: deque[float] = deque(maxlen=window)
+        self.totals = dict.fromkeys(self._outcomes, 0) | {"agreed": 0}
+        self.monitor = (
+            DriftMonitor(profile, window=window, min_samples=min_samples, mode=mode)
+            if profile is not None
+            else None
+        )
+        self.drift: dict | None = None
+
+    def counted(self, outcome: str, images: int) -> None:
+        self._outcomes[outcome].inc(images)
+        self.totals[outcome] += images
+
+    def compared(
+        self, images: np.ndarray, live: np.ndarray, shadow: np.ndarray, seconds: float
+    ) -> None:
+        agree = live.argmax(axis=1) == shadow.argmax(axis=1)
+        self.counted("compared", len(agree))
+        self.totals["agreed"] += int(agree.sum())
+        self._agreements.inc(int(agree.sum()))
+        self._agree.extend(agree.tolist())
+        self._live_confidence.extend(live.max(axis=1).tolist())
+        self._shadow_confidence.extend(shadow.max(axis=1).tolist())
+        metrics.SHADOW_DURATION.observe(seconds)
+        summary = self.summary()
+        metrics.SHADOW_WINDOW.set(summary["window_samples"])
+        metrics.SHADOW_AGREEMENT.set(summary["agreement"])
+        metrics.SHADOW_MEAN_CONFIDENCE.labels("live").set(summary["mean_confidence"]["live"])
+        metrics.SHADOW_MEAN_CONFIDENCE.labels("shadow").set(summary["mean_confidence"]["shadow"])
+        if self.monitor is not None and images is not None:
+            self.monitor.add(image_signals(images, shadow))
+
+    def compute_drift(self) -> None:
+        if self.monitor is None:
+            return
+        report = self.monitor.compute()
+        if report is None:
+            return
+        self.drift = {
+            "status": report["status"],
+            "signals": {
+                k: {"psi": v["psi"], "level": v["level"]} for k, v in report["signals"].items()
+            },
+        }
+        for signal, values in report["signals"].items():
+            metrics.SHADOW_DRIFT_PSI.labels(signal).set(values["psi"])
+
+    def summary(self) -> dict:
+        samples = len(self._agree)
+        return {
+            "window_samples": samples,
+            "agreement": sum(self._agree) / samples if samples else None,
+            "mean_confidence": {
+                "live": float(np.mean(self._live_confidence)) if samples else None,
+                "shadow": float(np.mean(self._shadow_confidence)) if samples else None,
+            },
+            "totals": dict(self.totals),
+            "drift": self.drift,
+        }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from serving.core.errors import ModelError
@@ -51,6 +52,7 @@ METADATA_FIELDS = {
     "files": "sha256 of every other file; a mismatch refuses the model.",
 }
 REQUIRED_KEYS = ("name", "version", "classes", "input", "preprocessing", "files")
+STATE_FILE = "versions.json"
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -72,16 +74,146 @@ def version_numbers(model_root: Path) -> list[int]:
 
 
 def resolve_model_dir(path: Path) -> Path:
-    """Accept ``repository/<name>/<version>`` or ``repository/<name>`` (newest version)."""
+    """Accept ``repository/<name>/<version>`` or ``repository/<name>`` (its live version:
+    the one ``versions.json`` pins, else the newest)."""
     path = Path(path)
     if (path / METADATA).is_file():
         return path
-    versions = version_numbers(path)
-    if versions:
-        return path / str(versions[-1])
+    if version_numbers(path):
+        return path / str(resolve_roles(path, read_state(path)).live)
     if not path.exists():
         raise ModelError(f"model directory {path} does not exist")
     raise ModelError(f"{path} is not a model directory (no {METADATA}, no numbered versions)")
+
+
+# -- roles: which version answers and which one shadows it -----------------------------------
+# One small file in ``repository/<name>/``, written atomically by the ``imgclf`` commands
+# (``serving.core.roles``) and read by every worker of every server that mounts the folder:
+#
+#     {"live": 2, "shadow": {"version": 3, "fraction": 0.5}, "history": [1], ...}
+#
+# ``live: null`` (or no file at all) follows the newest published version, TF Serving's
+# "latest" policy: ``imgclf export`` of a new version is served with no other command. A
+# number pins that version. ``history`` holds the earlier live versions, newest last, for
+# ``imgclf rollback``.
+
+#: Earlier live versions kept for rollback.
+HISTORY_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class Shadow:
+    version: int
+    fraction: float
+
+
+@dataclass(frozen=True)
+class RoleState:
+    """The roles the repository asks for. ``live`` None: the newest version."""
+
+    live: int | None = None
+    shadow: Shadow | None = None
+    history: tuple[int, ...] = ()
+    updated_at: str | None = None
+    updated_by: str | None = None
+
+    @property
+    def follows_newest(self) -> bool:
+        return self.live is None
+
+    def to_json(self) -> dict:
+        return {
+            "live": self.live,
+            "shadow": asdict(self.shadow) if self.shadow else None,
+            "history": list(self.history),
+            "updated_at": self.updated_at,
+            "updated_by": self.updated_by,
+        }
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What a worker should serve now: resolved version numbers."""
+
+    live: int
+    shadow: Shadow | None = None
+    following: str = "newest"
+    #: Newer versions skipped because they were refused (following the newest only).
+    skipped: tuple[int, ...] = field(default=())
+
+
+def state_path(model_root: Path) -> Path:
+    return Path(model_root) / STATE_FILE
+
+
+def is_model_root(path: Path) -> bool:
+    """``repository/<name>``: a folder of numbered versions, not a version itself."""
+    path = Path(path)
+    return path.is_dir() and not (path / METADATA).is_file() and bool(version_numbers(path))
+
+
+def read_state(model_root: Path) -> RoleState:
+    """The state file, or the default (follow the newest) when there is none."""
+    path = state_path(model_root)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return RoleState()
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {path}: {error}") from None
+    try:
+        shadow = raw.get("shadow")
+        return RoleState(
+            live=_optional_int(raw.get("live")),
+            shadow=Shadow(int(shadow["version"]), float(shadow["fraction"])) if shadow else None,
+            history=tuple(int(v) for v in raw.get("history") or ()),
+            updated_at=raw.get("updated_at"),
+            updated_by=raw.get("updated_by"),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ModelError(
+            f"{path} is not a versions file ({type(error).__name__}: {error})"
+        ) from None
+
+
+def state_signature(model_root: Path) -> tuple:
+    """Changes whenever the state file or the set of published versions changes: what a
+    worker compares between two polls (a stat and a directory listing)."""
+    try:
+        stat = state_path(model_root).stat()
+        file_sig = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except FileNotFoundError:
+        file_sig = None
+    return file_sig, tuple(version_numbers(model_root))
+
+
+def resolve_roles(model_root: Path, state: RoleState, refused=frozenset()) -> Desired:
+    """The versions to serve: the pinned live version, or the newest one not ``refused``."""
+    published = version_numbers(model_root)
+    if not published:
+        raise ModelError(f"{model_root} holds no published version")
+    if state.live is not None:
+        live, following, skipped = state.live, "pinned", ()
+    else:
+        usable = [v for v in published if v not in refused] or published
+        live, following = usable[-1], "newest"
+        skipped = tuple(v for v in published if v > live)
+    shadow = state.shadow if state.shadow and state.shadow.version != live else None
+    return Desired(live, shadow, following, skipped)
+
+
+def start_candidates(model_root: Path) -> list[int]:
+    """The versions a server may start on, to try in order: the pinned one alone, or every
+    published version newest first (following the newest, a newest version that does not
+    load is refused and the one before it served)."""
+    desired = resolve_roles(model_root, read_state(model_root))
+    if desired.following == "pinned":
+        return [desired.live]
+    return version_numbers(model_root)[::-1]
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def load_metadata(model_dir: Path) -> dict:

@@ -100,6 +100,15 @@ class AdaptiveBatcher:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def close_threadsafe(self) -> None:
+        """``close`` from another thread (a version retired by the watcher): on the event
+        loop that runs the batches, if it ever ran one."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.close()
+        else:
+            loop.call_soon_threadsafe(self.close)
+
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is loop and self._task is not None and not self._task.done():
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import bentoml
@@ -33,8 +33,7 @@ class WorkerContext:
 
     def __init__(
         self,
-        card,
-        classify: Callable[[np.ndarray], Awaitable[np.ndarray]],
+        versions,
         limits: Limits,
         describe: Callable[[], dict],
         decoder: Executor,
@@ -43,26 +42,31 @@ class WorkerContext:
         feedback=None,
         close: Callable[[], None] = lambda: None,
     ) -> None:
-        self.card = card
+        #: The versions served (``serving.web.versions.ModelSet``): a request leases one.
+        self.versions = versions
         #: Stops the worker's threads and closes its stores (the service's shutdown hook).
         self.close = close
         #: The worker's ``serving.web.labels.Feedback`` (store and metrics), or None when off.
         self.feedback = feedback
         self.is_ready = is_ready
-        self.classify = classify
         self.limits = limits
         self.describe = describe
         self.decoder = decoder
         self.observer = observer
 
-    async def decode_all(self, uploads: list[Upload]) -> np.ndarray:
+    @property
+    def card(self):
+        """The live version's card, for what is not one request's (metadata, OpenAPI)."""
+        return self.versions.live.card
+
+    async def decode_all(self, uploads: list[Upload], card) -> np.ndarray:
         """Decode every image side by side; the first bad one fails the request, named by its
         index (and file name) when there are several."""
         if len(uploads) == 1:
-            decoded = [await self.decode(uploads[0])]
+            decoded = [await self.decode(uploads[0], card)]
         else:
             decoded = await asyncio.gather(
-                *(self.decode(upload) for upload in uploads), return_exceptions=True
+                *(self.decode(upload, card) for upload in uploads), return_exceptions=True
             )
         for index, (upload, result) in enumerate(zip(uploads, decoded, strict=True)):
             if isinstance(result, InvalidImageError) and len(uploads) > 1:
@@ -72,44 +76,56 @@ class WorkerContext:
                 raise result
         return np.stack(decoded)
 
-    async def decode(self, upload: Upload) -> np.ndarray:
-        """Decode and preprocess one image on the decode pool (Pillow releases the GIL)."""
+    async def decode(self, upload: Upload, card) -> np.ndarray:
+        """Decode and preprocess one image for ``card``'s version on the decode pool
+        (Pillow releases the GIL)."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        array = await loop.run_in_executor(self.decoder, self.card.preprocess, upload.data)
+        array = await loop.run_in_executor(self.decoder, card.preprocess, upload.data)
         if self.observer is not None:
             self.observer.decoded(time.perf_counter() - started)
         return array
 
 
-def prediction_ids(worker: WorkerContext, rid: str, probabilities: np.ndarray) -> list[str]:
+def prediction_ids(
+    worker: WorkerContext, rid: str, probabilities: np.ndarray, version: int
+) -> list[str]:
     """One id per image (the request's own for one image, ``id/index`` for several), each
-    kept with its predicted class for ``POST /feedback``."""
+    kept with its predicted class and the version that predicted it for ``POST
+    /feedback``."""
     if len(probabilities) == 1:
         ids = [rid]
     else:
         ids = [f"{rid}/{index}" for index in range(len(probabilities))]
     if worker.feedback is not None:
-        worker.feedback.store.remember(ids, np.asarray(probabilities).argmax(axis=1).tolist())
+        worker.feedback.store.remember(
+            ids, np.asarray(probabilities).argmax(axis=1).tolist(), version
+        )
     return ids
 
 
 async def predict_uploads(worker: WorkerContext, uploads: list[Upload], top_k: int, rid: str):
     """Decode every image (a bad one fails this request alone), then classify them in one
-    batch with whatever else is queued."""
-    card = worker.card
-    probabilities = np.asarray(await worker.classify(await worker.decode_all(uploads)))
-    ids = prediction_ids(worker, rid, probabilities)
-    return [
-        {
-            "label": best[0]["label"],
-            "score": best[0]["score"],
-            "top_k": best,
-            "model_version": card.version,
-            "request_id": image_id,
-        }
-        for best, image_id in zip(card.top_k(probabilities, top_k), ids, strict=True)
-    ]
+    batch with whatever else is queued, all on the live version leased for this request; a
+    copy goes to the shadow version, if there is one, once the answer is known."""
+    with worker.versions.lease() as served:
+        card = served.card
+        images = await worker.decode_all(uploads, card)
+        probabilities = np.asarray(await served.classify(images))
+        worker.versions.offer_shadow(
+            served, images, [upload.data for upload in uploads], probabilities
+        )
+        ids = prediction_ids(worker, rid, probabilities, served.version)
+        return [
+            {
+                "label": best[0]["label"],
+                "score": best[0]["score"],
+                "top_k": best,
+                "model_version": served.version,
+                "request_id": image_id,
+            }
+            for best, image_id in zip(card.top_k(probabilities, top_k), ids, strict=True)
+        ]
 
 
 def starting() -> JSONResponse:

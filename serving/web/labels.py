@@ -113,11 +113,11 @@ async def post_feedback(request: Request):
             result = await asyncio.to_thread(feedback.store.label, items)
         except FeedbackError as error:
             raise RefusedFeedbackError(error) from None
-        summary = await asyncio.to_thread(feedback.store.summary)
+        summary = await asyncio.to_thread(feedback.store.summary, worker.card.version)
         feedback.observer.labelled(result["outcomes"], summary)
         return {
             "accepted": result["accepted"],
-            "correct": sum(correct for _, correct in result["outcomes"]),
+            "correct": sum(correct for _, correct, _ in result["outcomes"]),
             "labelled": summary["count"],
             "accuracy": summary["accuracy"] if summary["count"] else None,
         }
@@ -128,7 +128,7 @@ async def post_feedback(request: Request):
 async def get_feedback(request: Request):
     async def work(worker: WorkerContext):
         feedback = _enabled(worker, request)
-        summary = await asyncio.to_thread(feedback.store.summary)
+        summary = await asyncio.to_thread(feedback.store.summary, worker.card.version)
         return {
             "labelled": summary.pop("count"),
             **summary,

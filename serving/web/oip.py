@@ -77,8 +77,8 @@ async def server_ready(request: Request) -> Response:
 
 async def model_ready(request: Request) -> Response:
     async def work(worker: WorkerContext):
-        _check_model(request, worker)
-        return _ready(worker)
+        with _leased(request, worker):
+            return _ready(worker)
 
     return await handle(request, "v2_model_ready", work)
 
@@ -91,12 +91,15 @@ def _ready(worker: WorkerContext) -> dict:
 
 async def model_metadata(request: Request) -> Response:
     async def work(worker: WorkerContext):
-        _check_model(request, worker)
-        card = worker.card
+        with _leased(request, worker) as served:
+            card = served.card
         height, width, channels = card.spec.input_shape
         return {
             "name": card.name,
-            "versions": [str(card.version)],
+            # Live first, then the shadow: both answer /versions/{v}/infer.
+            "versions": [
+                str(v) for v in sorted(worker.versions.versions, key=lambda v: v != served.version)
+            ],
             "platform": "onnxruntime_onnx",
             "inputs": [
                 {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, height, width, channels]}
@@ -117,8 +120,9 @@ async def model_config(request: Request) -> Response:
     """Triton's model configuration, enough for ``image_client.py`` and ``perf_analyzer``."""
 
     async def work(worker: WorkerContext):
-        _check_model(request, worker)
-        card, batching = worker.card, worker.describe().get("batching", {})
+        with _leased(request, worker) as served:
+            card = served.card
+        batching = worker.describe().get("batching", {})
         # A request may hold up to max_images_per_request images: that is the batch size a
         # Triton client may send (the server batches requests together beyond it).
         height, width, channels = card.spec.input_shape
@@ -126,7 +130,7 @@ async def model_config(request: Request) -> Response:
             "name": card.name,
             "platform": "onnxruntime_onnx",
             "backend": "onnxruntime",
-            "version_policy": {"specific": {"versions": [str(card.version)]}},
+            "version_policy": {"specific": {"versions": list(map(str, worker.versions.versions))}},
             "max_batch_size": worker.limits.max_images_per_request,
             "input": [
                 {
@@ -155,33 +159,42 @@ async def model_config(request: Request) -> Response:
 
 async def infer(request: Request) -> Response:
     async def work(worker: WorkerContext):
-        _check_model(request, worker)
-        body = await read_body(request, worker.limits.max_request_bytes)
-        header, binary = split_request(
-            request.headers.get(HEADER_LENGTH),
-            body,
-            max_images=worker.limits.max_images_per_request,
-            pixels_per_image=int(np.prod(worker.card.spec.input_shape)),
-        )
-        outputs = requested_outputs(header, len(worker.card.classes))
-        probabilities = await worker.classify(await input_images(worker, header, binary))
-        rid = request_id(request, header.get("id"))
-        prediction_ids(worker, rid, np.asarray(probabilities))
-        response = build_response(worker.card, header, outputs, probabilities)
-        response.headers[REQUEST_ID_HEADER] = rid
-        return response
+        with _leased(request, worker) as served:
+            card = served.card
+            body = await read_body(request, worker.limits.max_request_bytes)
+            header, binary = split_request(
+                request.headers.get(HEADER_LENGTH),
+                body,
+                max_images=worker.limits.max_images_per_request,
+                pixels_per_image=int(np.prod(card.spec.input_shape)),
+            )
+            outputs = requested_outputs(header, len(card.classes))
+            images, blobs = await input_images(worker, card, header, binary)
+            probabilities = np.asarray(await served.classify(images))
+            worker.versions.offer_shadow(served, images, blobs, probabilities)
+            rid = request_id(request, header.get("id"))
+            prediction_ids(worker, rid, probabilities, served.version)
+            response = build_response(card, header, outputs, probabilities)
+            response.headers[REQUEST_ID_HEADER] = rid
+            return response
 
     return await handle(request, "v2_infer", work)
 
 
-def _check_model(request: Request, worker: WorkerContext) -> None:
+def _leased(request: Request, worker: WorkerContext):
+    """The version a ``/v2/models/{name}[/versions/{version}]`` route names, leased for the
+    request: the live one without a version, else any loaded one (live or shadow)."""
     card = worker.card
     name = request.path_params["name"]
     version = request.path_params.get("version")
     if name != card.name:
         raise NotFoundError(f"unknown model {quoted(name)}; this server serves {card.name!r}")
-    if version not in (None, "", str(card.version)):
+    if version in (None, ""):
+        return worker.versions.lease()
+    loaded = worker.versions.versions
+    if not version.isdigit() or int(version) not in loaded:
         raise NotFoundError(
-            f"unknown version {quoted(version)} of model {card.name!r}; "
-            f"this server serves version {card.version}"
+            f"unknown version {quoted(version)} of model {card.name!r}; this server serves "
+            f"version{'s' if len(loaded) > 1 else ''} {', '.join(map(str, loaded))}"
         )
+    return worker.versions.lease(int(version))

@@ -74,8 +74,11 @@ def check_value_count(header: bytes, max_images: int, pixels_per_image: int) -> 
         )
 
 
-async def input_images(worker: WorkerContext, header: dict, binary: bytes) -> np.ndarray:
-    """The request's one input as a float32 NHWC batch, within the request limits."""
+async def input_images(
+    worker: WorkerContext, card, header: dict, binary: bytes
+) -> tuple[np.ndarray, list[bytes] | None]:
+    """The request's one input as a float32 NHWC batch for ``card``'s version, within the
+    request limits, and the encoded images it was decoded from (None for pixels)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ImgclfError(f"send exactly one input, named {INPUT_NAME!r}")
@@ -95,12 +98,12 @@ async def input_images(worker: WorkerContext, header: dict, binary: bytes) -> np
             reason="too_many_images",
         )
     if datatype == "BYTES":
-        return await _encoded_images(worker, tensor, shape, raw)
+        return await _encoded_images(worker, card, tensor, shape, raw)
     if datatype in PIXEL_TYPES:
-        expected = [shape[0], *worker.card.spec.input_shape]
+        expected = [shape[0], *card.spec.input_shape]
         if shape != expected:
             raise ImgclfError(f"a {datatype} input must have shape {expected}, got {shape}")
-        return _pixels(tensor, datatype, shape, raw)
+        return _pixels(tensor, datatype, shape, raw), None
     raise ImgclfError(f"unsupported datatype {quoted(str(datatype))}; send FP32, UINT8 or BYTES")
 
 
@@ -142,8 +145,8 @@ def _pixels(tensor: dict, datatype: str, shape: list[int], raw: bytes | None) ->
 
 
 async def _encoded_images(
-    worker: WorkerContext, tensor: dict, shape: list[int], raw: bytes | None
-) -> np.ndarray:
+    worker: WorkerContext, card, tensor: dict, shape: list[int], raw: bytes | None
+) -> tuple[np.ndarray, list[bytes]]:
     if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
         raise ImgclfError(f"a BYTES input must have shape [N, 1] or [N], got {shape}")
     if raw is not None:
@@ -158,7 +161,7 @@ async def _encoded_images(
         blobs = [item.encode("utf-8") for item in flat]
     if len(blobs) != shape[0]:
         raise ImgclfError(f"{len(blobs)} BYTES elements do not fill shape {shape}")
-    return await worker.decode_all([Upload(blob, None) for blob in blobs])
+    return await worker.decode_all([Upload(blob, None) for blob in blobs], card), blobs
 
 
 def _deserialize_bytes(raw: bytes, most: int) -> list[bytes]:

@@ -83,7 +83,6 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
     (one line now, not a crash in every worker), print how to call it, then exec ``bentoml
     serve`` (through ``serving.web.launch``)."""
     import serving
-    from serving.core.runtime import ClassifierRuntime
 
     if settings.model_dir is not None:
         directory = settings.model_dir
@@ -91,7 +90,7 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
         from serving.registry import stored_model_path
 
         directory = stored_model_path(settings.bento_model)
-    runtime = ClassifierRuntime.from_settings(directory, settings)
+    runtime = first_loadable(directory, settings)
     check_port_free(host, port)
     base = f"http://{host}:{port}"
     example = Path(serving.__file__).resolve().parent.parent / "examples" / "digit-3.png"
@@ -112,6 +111,25 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
     args = [sys.executable, "-m", "serving.web.launch", "serve", "serving.service:ImageClassifier"]
     args += ["--port", str(port), "--host", host, "--working-dir", working_dir]
     os.execve(sys.executable, args, env)
+
+
+def first_loadable(directory: Path, settings: ServingSettings):
+    """The runtime the workers will start on, loaded as they will load it: a model folder
+    that follows its newest version skips a newest version that does not load (with one
+    line), as its workers do; anything else must load."""
+    from serving.core.errors import ModelError
+    from serving.core.model_dir import is_model_root, start_candidates
+    from serving.core.runtime import ClassifierRuntime
+
+    if not is_model_root(directory):
+        return ClassifierRuntime.from_settings(directory, settings)
+    candidates = start_candidates(directory)
+    for version in candidates[:-1]:
+        try:
+            return ClassifierRuntime.from_settings(directory / str(version), settings)
+        except ModelError as error:
+            print(f"warning: version {version} refused: {error.message}", file=sys.stderr)
+    return ClassifierRuntime.from_settings(directory / str(candidates[-1]), settings)
 
 
 def check_port_free(host: str, port: int) -> None:

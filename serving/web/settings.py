@@ -129,6 +129,19 @@ class ServingSettings(BaseModel):
         "flight for at most this long before it exits (BentoML's process manager kills "
         "workers 30 s after SIGTERM).",
     )
+    version_poll_s: float = Field(
+        2.0,
+        ge=0,
+        description="Serving repository/<name>: how often each worker reads the versions "
+        "file and the published versions (a new version is loaded, verified and warmed "
+        "before it answers). 0: serve the version found at start, never switch.",
+    )
+    shadow_queue_images: int = Field(
+        256,
+        ge=1,
+        description="Copies of live images waiting for the shadow version per worker; more "
+        'are dropped (imgclf_shadow_images_total{outcome="dropped"}), never waited for.',
+    )
     access_log: bool = Field(False, description="BentoML's access log, one line per request.")
     tracing: bool = Field(
         False, description="BentoML's OpenTelemetry spans (about 0.2 ms per request)."

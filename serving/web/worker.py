@@ -17,6 +17,8 @@ from monitoring.observers import (
     FeedbackObserver,
     PredictionObserver,
     RequestObserver,
+    ShadowObserver,
+    VersionObserver,
     WorkerObserver,
 )
 from serving.core.runtime import ClassifierRuntime
@@ -27,6 +29,7 @@ from serving.web.lifecycle import FAILED, READY, WARMING, Lifecycle, drain_befor
 from serving.web.requests import Limits
 from serving.web.settings import ServingSettings
 from serving.web.supervision import WorkerRoll, die_with_server
+from serving.web.versions import ModelSet, ServedVersion
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +45,74 @@ def start_worker(
     ort_threads: int,
 ) -> WorkerContext:
     """Load and verify the model (failing start-up at once if it cannot), build the worker's
-    parts, and warm every batch bucket on a background thread."""
+    parts, and warm every batch bucket on a background thread; then watch the repository's
+    version roles (``serving.web.versions``)."""
     roll = supervise(metrics)
     if settings.monitoring:
         BUFFER.start()
-    runtime = ClassifierRuntime.from_settings(model_dir, settings, intra_op_threads=ort_threads)
+    feedback: Feedback | None = None
+
+    def load(path: Path) -> ClassifierRuntime:
+        return ClassifierRuntime.from_settings(path, settings, intra_op_threads=ort_threads)
+
+    def serve(runtime: ClassifierRuntime) -> ServedVersion:
+        """``runtime`` as the live version: its batcher, and its predictions observed
+        against its own reference profile."""
+        profile = runtime.reference_profile() if settings.monitoring else None
+        predictions = (
+            prediction_observer(runtime, profile, settings) if settings.monitoring else None
+        )
+        if feedback is not None:
+            feedback.reference = (profile or {}).get("performance")
+        batcher = AdaptiveBatcher(
+            runtime.predict,
+            max_batch_size=runtime.max_batch_size,
+            max_wait_s=settings.batch_wait_ms / 1000,
+            max_latency_s=settings.max_latency_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            on_batch=predictions.record if predictions else None,
+            on_queue=metrics.queued if metrics else None,
+            on_wait=metrics.waited if metrics else None,
+        )
+        return ServedVersion(runtime, batcher, predictions)
+
+    def shadow_observer(runtime: ClassifierRuntime) -> ShadowObserver:
+        return ShadowObserver(
+            runtime.version,
+            runtime.reference_profile() if settings.monitoring else None,
+            window=settings.drift_window,
+            min_samples=settings.drift_min_samples,
+            mode=settings.drift_thresholds,
+        )
+
+    versions = ModelSet(
+        model_dir,
+        load=load,
+        serve=serve,
+        shadow_observer=shadow_observer,
+        poll_s=settings.version_poll_s,
+        max_pending_shadow_images=settings.shadow_queue_images,
+        drift_interval_s=settings.drift_interval_s,
+        retire_after_s=settings.timeout_s + 1,
+        observer=VersionObserver() if settings.monitoring else None,
+    )
+    runtime = versions.live.runtime
     log.info(
         "serving %s; %d workers, %d decode threads each", runtime.summary(), workers, decode_threads
     )
-    profile = runtime.reference_profile() if settings.monitoring else None
-    predictions = prediction_observer(runtime, profile, settings) if settings.monitoring else None
-    feedback = (
-        open_feedback(runtime, profile, settings)
-        if settings.monitoring and settings.feedback_store_size
-        else None
-    )
-    batcher = AdaptiveBatcher(
-        runtime.predict,
-        max_batch_size=runtime.max_batch_size,
-        max_wait_s=settings.batch_wait_ms / 1000,
-        max_latency_s=settings.max_latency_ms / 1000,
-        max_queue_size=settings.max_queue_size,
-        on_batch=predictions.record if predictions else None,
-        on_queue=metrics.queued if metrics else None,
-        on_wait=metrics.waited if metrics else None,
-    )
+    if settings.monitoring and settings.feedback_store_size:
+        feedback = open_feedback(runtime, settings)
+        feedback.reference = (runtime.reference_profile() or {}).get("performance")
 
     def describe() -> dict:
+        live = versions.live
+        predictions = live.predictions
         return {
-            **runtime.describe(),
+            **live.runtime.describe(),
+            "versions": versions.describe(),
             "batching": {
-                "max_batch_size": runtime.max_batch_size,
-                "buckets": list(runtime.buckets),
+                "max_batch_size": live.runtime.max_batch_size,
+                "buckets": list(live.runtime.buckets),
                 "batch_wait_ms": settings.batch_wait_ms,
                 "max_latency_ms": settings.max_latency_ms,
                 "max_queue_size": settings.max_queue_size,
@@ -96,16 +135,13 @@ def start_worker(
     def close() -> None:
         if roll is not None:
             roll.leave()
-        batcher.close()
-        if predictions is not None:
-            predictions.stop()
+        versions.close()
         BUFFER.close()
         if feedback is not None:
             feedback.store.close()
 
     worker = WorkerContext(
-        runtime,
-        batcher.submit,
+        versions,
         Limits(
             max_request_bytes=settings.max_request_bytes,
             max_images_per_request=settings.max_images_per_request,
@@ -124,7 +160,7 @@ def start_worker(
         metrics.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)
     drain_before_exit(lifecycle, settings.drain_timeout_s)
     threading.Thread(
-        target=warm_up, args=(runtime, lifecycle, metrics), name="warm-up", daemon=True
+        target=warm_up, args=(versions, lifecycle, metrics), name="warm-up", daemon=True
     ).start()
     return worker
 
@@ -159,8 +195,10 @@ def supervise(metrics: WorkerObserver | None) -> WorkerRoll | None:
     return roll
 
 
-def warm_up(runtime: ClassifierRuntime, lifecycle: Lifecycle, metrics) -> None:
-    """Run every bucket once, then report ready (or failed, with the reason)."""
+def warm_up(versions: ModelSet, lifecycle: Lifecycle, metrics) -> None:
+    """Run every bucket once, then report ready (or failed, with the reason), and start
+    watching the repository's version roles."""
+    runtime = versions.live.runtime
     lifecycle.set(WARMING, f"running batch sizes {', '.join(map(str, runtime.buckets))} once")
     try:
         runtime.warm_up()
@@ -171,6 +209,7 @@ def warm_up(runtime: ClassifierRuntime, lifecycle: Lifecycle, metrics) -> None:
     if metrics:
         metrics.warmed(runtime.warmed_batch_sizes, runtime.warm_up_seconds)
     lifecycle.set(READY)
+    versions.start_watching()
 
 
 def prediction_observer(
@@ -190,9 +229,7 @@ def prediction_observer(
     )
 
 
-def open_feedback(
-    runtime: ClassifierRuntime, profile: dict | None, settings: ServingSettings
-) -> Feedback:
+def open_feedback(runtime: ClassifierRuntime, settings: ServingSettings) -> Feedback:
     """The store every worker of this server shares: in the server's own runtime folder
     (``serving.web.launch``), a private folder when the service runs alone, or the file
     ``feedback_store_path`` names when several servers are meant to share their labels."""
@@ -213,7 +250,7 @@ def open_feedback(
         on_taken=observer.taken,
     )
     token = settings.feedback_token.get_secret_value() if settings.feedback_token else None
-    return Feedback(store, observer, (profile or {}).get("performance"), token)
+    return Feedback(store, observer, None, token)
 
 
 def feedback_settings(feedback: Feedback | None, settings: ServingSettings) -> dict | None:

@@ -35,7 +35,7 @@ def test_a_label_reaches_a_prediction_made_by_another_worker(open_store):
     first, second = open_store(), open_store()
     first.remember(["a", "b", "c"], np.array([1, 2, 3]))
     result = second.label([("a", "1"), ("b", "5")])  # found once the first worker flushed
-    assert result == {"accepted": 2, "outcomes": [("1", True), ("5", False)]}
+    assert result == {"accepted": 2, "outcomes": [("1", True, 0), ("5", False, 0)]}
     summary = first.summary()
     assert summary["count"] == 2 and summary["accuracy"] == 0.5
     assert summary["per_class"]["5"]["recall"] == 0.0
@@ -93,7 +93,7 @@ def test_an_id_names_its_first_prediction_and_is_labelled_once(open_store):
     victim.flush()
     other.remember(["order-17", "order-17"], np.array([7, 7]))  # another caller, same id
     other.flush()
-    assert victim.label([("order-17", "4")])["outcomes"] == [("4", True)]  # the first one's
+    assert victim.label([("order-17", "4")])["outcomes"] == [("4", True, 0)]  # the first one's
     other.remember(["order-17"], np.array([9]))  # predicting again does not clear "labelled"
     other.flush()
     assert refused(other, [("order-17", "9")]).reason == "duplicate_feedback"
@@ -101,3 +101,48 @@ def test_an_id_names_its_first_prediction_and_is_labelled_once(open_store):
     victim.flush()
     assert taken == [1]  # counted by the worker whose prediction was not kept
     assert victim.summary()["count"] == 1
+
+
+def test_a_label_is_scored_against_the_version_that_predicted(open_store):
+    first, second = open_store(), open_store()
+    first.remember(["a", "b"], np.array([3, 3]), 1)  # version 1 says 3 to both
+    second.remember(["c", "d", "e"], np.array([3, 5, 5]), 2)  # version 2, after a switch
+    result = second.label([("a", "3"), ("b", "5"), ("c", "3"), ("d", "5"), ("e", "4")])
+    assert result["outcomes"] == [
+        ("3", True, 1),
+        ("5", False, 1),
+        ("3", True, 2),
+        ("5", True, 2),
+        ("4", False, 2),
+    ]
+    live = second.summary(version=2)
+    assert (live["count"], live["accuracy"]) == (3, pytest.approx(2 / 3))
+    assert second.summary(version=1)["accuracy"] == pytest.approx(1 / 2)
+    assert live["by_version"] == {
+        "1": {"labelled": 2, "correct": 1},
+        "2": {"labelled": 3, "correct": 2},
+    }
+
+
+def test_a_store_from_before_versions_gains_the_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE predictions (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE,"
+            " predicted INTEGER NOT NULL, created REAL NOT NULL, labelled INTEGER NOT NULL "
+            "DEFAULT 0); CREATE TABLE outcomes (seq INTEGER PRIMARY KEY, label INTEGER NOT "
+            "NULL, predicted INTEGER NOT NULL); INSERT INTO outcomes (label, predicted) "
+            "VALUES (1, 1);"
+        )
+    store = FeedbackStore(path, CLASSES)
+    try:
+        store.remember(["x"], np.array([2]), 4)
+        assert store.label([("x", "2")])["outcomes"] == [("2", True, 4)]
+        assert store.summary()["by_version"] == {
+            "0": {"labelled": 1, "correct": 1},
+            "4": {"labelled": 1, "correct": 1},
+        }
+    finally:
+        store.close()

@@ -18,8 +18,10 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
 from monitoring import metrics
+from serving.core.roles import set_shadow
 from tests.conftest import REPO
 from tests.serving.conftest import Server, free_port
+from tests.serving.variants import publish_variant, tamper
 from training.datasets import read_manifest
 
 MONITORING = REPO / "monitoring"
@@ -37,10 +39,20 @@ def tool(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(digits_model, digits_run):
+def served(digits_model, digits_run, tmp_path_factory):
+    """A model folder following its newest version: the digits model as versions 1 and 2,
+    and a version 3 corrupted after it was published. The server refuses 3, serves 2, and
+    version 1 shadows every request (so the version and shadow metrics and panels have
+    data too)."""
+    folder = tmp_path_factory.mktemp("repository") / "digits"
+    shutil.copytree(digits_model, folder / "1")
+    publish_variant(folder / "1", 2)
+    set_shadow(folder, 1, 1.0)
+    tamper(publish_variant(folder / "1", 3))
     server = Server(
-        digits_model,
+        folder,
         env={
+            "IMGCLF_VERSION_POLL_S": "0.5",
             "IMGCLF_DRIFT_WINDOW": "200",
             "IMGCLF_DRIFT_MIN_SAMPLES": "50",
             "IMGCLF_DRIFT_INTERVAL_S": "1",
@@ -167,7 +179,7 @@ def test_every_imgclf_metric_is_exported_and_scraped(served, prometheus):
     info = query(prometheus, "imgclf_model_info")[0]["metric"]
     assert (info["name"], info["version"], info["provider"]) == (
         "digits",
-        "1",
+        "2",
         "CPUExecutionProvider",
     )
     # Every worker (one per core by default) is ready and warmed the same batch sizes.
@@ -258,6 +270,11 @@ def test_dashboard_is_provisionable():
         "recall per class",
         "calibration error",
         "feedback store",
+        "answers by version",
+        "shadow agreement",
+        "live and shadow",
+        "shadow copies",
+        "versions refused",
     ):
         assert needed in titles, needed
     # Drift is drawn against each statistic's own threshold, not one fixed band.

@@ -128,13 +128,14 @@ def test_metric_labels_hold_only_known_values_after_hostile_traffic(http, server
         "device_id": {""},
         "cudnn_conv_algo_search": {""},
         "tf32": {""},
+        "role": {"live", "shadow"},
     }
     text = http.get("/metrics").text
     for line in text.splitlines():
         if not line.startswith("imgclf_"):
             continue
         for key, value in re.findall(r'(\w+)="([^"]*)"', line):
-            if key == "code":
+            if key in ("code", "pid"):
                 assert value.isdigit(), line
             elif key != "le":
                 assert value in allowed[key], line

@@ -1,0 +1,239 @@
+"""Changing which version of a model answers, and which one shadows it: the ``imgclf
+versions``, ``shadow``, ``promote``, ``rollback`` and ``pin`` commands. Each checks the
+version as a server would load it, then rewrites the roles file atomically
+(``serving.core.model_dir``: ``repository/<name>/versions.json``); every worker of every
+server that mounts the folder acts on it within its poll interval (``serving.web.versions``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from serving.core.errors import ConfigError, ModelError
+from serving.core.files import write_json
+from serving.core.model_dir import (
+    HISTORY_LIMIT,
+    METADATA,
+    Desired,
+    RoleState,
+    Shadow,
+    is_model_root,
+    load_metadata,
+    read_state,
+    resolve_roles,
+    state_path,
+    version_numbers,
+)
+
+
+def write_state(model_root: Path, state: RoleState, command: str) -> RoleState:
+    stamped = replace(
+        state,
+        history=state.history[-HISTORY_LIMIT:],
+        updated_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        updated_by=f"imgclf {command} ({_user()})",
+    )
+    write_json(state_path(model_root), stamped.to_json())
+    return stamped
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+def model_root_of(path: Path) -> Path:
+    path = Path(path)
+    if (path / METADATA).is_file():
+        raise ConfigError(
+            f"{path} is one version; give the model's folder ({path.parent}), which holds "
+            "its numbered versions"
+        )
+    if not is_model_root(path):
+        raise ConfigError(f"{path} is not a model folder (no numbered versions in it)")
+    return path
+
+
+def check_version(model_root: Path, version: int, *, classes_of: int | None = None) -> dict:
+    """Load ``version`` as a server would (hashes, graph against metadata, one batch) and
+    check that it has the same classes as version ``classes_of``; its metadata, or a
+    ``ModelError`` saying why not."""
+    from serving.core.runtime import ClassifierRuntime
+
+    logging.getLogger("serving.core.sessions").setLevel(logging.WARNING)  # one line per command
+    folder = Path(model_root) / str(version)
+    if version not in version_numbers(model_root):
+        raise ModelError(
+            f"no version {version} in {model_root} (published: "
+            f"{', '.join(map(str, version_numbers(model_root))) or 'none'})"
+        )
+    try:
+        runtime = ClassifierRuntime(
+            folder, provider="cpu", session_mode="shared", max_batch_size=1, buckets=(1,)
+        )
+        runtime.warm_up((1,))
+    except ModelError as error:
+        raise ModelError(f"version {version} does not verify: {error.message}") from None
+    except Exception as error:  # ONNX Runtime's own load errors
+        raise ModelError(
+            f"version {version} does not load: {type(error).__name__}: {error}"
+        ) from None
+    if classes_of is not None and classes_of != version:
+        other = load_metadata(Path(model_root) / str(classes_of))
+        if list(other["classes"]) != runtime.classes:
+            raise ModelError(
+                f"version {version}'s classes differ from version {classes_of}'s (a different "
+                "label set is a different model: publish it under another name)"
+            )
+    return runtime.metadata
+
+
+def current_live(model_root: Path, state: RoleState | None = None) -> int:
+    state = state if state is not None else read_state(model_root)
+    return resolve_roles(model_root, state).live
+
+
+def promote(model_root: Path, version: int) -> RoleState:
+    """``version`` answers from now on (pinned); the live version it replaces can be rolled
+    back to; a shadow of the same version stops shadowing."""
+    root = model_root_of(model_root)
+    state = read_state(root)
+    before = current_live(root, state)
+    check_version(root, version, classes_of=before)
+    shadow = None if state.shadow and state.shadow.version == version else state.shadow
+    history = state.history + ((before,) if before != version else ())
+    return write_state(
+        root, replace(state, live=version, shadow=shadow, history=history), "promote"
+    )
+
+
+def pin(model_root: Path, version: int | None) -> RoleState:
+    """Pin ``version`` (None: follow the newest again)."""
+    root = model_root_of(model_root)
+    state = read_state(root)
+    before = current_live(root, state)
+    if version is not None:
+        check_version(root, version, classes_of=before)
+    history = state.history + ((before,) if version != before else ())
+    return write_state(root, replace(state, live=version, history=history), "pin")
+
+
+def rollback(model_root: Path) -> tuple[int, int]:
+    """Back to the previous live version: (from, to)."""
+    root = model_root_of(model_root)
+    state = read_state(root)
+    if not state.history:
+        raise ModelError(f"no earlier live version of {root.name} to roll back to")
+    before = current_live(root, state)
+    target = state.history[-1]
+    check_version(root, target)
+    write_state(root, replace(state, live=target, history=state.history[:-1]), "rollback")
+    return before, target
+
+
+def set_shadow(model_root: Path, version: int | None, fraction: float = 1.0) -> RoleState:
+    """Send a copy of ``fraction`` of live requests to ``version`` (None: no shadow)."""
+    root = model_root_of(model_root)
+    state = read_state(root)
+    if version is None:
+        return write_state(root, replace(state, shadow=None), "shadow")
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
+    if version == current_live(root, state):
+        raise ConfigError(f"version {version} is live; a shadow must be another version")
+    check_version(root, version, classes_of=current_live(root, state))
+    return write_state(root, replace(state, shadow=Shadow(version, fraction)), "shadow")
+
+
+def version_rows(model_root: Path, *, verify: bool = True) -> list[dict]:
+    """One row per published version: role, test accuracy, created time and whether it
+    verifies, for ``imgclf versions``."""
+    root = model_root_of(model_root)
+    state = read_state(root)
+    desired = resolve_roles(root, state)
+    rows = []
+    for version in version_numbers(root):
+        row: dict = {"version": version, "role": _role(version, desired, state)}
+        try:
+            metadata = (
+                check_version(root, version) if verify else load_metadata(root / str(version))
+            )
+            row.update(
+                accuracy=(metadata.get("metrics") or {}).get("accuracy"),
+                created_at=metadata.get("created_at"),
+                status="ok" if verify else "not checked",
+            )
+        except ModelError as error:
+            row.update(accuracy=None, created_at=None, status=error.message)
+        rows.append(row)
+    return rows
+
+
+def _role(version: int, desired: Desired, state: RoleState) -> str:
+    if version == desired.live:
+        return "live" + (" (pinned)" if desired.following == "pinned" else " (newest)")
+    if desired.shadow and version == desired.shadow.version:
+        return f"shadow ({desired.shadow.fraction:g})"
+    if state.history and version == state.history[-1]:
+        return "previous"
+    return ""
+
+
+def version_dir(model: Path, version: int | None) -> Path:
+    """``model`` itself, or version ``version`` of the model folder ``model``."""
+    if version is None:
+        return Path(model)
+    root = model_root_of(model)
+    if version not in version_numbers(root):
+        raise ModelError(
+            f"no version {version} in {root} (published: "
+            f"{', '.join(map(str, version_numbers(root)))})"
+        )
+    return root / str(version)
+
+
+def server_figures(url: str, timeout_s: float = 5.0) -> dict:
+    """What a running server says about its versions: ``/metadata``'s ``versions`` (this
+    worker's view: live, shadow evidence, refusals) and, from ``/metrics`` (every worker),
+    the images each version answered, shadow comparisons and refusals by version."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base = url.rstrip("/")
+    try:
+        with urllib.request.urlopen(base + "/metadata", timeout=timeout_s) as answer:
+            metadata = json.loads(answer.read())
+        with urllib.request.urlopen(base + "/metrics", timeout=timeout_s) as answer:
+            text = answer.read().decode()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read {base}/metadata and /metrics: {error}") from None
+    per_version: dict[int, dict] = {}
+    wanted = {
+        "imgclf_version_predictions": ("answered", None),
+        "imgclf_version_refusals": ("refusals", None),
+        "imgclf_shadow_images": ("shadow_", "outcome"),
+        "imgclf_shadow_agreements": ("shadow_agreed", None),
+    }
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        key, by = wanted[family.name]
+        for sample in family.samples:
+            if not sample.name.endswith("_total") or "version" not in sample.labels:
+                continue
+            figures = per_version.setdefault(int(sample.labels["version"]), {})
+            name = key + sample.labels[by] if by else key
+            figures[name] = figures.get(name, 0) + int(sample.value)
+    return {"metadata": metadata.get("versions") or {}, "by_version": per_version}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (a container)
+        return "unknown user"

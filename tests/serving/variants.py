@@ -1,0 +1,51 @@
+"""New versions of a published model without TensorFlow: a copy whose ONNX weights carry
+some noise (a real, different model: its answers differ from the original's on some
+images), published into the same model folder the way ``imgclf export`` publishes (staged,
+then renamed into place), or a tampered copy whose bytes no longer match its hashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from serving.core.model_dir import INT8_MODEL, METADATA, ONNX_MODEL, file_hashes
+
+
+def publish_variant(source: Path, version: int, *, noise: float = 0.0, seed: int = 0) -> Path:
+    """``source`` (a version folder) published again as ``version`` of its model, with each
+    float weight tensor moved by ``noise`` times its own standard deviation."""
+    root = source.parent
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=root))
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    (staging / INT8_MODEL).unlink(missing_ok=True)
+    if noise:
+        model = onnx.load(staging / ONNX_MODEL)
+        rng = np.random.default_rng(seed)
+        for tensor in model.graph.initializer:
+            values = numpy_helper.to_array(tensor)
+            if values.dtype == np.float32 and values.size > 1:
+                moved = values + rng.normal(0, noise * float(values.std()), values.shape)
+                tensor.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), tensor.name))
+        onnx.save(model, staging / ONNX_MODEL)
+    metadata = json.loads((staging / METADATA).read_text())
+    metadata["version"] = version
+    metadata["int8"] = None
+    metadata["files"] = file_hashes(staging)
+    (staging / METADATA).write_text(json.dumps(metadata, indent=2))
+    os.rename(staging, root / str(version))
+    return root / str(version)
+
+
+def tamper(version_dir: Path) -> None:
+    """Change one byte of the ONNX model, as a bad copy or an attacker would."""
+    path = version_dir / ONNX_MODEL
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
