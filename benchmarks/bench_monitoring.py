@@ -11,7 +11,6 @@ noise hits them all.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -24,10 +23,12 @@ from benchmarks.bench_service import (
     Process,
     digit_jpegs,
     free_port,
-    run_wrk,
+    ratio_rows,
+    side_by_side,
+    side_by_side_header,
     wrk_script,
 )
-from benchmarks.common import machine, table
+from benchmarks.common import table
 from serving.core.model_dir import resolve_model_dir
 
 MODES = {
@@ -47,7 +48,6 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model).resolve()
-    results: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as scratch:
         script = wrk_script(Path(scratch), digit_jpegs())
         servers = {}
@@ -67,35 +67,12 @@ def main() -> None:
                 port,
             )
         try:
-            for server in servers.values():  # warm them all
-                run_wrk(server.url, script, args.concurrency, 3)
-            for round_index in range(args.rounds):
-                # Every other round in reverse, so that no configuration always runs first.
-                order = list(servers.items())
-                for mode, server in order if round_index % 2 == 0 else order[::-1]:
-                    result = run_wrk(server.url, script, args.concurrency, args.seconds)
-                    assert result["errors"] == 0, result
-                    results[mode].append(result["rps"])
+            results = side_by_side(servers, script, args.concurrency, args.seconds, args.rounds)
         finally:
             for server in servers.values():
                 server.stop()
-    off = statistics.median(results["off"])  # the last configuration: the baseline
-    print(f"machine: {machine()}")
-    print(
-        f"model: {model_dir}; concurrency {args.concurrency}; median of {args.rounds} "
-        f"alternating {args.seconds} s rounds (all servers up, one loaded at a time)\n"
-    )
-    rows = []
-    for mode, rounds in results.items():
-        median = statistics.median(rounds)
-        rows.append(
-            [
-                mode,
-                median,
-                ", ".join(f"{r:.0f}" for r in rounds),
-                f"{(median / off - 1) * 100:+.1f}%",
-            ]
-        )
+    print(side_by_side_header(model_dir, args))
+    rows = ratio_rows(results, "off")  # the last configuration: the baseline
     print(table(["monitoring", "requests/s (median)", "rounds", "vs off"], rows))
 
 

@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,6 +136,46 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
         "errors": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(1) if socket_errors else "",
     }
+
+
+def side_by_side(
+    servers: dict[str, Process], script: Path, concurrency: int, seconds: int, rounds: int
+) -> dict[str, list[float]]:
+    """Requests/s of each server, one loaded at a time, in alternating rounds (every other
+    round in reverse order, so that no configuration always runs first) after a warm-up."""
+    results: dict[str, list[float]] = {name: [] for name in servers}
+    for server in servers.values():
+        run_wrk(server.url, script, concurrency, 3)
+    for round_index in range(rounds):
+        order = list(servers.items())
+        for name, server in order if round_index % 2 == 0 else order[::-1]:
+            result = run_wrk(server.url, script, concurrency, seconds)
+            assert result["errors"] == 0, result
+            results[name].append(result["rps"])
+    return results
+
+
+def side_by_side_header(model: Path, args) -> str:
+    """What a side-by-side table was measured on, printed above it."""
+    return (
+        f"machine: {machine()}\nmodel: {model}; concurrency {args.concurrency}; median of "
+        f"{args.rounds} alternating {args.seconds} s rounds (all servers up, one loaded at a "
+        "time)\n"
+    )
+
+
+def ratio_rows(results: dict[str, list[float]], baseline: str) -> list[list]:
+    """Per configuration: its median, its rounds, and the median against ``baseline``'s."""
+    reference = statistics.median(results[baseline])
+    return [
+        [
+            name,
+            statistics.median(rounds),
+            ", ".join(f"{r:.0f}" for r in rounds),
+            f"{(statistics.median(rounds) / reference - 1) * 100:+.1f}%",
+        ]
+        for name, rounds in results.items()
+    ]
 
 
 def free_port() -> int:

@@ -142,6 +142,14 @@ class ServingSettings(BaseModel):
         description="Copies of live images waiting for the shadow version per worker; more "
         'are dropped (imgclf_shadow_images_total{outcome="dropped"}), never waited for.',
     )
+    shadow_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Scheduling priority (nice) of each worker's shadow thread: on a busy "
+        "machine the shadow takes the CPU the live requests leave and drops what it cannot "
+        "compare. 0: the live requests' priority.",
+    )
     access_log: bool = Field(False, description="BentoML's access log, one line per request.")
     tracing: bool = Field(
         False, description="BentoML's OpenTelemetry spans (about 0.2 ms per request)."

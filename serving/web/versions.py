@@ -89,6 +89,7 @@ class ShadowCopies:
         *,
         max_pending_images: int,
         drift_interval_s: float,
+        nice: int = 10,
     ) -> None:
         self.served = shadow
         self.live_version = live.version
@@ -104,7 +105,11 @@ class ShadowCopies:
         self._closed = False
         self._lock = threading.Lock()
         self._last_drift = 0.0
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="shadow")
+        #: How long the shadow's thread lets copies gather before a batch.
+        self.collect_s = 0.02
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="shadow", initializer=lower_priority, initargs=(nice,)
+        )
 
     @property
     def version(self) -> int:
@@ -131,11 +136,17 @@ class ShadowCopies:
         self._executor.submit(self._drain)
 
     def _drain(self) -> None:
-        limit = self.served.runtime.max_batch_size
+        buckets = self.served.runtime.buckets
         while True:
+            if self._pending < buckets[-1]:
+                # Nobody waits for the shadow: let copies gather into larger batches, fewer
+                # calls (each holds the GIL a little, which the live event loop shares).
+                time.sleep(self.collect_s)
             with self._lock:
+                # Whole requests up to the largest batch size that needs no padding.
+                target = max((b for b in buckets if b <= self._pending), default=buckets[0])
                 taken, size = [], 0
-                while self._queue and (not taken or size + len(self._queue[0][1]) <= limit):
+                while self._queue and (not taken or size + len(self._queue[0][1]) <= target):
                     item = self._queue.popleft()
                     taken.append(item)
                     size += len(item[1])
@@ -183,6 +194,19 @@ class ShadowCopies:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def lower_priority(nice: int) -> None:
+    """Run the calling thread at ``nice`` (Linux schedules threads one by one): on a busy
+    machine the shadow gets the CPU the live requests leave, falls behind and drops copies,
+    rather than taking CPU from them. ONNX Runtime runs a one-thread session on the calling
+    thread, so its inference is lowered too."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as error:  # not Linux, or not allowed
+        log.warning("could not lower the shadow thread's priority: %s", error)
+
+
 class Lease:
     """A request's hold on one version: ``with model_set.lease() as served: ...``."""
 
@@ -216,6 +240,7 @@ class ModelSet:
         max_pending_shadow_images: int,
         drift_interval_s: float,
         retire_after_s: float,
+        shadow_nice: int = 10,
         observer: VersionObserver | None = None,
     ) -> None:
         self.root = Path(source) if is_model_root(source) else None
@@ -226,6 +251,7 @@ class ModelSet:
         self.max_pending_shadow_images = max_pending_shadow_images
         self.drift_interval_s = drift_interval_s
         self.retire_after_s = retire_after_s
+        self.shadow_nice = shadow_nice
         self.observer = observer
         self._lock = threading.Lock()
         #: Versions refused, with why and the metadata.json stat they were refused at (a
@@ -423,6 +449,7 @@ class ModelSet:
                 self._shadow_observer(runtime),
                 max_pending_images=self.max_pending_shadow_images,
                 drift_interval_s=self.drift_interval_s,
+                nice=self.shadow_nice,
             )
         with self._lock:
             self.shadow = new

@@ -92,6 +92,7 @@ def start_worker(
         shadow_observer=shadow_observer,
         poll_s=settings.version_poll_s,
         max_pending_shadow_images=settings.shadow_queue_images,
+        shadow_nice=settings.shadow_nice,
         drift_interval_s=settings.drift_interval_s,
         retire_after_s=settings.timeout_s + 1,
         observer=VersionObserver() if settings.monitoring else None,

@@ -263,3 +263,28 @@ def test_a_rerun_retries_failed_rows_and_resumes_however_the_folder_is_named(
     assert len(paths) == len(set(paths)) == 41, "each input keeps one row"
     assert not any(row["error"] for row in rows)
     assert str(folder / "late.png") in paths
+
+
+def test_score_takes_the_live_version_of_a_model_folder_or_the_one_named(
+    tmp_path, images, published_model
+):
+    from serving.core.roles import pin
+    from tests.serving.variants import publish_variant
+
+    folder = tmp_path / "repository" / published_model.parent.name
+    shutil.copytree(published_model, folder / "1")
+    publish_variant(folder / "1", 2)
+    pin(folder, 1)  # the newest is 2; the live one is 1
+    for flags, version in (((), "1"), (("--version", "2"), "2")):
+        output = tmp_path / f"scores-{version}.csv"
+        result = run_cli(
+            "score", str(images), "--model", str(folder), "--output", str(output),
+            "--no-progress", *flags,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert {row["model_version"] for row in read_csv(output)} == {version}
+    missing = run_cli(
+        "score", str(images), "--model", str(folder), "--output", str(tmp_path / "x.csv"),
+        "--version", "9",
+    )  # fmt: skip
+    assert_one_line_error(missing, "no version 9", "published: 1, 2")
