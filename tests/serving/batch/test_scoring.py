@@ -153,7 +153,13 @@ def test_interrupted_job_resumes(tmp_path, published_model, output_name, stop):
         return pq.read_table(output).to_pylist() if list(output.glob("part-*")) else []
 
     process = subprocess.Popen(
-        [IMGCLF, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [IMGCLF, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell that runs the tests in the background ignores SIGINT for them, and a
+        # process that starts with SIGINT ignored keeps ignoring it: Ctrl-C's default here.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:

@@ -149,7 +149,7 @@ def test_a_release_under_load_answers_every_request_from_the_version_named(
     ):
         servers = [(first, 2), (second, 1)]
         converge(servers, "live", 1)
-        time.sleep(2)
+        time.sleep(1)
         cli_ok(
             "export",
             str(digits_run),
@@ -163,19 +163,19 @@ def test_a_release_under_load_answers_every_request_from_the_version_named(
         time.sleep(2 * POLL_S)  # pinned: a new version alone changes nothing
         cli_ok("shadow", str(model_folder), "2", "--fraction", "0.5")
         converge(servers, "shadow", 2)
-        time.sleep(3)
+        time.sleep(1.5)
         shadowed = counter(first.url, "imgclf_shadow_images_total", version="2")
         promoted_at = time.monotonic()
         cli_ok("promote", str(model_folder), "2")
         promote_took = converge(servers, "live", 2)
         promoted = time.monotonic()
         converge(servers, "shadow", 0)  # the promoted shadow is the live version now
-        time.sleep(3)
+        time.sleep(1.5)
         rolled_back_at = time.monotonic()
         cli_ok("rollback", str(model_folder))
         rollback_took = converge(servers, "live", 1)
         rolled_back = time.monotonic()
-        time.sleep(2)
+        time.sleep(1)
         logs = [server.output() for server, _ in servers]
     statuses = [status for _, _, status, _ in load.answers]
     assert len(statuses) > 300
