@@ -9,7 +9,10 @@ import pytest
 
 from tests.conftest import assert_one_line_error, run_cli
 
-COMMANDS = ["train", "export", "register", "serve", "score", "drift"]
+COMMANDS = [
+    "train", "export", "register", "serve", "score", "drift",
+    "versions", "shadow", "promote", "rollback", "pin",
+]  # fmt: skip
 
 
 def test_top_level_help_lists_every_command():
@@ -48,3 +51,24 @@ def test_version_and_mistakes_in_one_line(tmp_path):
         *("--output", str(tmp_path / "e")),
     )
     assert_one_line_error(split, "--split must be train, validation or test, got 'tst'")
+
+
+def test_version_commands_refuse_mistakes_in_one_line(tmp_path):
+    folder = tmp_path / "repository" / "digits"
+    for version in ("1", "2"):
+        (folder / version).mkdir(parents=True)  # numbered folders: nothing is loaded below
+    (folder / "1" / "metadata.json").write_text("{}")
+    cases = [
+        (("shadow", str(folder), "2", "--fraction", "1.5"), "--fraction must be in (0, 1]"),
+        (("shadow", str(folder), "2", "--fraction", "0"), "--fraction must be in (0, 1]"),
+        (("shadow", str(folder), "2"), "version 2 is live"),
+        (("shadow", str(folder)), "give a VERSION to shadow, or --off"),
+        (("promote", str(folder), "9"), "no version 9 in"),
+        (("rollback", str(folder)), "no earlier live version of digits"),
+        (("pin", str(folder), "1", "--latest"), "give a VERSION to pin, or --latest"),
+        (("versions", str(folder / "1")), "is one version; give the model's folder"),
+        (("promote", str(tmp_path), "1"), "is not a model folder"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(run_cli(*args), fragment)
+    assert not (folder / "versions.json").exists()  # no mistake wrote anything
