@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serving.core.errors import ModelError
@@ -138,8 +139,6 @@ class Desired:
     live: int
     shadow: Shadow | None = None
     following: str = "newest"
-    #: Newer versions skipped because they were refused (following the newest only).
-    skipped: tuple[int, ...] = field(default=())
 
 
 def state_path(model_root: Path) -> Path:
@@ -193,23 +192,35 @@ def resolve_roles(model_root: Path, state: RoleState, refused=frozenset()) -> De
     if not published:
         raise ModelError(f"{model_root} holds no published version")
     if state.live is not None:
-        live, following, skipped = state.live, "pinned", ()
+        live, following = state.live, "pinned"
     else:
-        usable = [v for v in published if v not in refused] or published
-        live, following = usable[-1], "newest"
-        skipped = tuple(v for v in published if v > live)
+        live, following = ([v for v in published if v not in refused] or published)[-1], "newest"
     shadow = state.shadow if state.shadow and state.shadow.version != live else None
-    return Desired(live, shadow, following, skipped)
+    return Desired(live, shadow, following)
 
 
-def start_candidates(model_root: Path) -> list[int]:
-    """The versions a server may start on, to try in order: the pinned one alone, or every
-    published version newest first (following the newest, a newest version that does not
-    load is refused and the one before it served)."""
-    desired = resolve_roles(model_root, read_state(model_root))
-    if desired.following == "pinned":
-        return [desired.live]
-    return version_numbers(model_root)[::-1]
+def load_live(model_root: Path, state: RoleState, load: Callable, on_refused: Callable):
+    """``load(folder)`` of the version to start on: the pinned one, or the newest one that
+    loads (each newer one that does not is passed to ``on_refused(version, reason)`` and the
+    one before it tried). The last one tried fails as ``load`` fails."""
+    candidates = [state.live] if state.live is not None else version_numbers(model_root)[::-1]
+    for version in candidates[:-1]:
+        try:
+            return load(Path(model_root) / str(version))
+        except ModelError as error:
+            on_refused(version, error.message)
+        except Exception as error:  # ONNX Runtime's own load errors
+            on_refused(version, f"{type(error).__name__}: {error}")
+    return load(Path(model_root) / str(candidates[-1]))
+
+
+def check_same_classes(version: int, classes: list[str], reference: int, expected) -> None:
+    """A version with another label set is another model: refused as a version of this one."""
+    if list(classes) != list(expected):
+        raise ModelError(
+            f"version {version}'s classes differ from version {reference}'s (a different "
+            "label set is a different model: publish it under another name)"
+        )
 
 
 def _optional_int(value) -> int | None:

@@ -22,6 +22,7 @@ from serving.core.model_dir import (
     Desired,
     RoleState,
     Shadow,
+    check_same_classes,
     is_model_root,
     load_metadata,
     read_state,
@@ -64,12 +65,7 @@ def check_version(model_root: Path, version: int, *, classes_of: int | None = No
     from serving.core.runtime import ClassifierRuntime
 
     logging.getLogger("serving.core.sessions").setLevel(logging.WARNING)  # one line per command
-    folder = Path(model_root) / str(version)
-    if version not in version_numbers(model_root):
-        raise ModelError(
-            f"no version {version} in {model_root} (published: "
-            f"{', '.join(map(str, version_numbers(model_root))) or 'none'})"
-        )
+    folder = published(model_root, version)
     try:
         runtime = ClassifierRuntime(
             folder, provider="cpu", session_mode="shared", max_batch_size=1, buckets=(1,)
@@ -82,13 +78,20 @@ def check_version(model_root: Path, version: int, *, classes_of: int | None = No
             f"version {version} does not load: {type(error).__name__}: {error}"
         ) from None
     if classes_of is not None and classes_of != version:
-        other = load_metadata(Path(model_root) / str(classes_of))
-        if list(other["classes"]) != runtime.classes:
-            raise ModelError(
-                f"version {version}'s classes differ from version {classes_of}'s (a different "
-                "label set is a different model: publish it under another name)"
-            )
+        expected = load_metadata(Path(model_root) / str(classes_of))["classes"]
+        check_same_classes(version, runtime.classes, classes_of, expected)
     return runtime.metadata
+
+
+def published(model_root: Path, version: int) -> Path:
+    """The folder of ``version``, or a ``ModelError`` naming the versions there are."""
+    numbers = version_numbers(model_root)
+    if version not in numbers:
+        raise ModelError(
+            f"no version {version} in {model_root} (published: "
+            f"{', '.join(map(str, numbers)) or 'none'})"
+        )
+    return Path(model_root) / str(version)
 
 
 def current_live(model_root: Path, state: RoleState | None = None) -> int:
@@ -142,9 +145,10 @@ def set_shadow(model_root: Path, version: int | None, fraction: float = 1.0) -> 
         return write_state(root, replace(state, shadow=None), "shadow")
     if not 0 < fraction <= 1:
         raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
-    if version == current_live(root, state):
+    live = current_live(root, state)
+    if version == live:
         raise ConfigError(f"version {version} is live; a shadow must be another version")
-    check_version(root, version, classes_of=current_live(root, state))
+    check_version(root, version, classes_of=live)
     return write_state(root, replace(state, shadow=Shadow(version, fraction)), "shadow")
 
 
@@ -184,15 +188,7 @@ def _role(version: int, desired: Desired, state: RoleState) -> str:
 
 def version_dir(model: Path, version: int | None) -> Path:
     """``model`` itself, or version ``version`` of the model folder ``model``."""
-    if version is None:
-        return Path(model)
-    root = model_root_of(model)
-    if version not in version_numbers(root):
-        raise ModelError(
-            f"no version {version} in {root} (published: "
-            f"{', '.join(map(str, version_numbers(root)))})"
-        )
-    return root / str(version)
+    return Path(model) if version is None else published(model_root_of(model), version)
 
 
 def server_figures(url: str, timeout_s: float = 5.0) -> dict:

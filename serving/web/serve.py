@@ -117,19 +117,18 @@ def first_loadable(directory: Path, settings: ServingSettings):
     """The runtime the workers will start on, loaded as they will load it: a model folder
     that follows its newest version skips a newest version that does not load (with one
     line), as its workers do; anything else must load."""
-    from serving.core.errors import ModelError
-    from serving.core.model_dir import is_model_root, start_candidates
+    from serving.core.model_dir import is_model_root, load_live, read_state
     from serving.core.runtime import ClassifierRuntime
 
+    def load(path: Path) -> ClassifierRuntime:
+        return ClassifierRuntime.from_settings(path, settings)
+
+    def refused(version: int, reason: str) -> None:
+        print(f"warning: version {version} refused: {reason}", file=sys.stderr)
+
     if not is_model_root(directory):
-        return ClassifierRuntime.from_settings(directory, settings)
-    candidates = start_candidates(directory)
-    for version in candidates[:-1]:
-        try:
-            return ClassifierRuntime.from_settings(directory / str(version), settings)
-        except ModelError as error:
-            print(f"warning: version {version} refused: {error.message}", file=sys.stderr)
-    return ClassifierRuntime.from_settings(directory / str(candidates[-1]), settings)
+        return load(directory)
+    return load_live(directory, read_state(directory), load, refused)
 
 
 def check_port_free(host: str, port: int) -> None:

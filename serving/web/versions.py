@@ -33,11 +33,14 @@ import numpy as np
 from monitoring.observers import ShadowObserver, VersionObserver
 from serving.core.errors import ModelError, NotFoundError
 from serving.core.model_dir import (
+    METADATA,
+    ONNX_MODEL,
     Desired,
+    check_same_classes,
     is_model_root,
+    load_live,
     read_state,
     resolve_roles,
-    start_candidates,
     state_path,
     state_signature,
     version_numbers,
@@ -302,22 +305,13 @@ class ModelSet:
 
     def _first_runtime(self, source: Path) -> ClassifierRuntime:
         """The version to start with: the pinned one (which must load), or the newest one
-        that loads (``start_candidates``)."""
+        that loads (``model_dir.load_live``)."""
         if self.root is None:
             return self._load_runtime(source)
         self._signature = state_signature(self.root)
-        candidates = start_candidates(self.root)
-        self.following = "newest" if self._read_state().follows_newest else "pinned"
-        if self.following == "pinned":
-            return self._load_runtime(self.root / str(candidates[0]))
-        for version in candidates:
-            try:
-                return self._load_runtime(self.root / str(version))
-            except ModelError as error:
-                self._refuse(version, error.message)
-            except Exception as error:  # ONNX Runtime's own load errors
-                self._refuse(version, f"{type(error).__name__}: {error}")
-        raise ModelError(f"no version in {self.root} loads (see the refusals above)")
+        state = self._read_state()
+        self.following = "newest" if state.follows_newest else "pinned"
+        return load_live(self.root, state, self._load_runtime, self._refuse)
 
     def start_watching(self) -> None:
         """Watch the repository's roles on a thread of their own (the first look loads a
@@ -401,11 +395,7 @@ class ModelSet:
         started = time.perf_counter()
         try:
             runtime = self._load_runtime(self.root / str(version))
-            if runtime.classes != self.live.card.classes:
-                raise ModelError(
-                    f"its classes differ from version {self.live.version}'s (a different "
-                    "label set is a different model: publish it under another name)"
-                )
+            check_same_classes(version, runtime.classes, self.live.version, self.live.card.classes)
             runtime.warm_up()
         except ModelError as error:
             self._refuse(version, error.message)
@@ -526,8 +516,8 @@ class ModelSet:
 
     def _stamp(self, version: int) -> tuple:
         try:
-            stat = (self.root / str(version) / "metadata.json").stat()
-            onnx = (self.root / str(version) / "model.onnx").stat()
+            stat = (self.root / str(version) / METADATA).stat()
+            onnx = (self.root / str(version) / ONNX_MODEL).stat()
         except (OSError, TypeError):
             return ()
         return stat.st_mtime_ns, stat.st_ino, onnx.st_mtime_ns, onnx.st_size

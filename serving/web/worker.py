@@ -63,7 +63,7 @@ def start_worker(
             prediction_observer(runtime, profile, settings) if settings.monitoring else None
         )
         if feedback is not None:
-            feedback.reference = (profile or {}).get("performance")
+            feedback.reference = predictions.reference_performance
         batcher = AdaptiveBatcher(
             runtime.predict,
             max_batch_size=runtime.max_batch_size,
@@ -103,7 +103,7 @@ def start_worker(
     )
     if settings.monitoring and settings.feedback_store_size:
         feedback = open_feedback(runtime, settings)
-        feedback.reference = (runtime.reference_profile() or {}).get("performance")
+        feedback.reference = versions.live.predictions.reference_performance
 
     def describe() -> dict:
         live = versions.live
