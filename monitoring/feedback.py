@@ -37,13 +37,15 @@ CREATE TABLE IF NOT EXISTS predictions (
     predicted INTEGER NOT NULL,
     created REAL NOT NULL,
     labelled INTEGER NOT NULL DEFAULT 0,
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    expected REAL
 );
 CREATE TABLE IF NOT EXISTS outcomes (
     seq INTEGER PRIMARY KEY,
     label INTEGER NOT NULL,
     predicted INTEGER NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    expected REAL
 );
 """
 #: Why feedback is refused: a label that is not a class, an id the store does not hold (never
@@ -109,12 +111,12 @@ class FeedbackStore:
         self._db.execute("PRAGMA cache_size=-65536")
         self._db.execute("PRAGMA mmap_size=268435456")
         self._db.executescript(SCHEMA)
-        for table in ("predictions", "outcomes"):  # a store kept from before versions
+        added = {"version": "INTEGER NOT NULL DEFAULT 0", "expected": "REAL"}
+        for table in ("predictions", "outcomes"):  # a store kept by an older release
             columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if "version" not in columns:
-                self._db.execute(
-                    f"ALTER TABLE {table} ADD COLUMN version INTEGER NOT NULL DEFAULT 0"
-                )
+            for column, kind in added.items():
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._last_prune = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="feedback", daemon=True)
@@ -123,12 +125,17 @@ class FeedbackStore:
     # -- predictions -------------------------------------------------------------------
 
     def remember(
-        self, request_ids: Sequence[str], predicted: Sequence[int], version: int = 0
+        self,
+        request_ids: Sequence[str],
+        predicted: Sequence[int],
+        version: int = 0,
+        expected: Sequence[float] | None = None,
     ) -> None:
-        """Keep these predictions (made by model ``version``) until their labels come: one
+        """Keep these predictions (made by model ``version``, with the label-free estimate's
+        ``expected`` correctness of each when there is one) until their labels come: one
         list append on the request path; the rows are built and written by the flushing
         thread."""
-        self._buffer.append((request_ids, predicted, version, self.clock()))  # thread-safe
+        self._buffer.append((request_ids, predicted, version, expected, self.clock()))
 
     def flush(self) -> None:
         """Write the buffered predictions, then keep the store within its bounds."""
@@ -136,9 +143,11 @@ class FeedbackStore:
         while self._buffer:
             batches.append(self._buffer.popleft())
         rows = [
-            (rid, int(predicted), created, version)
-            for ids, classes, version, created in batches
-            for rid, predicted in zip(ids, classes, strict=True)
+            (rid, int(predicted), created, version, None if chance is None else float(chance))
+            for ids, classes, version, expected, created in batches
+            for rid, predicted, chance in zip(
+                ids, classes, expected if expected is not None else [None] * len(ids), strict=True
+            )
         ]
         with self._db_lock:
             if rows:
@@ -152,10 +161,10 @@ class FeedbackStore:
                     before = self._db.total_changes
                     self._db.execute(
                         "INSERT OR IGNORE INTO predictions "
-                        "(request_id, predicted, created, version) "
+                        "(request_id, predicted, created, version, expected) "
                         "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
-                        "json_extract(value, '$[2]'), json_extract(value, '$[3]') "
-                        "FROM json_each(?)",
+                        "json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
+                        "json_extract(value, '$[4]') FROM json_each(?)",
                         (json.dumps(rows),),
                     )
                     taken = len(rows) - (self._db.total_changes - before)
@@ -214,8 +223,8 @@ class FeedbackStore:
                 [(seq,) for seq, *_ in outcomes],
             )
             self._db.executemany(
-                "INSERT INTO outcomes (label, predicted, version) VALUES (?, ?, ?)",
-                [(label, predicted, version) for _, label, predicted, version in outcomes],
+                "INSERT INTO outcomes (label, predicted, version, expected) VALUES (?, ?, ?, ?)",
+                [row[1:] for row in outcomes],
             )
             self._db.execute(
                 "DELETE FROM outcomes WHERE seq <= (SELECT MAX(seq) FROM outcomes) - ?",
@@ -223,7 +232,7 @@ class FeedbackStore:
             )
         return {
             "accepted": len(outcomes),
-            "outcomes": [(self.classes[label], label == p, v) for _, label, p, v in outcomes],
+            "outcomes": [(self.classes[label], label == p, v) for _, label, p, v, _ in outcomes],
         }
 
     def _missing(self, items: Sequence[tuple[str, str]]) -> bool:
@@ -241,7 +250,7 @@ class FeedbackStore:
         outcomes, problems, seen = [], [], set()
         for index, (rid, label) in enumerate(items):
             row = self._db.execute(
-                "SELECT seq, predicted, created, labelled, version FROM predictions "
+                "SELECT seq, predicted, created, labelled, version, expected FROM predictions "
                 "WHERE request_id = ?",
                 (rid,),
             ).fetchone()
@@ -264,7 +273,7 @@ class FeedbackStore:
                     }
                 )
             else:
-                outcomes.append((row[0], self._index[label], row[1], row[4]))
+                outcomes.append((row[0], self._index[label], row[1], row[4], row[5]))
             seen.add(rid)
         return outcomes, problems
 
@@ -277,8 +286,13 @@ class FeedbackStore:
         the store's size and bounds."""
         predictions = self.count()
         with self._db_lock:
-            rows = self._db.execute("SELECT label, predicted, version FROM outcomes").fetchall()
-        triples = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+            rows = self._db.execute(
+                "SELECT label, predicted, version, expected FROM outcomes"
+            ).fetchall()
+        triples = np.asarray([row[:3] for row in rows], dtype=np.int64).reshape(-1, 3)
+        expected = np.asarray(
+            [np.nan if row[3] is None else row[3] for row in rows], dtype=np.float64
+        )
         by_version = {
             str(v): {
                 "labelled": int((triples[:, 2] == v).sum()),
@@ -287,12 +301,14 @@ class FeedbackStore:
             for v in sorted(set(triples[:, 2].tolist()))
         }
         if version is not None:
-            triples = triples[triples[:, 2] == version]
+            chosen = triples[:, 2] == version
+            triples, expected = triples[chosen], expected[chosen]
         matrix = confusion(triples[:, 0], triples[:, 1], len(self.classes))
         return {
             "window": self.window,
             "version": version,
             **scores(matrix, self.classes),
+            "estimate": estimate_audit(triples, expected),
             "by_version": by_version,
             "store": {
                 "predictions": predictions,
@@ -345,6 +361,23 @@ class _Transaction:
 
     def __exit__(self, kind, error, trace) -> None:
         self.db.execute("ROLLBACK" if kind else "COMMIT")
+
+
+def estimate_audit(triples: np.ndarray, expected: np.ndarray) -> dict:
+    """The label-free estimate against the labels, over the labelled predictions that were
+    answered with an estimate: mean expected correctness, realised accuracy, their gap."""
+    known = ~np.isnan(expected)
+    count = int(known.sum())
+    if count == 0:
+        return {"count": 0, "estimated_accuracy": None, "accuracy": None, "gap": None}
+    estimated = float(expected[known].mean())
+    realised = float((triples[known, 0] == triples[known, 1]).mean())
+    return {
+        "count": count,
+        "estimated_accuracy": estimated,
+        "accuracy": realised,
+        "gap": abs(estimated - realised),
+    }
 
 
 def _refusal(problems: list[dict]) -> FeedbackError:
