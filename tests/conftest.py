@@ -185,7 +185,9 @@ def published_model(tmp_path_factory, trained_run) -> Path:
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory, digits_home) -> Path:
     """The seed CNN on all 1,797 built-in digits at 16x16, with 60% of them held out (so drift
-    tests can split the held-out images into a reference half and windows)."""
+    tests can split the held-out images into a reference half and windows). Deterministic:
+    the monitoring tests judge a model's behaviour under shifts, and every run (here and in
+    CI) must judge the same model."""
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
     cli_ok(
         "train",
@@ -210,6 +212,7 @@ def digits_run(tmp_path_factory, digits_home) -> Path:
             augmentation__height_shift=0.1,
             augmentation__zoom=0.1,
             augmentation__fill_mode="constant",
+            deterministic="true",
         ),
         env={"IMGCLF_DATA_HOME": str(digits_home)},
     )

@@ -25,11 +25,15 @@ import tf2onnx
 
 import training.augmentation
 import training.models  # noqa: F401  (registers BackbonePreprocess for load_model)
+from monitoring import embedding as embedding_drift
 from monitoring.drift import build_reference_profile, image_signals
+from monitoring.estimate import CALIBRATION, fit_calibration
 from monitoring.performance import held_out_performance
+from monitoring.thresholds import family_quantiles
 from serving.core.errors import ConfigError, ModelError
 from serving.core.files import fsync_dir, fsync_tree, write_json
 from serving.core.model_dir import (
+    EMBEDDING_NAME,
     INPUT_NAME,
     INT8_MODEL,
     METADATA,
@@ -91,19 +95,26 @@ def export(
     _remove_stale_staging(model_root)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_root))
     try:
-        serve = serving_function(model, spec.input_shape)
+        features = with_embedding(model)
+        serve = serving_function(features, spec.input_shape)
         write_saved_model(model, serve, staging / SAVED_MODEL)
         write_onnx(serve, spec.input_shape, staging / ONNX_MODEL)
 
         test_images, test_labels = load_split(splits["test"], classes, spec, limit=parity_images)
         report = parity.check_parity(
-            reference=lambda batch: model(batch, training=False).numpy(),
+            reference=lambda batch: features(batch, training=False)[0].numpy(),
             candidates={
                 "savedmodel": _saved_model_predictor(staging / SAVED_MODEL),
                 "onnx": parity.onnx_predictor(staging / ONNX_MODEL),
             },
             images=test_images,
             max_batch_size=max_batch_size,
+        )
+        report["embedding"] = parity.check_embedding_parity(
+            lambda batch: features(batch, training=False)[1].numpy(),
+            parity.onnx_predictor(staging / ONNX_MODEL, output=EMBEDDING_NAME),
+            test_images,
+            batch_size=max_batch_size,
         )
         int8_report = None
         if int8:
@@ -113,10 +124,7 @@ def export(
             )
             report["int8"] = int8_report
         write_json(staging / PARITY, report)
-        write_json(
-            staging / REFERENCE_PROFILE,
-            reference_profile(staging / ONNX_MODEL, splits, classes, spec, run_dir, profile_images),
-        )
+        write_monitoring_reference(staging, splits, classes, spec, run_dir, profile_images)
 
         metadata = build_metadata(name, version, run_dir, run_info, spec, report, int8_report)
         for onnx_file in (ONNX_MODEL, INT8_MODEL):
@@ -143,13 +151,21 @@ def load_checkpoint(path: Path) -> keras.Model:
         raise ModelError(f"cannot load {path}: corrupt or not a Keras model ({first})") from error
 
 
-def serving_function(model: keras.Model, input_shape: tuple[int, int, int]):
-    """The inference graph: float32 NHWC ``image`` -> ``{"probabilities": ...}``."""
+def with_embedding(model: keras.Model) -> keras.Model:
+    """The model with its penultimate features as a second output: the input of the final
+    (softmax) layer, for every architecture here."""
+    head = model.layers[-1]
+    return keras.Model(model.input, [model.output, head.input], name=f"{model.name}_features")
+
+
+def serving_function(features: keras.Model, input_shape: tuple[int, int, int]):
+    """The inference graph: float32 NHWC ``image`` -> ``{"probabilities", "embedding"}``."""
     signature = tf.TensorSpec((None, *input_shape), tf.float32, name=INPUT_NAME)
 
     @tf.function(input_signature=[signature])
     def serve(image):
-        return {OUTPUT_NAME: model(image, training=False)}
+        probabilities, embedding = features(image, training=False)
+        return {OUTPUT_NAME: probabilities, EMBEDDING_NAME: embedding}
 
     return serve
 
@@ -172,8 +188,11 @@ def write_onnx(serve, input_shape: tuple[int, int, int], path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as error:
         raise ModelError(f"the converted ONNX model is invalid: {str(error)[:300]}") from error
-    names = ([i.name for i in model_proto.graph.input], [o.name for o in model_proto.graph.output])
-    if names != ([INPUT_NAME], [OUTPUT_NAME]):
+    names = (
+        [i.name for i in model_proto.graph.input],
+        sorted(o.name for o in model_proto.graph.output),
+    )
+    if names != ([INPUT_NAME], sorted([OUTPUT_NAME, EMBEDDING_NAME])):
         raise ModelError(f"the converted ONNX model has inputs/outputs {names}")
 
 
@@ -190,19 +209,37 @@ def set_onnx_metadata(path: Path, metadata: dict) -> None:
     onnx.save(model_proto, str(path))
 
 
-def reference_profile(onnx_path, splits, classes, spec, run_dir, limit: int) -> dict:
-    """What "no drift" looks like, from held-out images only (validation + test), scored by
-    the exported model exactly as the service will score them, with the drift thresholds
-    calibrated on them and their accuracy and calibration error."""
-    held_out = splits["validation"] + splits["test"]
-    images, labels = load_split(held_out, classes, spec, limit=limit)
-    probabilities = parity.run_batched(parity.onnx_predictor(onnx_path), images, 256)
-    return build_reference_profile(
+def write_monitoring_reference(staging, splits, classes, spec, run_dir, limit: int) -> None:
+    """What monitoring compares live traffic with, from the validation split only, scored
+    by the exported model exactly as the service will score it: the reference profile (with
+    its calibrated drift thresholds and held-out performance), the temperature of the
+    label-free estimate, and the embedding reference. The test split stays out of all of
+    them, so that it can check them: ``imgclf`` traffic is never the reference itself."""
+    images, labels = load_split(splits["validation"], classes, spec, limit=limit)
+    probabilities = parity.run_batched(parity.onnx_predictor(staging / ONNX_MODEL), images, 256)
+    embeddings = parity.run_batched(
+        parity.onnx_predictor(staging / ONNX_MODEL, output=EMBEDDING_NAME), images, 256
+    )
+    source = f"{len(images)} validation images of {Path(run_dir).resolve()}"
+    profile = build_reference_profile(
         image_signals(images, probabilities),
         classes,
-        source=f"{len(images)} held-out images (validation + test) of {Path(run_dir).resolve()}",
+        source=source,
         performance=held_out_performance(labels, probabilities),
     )
+    reference = embedding_drift.EmbeddingReference.fit(embeddings)
+    reference.save(staging / embedding_drift.EMBEDDING_REFERENCE)
+    tested = 1 + sum(len(stats) for stats in profile["thresholds"]["values"].values())
+    profile["embedding"] = {
+        "file": embedding_drift.EMBEDDING_REFERENCE,
+        "samples": len(reference.reference),
+        "features": int(embeddings.shape[1]),
+        "components": int(reference.components.shape[0]),
+        "support_radius": reference.support_radius,
+        "thresholds": embedding_drift.calibrate(reference.reference, family_quantiles(tested)),
+    }
+    write_json(staging / REFERENCE_PROFILE, profile)
+    write_json(staging / CALIBRATION, fit_calibration(labels, probabilities, source=source))
 
 
 def load_split(samples, classes, spec: PreprocessSpec, *, limit: int):

@@ -94,12 +94,37 @@ def check_parity(
     return report
 
 
-def onnx_predictor(path, providers: Iterable[str] = ("CPUExecutionProvider",)) -> Predict:
+def check_embedding_parity(
+    reference: Predict, candidate: Predict, images: np.ndarray, *, batch_size: int
+) -> dict:
+    """The second output (penultimate features, for embedding drift) must match Keras too:
+    within ``RTOL`` of the largest feature, at the largest batch size."""
+    expected = run_batched(reference, images, batch_size).astype(np.float64)
+    found = run_batched(candidate, images, batch_size).astype(np.float64)
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    difference = float(np.abs(found - expected).max())
+    report = {
+        "max_abs_diff": difference,
+        "largest_feature": scale,
+        "tolerance": f"max_abs_diff <= {RTOL:g} x largest_feature",
+        "passed": difference <= RTOL * scale,
+    }
+    if not report["passed"]:
+        raise ParityError(
+            f"parity check failed: the ONNX embedding output differs from Keras by up to "
+            f"{difference:.3g} (largest feature {scale:.3g}); nothing was published"
+        )
+    return report
+
+
+def onnx_predictor(
+    path, providers: Iterable[str] = ("CPUExecutionProvider",), output: str = OUTPUT_NAME
+) -> Predict:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=list(providers))
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        return session.run([output], {INPUT_NAME: batch})[0]
 
     return predict

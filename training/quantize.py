@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from serving.core.model_dir import INPUT_NAME
+from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
 
 MAX_ACCURACY_DROP = 0.01
 
@@ -98,7 +98,7 @@ def classifier_head(model: onnx.ModelProto) -> list[str]:
     """The nodes from the last MatMul (or Gemm) to the output's Softmax, which quantization
     leaves in float: the Softmax, a bias Add, the MatMul."""
     producers = {output: node for node in model.graph.node for output in node.output}
-    node = producers.get(model.graph.output[0].name)
+    node = producers.get(OUTPUT_NAME)  # by name: the graph has the embedding output too
     head = []
     while node is not None and node.op_type in ("Softmax", "Add", "MatMul", "Gemm"):
         head.append(node.name)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from monitoring.embedding import EMBEDDING_REFERENCE
+from monitoring.estimate import CALIBRATION
 from serving.core.errors import ModelError
 from serving.core.files import sha256_file
 
@@ -23,15 +25,21 @@ REFERENCE_PROFILE = "reference_profile.json"
 SAVED_MODEL = "saved_model"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+#: The optional second output: the penultimate features, for embedding drift.
+EMBEDDING_NAME = "embedding"
 #: What each file of a published version holds (the reference page is generated from this).
 FILES = {
     METADATA: "The contract: classes, input size, preprocessing, metrics, versions, file hashes.",
     ONNX_MODEL: f"The canonical model: fp32, dynamic batch, NHWC float32 {INPUT_NAME!r} in "
-    f"[0, 255] -> {OUTPUT_NAME!r} (softmax).",
+    f"[0, 255] -> {OUTPUT_NAME!r} (softmax) and, optionally, {EMBEDDING_NAME!r} (the "
+    "penultimate features, for embedding drift; /predict never returns them).",
     INT8_MODEL: "Optional: static QDQ INT8, kept only if its held-out accuracy is within the gate.",
     SAVED_MODEL + "/": "TensorFlow SavedModel with a serving_default signature (not served).",
     REFERENCE_PROFILE: "What 'no drift' looks like on held-out data, with calibrated thresholds.",
     PARITY: "Keras vs SavedModel vs ONNX: the numbers behind the parity gate.",
+    CALIBRATION: "The label-free accuracy estimate's temperature, fitted on the validation split.",
+    EMBEDDING_REFERENCE: "The embedding reduction fitted at export (feature means, scales, "
+    "components) and the reduced validation embeddings.",
 }
 #: The keys of metadata.json; those in REQUIRED_KEYS must be there for a server to start.
 METADATA_FIELDS = {

@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from monitoring.embedding import EMBEDDING_REFERENCE, EmbeddingReference
+from monitoring.estimate import CALIBRATION, LabelFreeEstimator
 from serving.core.buckets import normalise_buckets, pad_to_bucket
 from serving.core.errors import ConfigError, ModelError
 from serving.core.model_dir import (
+    EMBEDDING_NAME,
     INPUT_NAME,
     INT8_MODEL,
     ONNX_MODEL,
@@ -169,27 +172,37 @@ class ClassifierRuntime(ModelCard):
             self.warmed_batch_sizes.append(size)
         self.warm_up_seconds = time.perf_counter() - started
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 NHWC batch in [0, 255] -> probabilities, in chunks of ``max_batch_size``,
-        each padded to its bucket."""
+    def predict(self, images: np.ndarray, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> np.ndarray:
+        """float32 NHWC batch in [0, 255] -> probabilities (or ``outputs`` side by side), in
+        chunks of ``max_batch_size``, each padded to its bucket."""
         if images.ndim != 4 or images.shape[1:] != self.spec.input_shape:
             raise ValueError(f"expected (N, {self.spec.input_shape}) images, got {images.shape}")
         images = np.ascontiguousarray(images, dtype=np.float32)
         chunks = [
-            self._run(pad_to_bucket(images[start : start + self.max_batch_size], self.buckets))[
-                : min(self.max_batch_size, len(images) - start)
-            ]
+            self._run(
+                pad_to_bucket(images[start : start + self.max_batch_size], self.buckets), outputs
+            )[: min(self.max_batch_size, len(images) - start)]
             for start in range(0, len(images), self.max_batch_size)
         ]
         if not chunks:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         return np.concatenate(chunks)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def predict_with_embeddings(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and the penultimate features from the same run (None when the
+        graph has no embedding output): the features are on the way to the probabilities,
+        so asking for them costs a copy, not a computation."""
+        if not self.has_embedding:
+            return self.predict(images), None
+        both = self.predict(images, outputs=(OUTPUT_NAME, EMBEDDING_NAME))
+        return both[:, : len(self.classes)], both[:, len(self.classes) :]
+
+    def _run(self, batch: np.ndarray, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> np.ndarray:
         bucket = len(batch)
         session = self._shared if self._shared is not None else self._session_for(bucket)
         self.runs_by_bucket[bucket] += 1
-        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        found = session.run(list(outputs), {INPUT_NAME: batch})
+        return found[0] if len(found) == 1 else np.concatenate(found, axis=1)
 
     def _session_for(self, bucket: int) -> ort.InferenceSession:
         """The bucket's own session, made on first use (``warm_up`` makes them all), with
@@ -243,6 +256,21 @@ class ClassifierRuntime(ModelCard):
             return None
         return json.loads(read_verified(self.model_dir, self.metadata, REFERENCE_PROFILE))
 
+    def monitoring_references(self) -> tuple[LabelFreeEstimator | None, EmbeddingReference | None]:
+        """The label-free estimator and the embedding reference written at export
+        (hash-checked); None for what this version lacks (exported before they existed)."""
+        files = self.metadata["files"]
+        embedding = None
+        if EMBEDDING_REFERENCE in files and self.has_embedding:
+            embedding = EmbeddingReference.from_bytes(
+                read_verified(self.model_dir, self.metadata, EMBEDDING_REFERENCE)
+            )
+        estimator = None
+        if CALIBRATION in files:
+            calibration = json.loads(read_verified(self.model_dir, self.metadata, CALIBRATION))
+            estimator = LabelFreeEstimator(calibration, embedding)
+        return estimator, embedding
+
     def describe(self) -> dict:
         """What ``GET /metadata`` answers."""
         meta = self.metadata
@@ -270,12 +298,19 @@ class ClassifierRuntime(ModelCard):
 
     def _check_graph(self, session: ort.InferenceSession) -> None:
         inputs, outputs = session.get_inputs(), session.get_outputs()
-        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+        names = sorted(o.name for o in outputs)
+        if [i.name for i in inputs] != [INPUT_NAME] or names not in (
+            [OUTPUT_NAME],
+            sorted([OUTPUT_NAME, EMBEDDING_NAME]),
+        ):
             raise ModelError(
                 f"{self.model_dir}: the graph's inputs/outputs are "
-                f"{[i.name for i in inputs]}/{[o.name for o in outputs]}, "
-                f"expected [{INPUT_NAME!r}]/[{OUTPUT_NAME!r}]"
+                f"{[i.name for i in inputs]}/{names}, expected [{INPUT_NAME!r}]/"
+                f"[{OUTPUT_NAME!r}] and optionally {EMBEDDING_NAME!r}"
             )
+        #: Whether the graph has the penultimate features (models exported before have not).
+        self.has_embedding = EMBEDDING_NAME in names
+        outputs = [o for o in outputs if o.name == OUTPUT_NAME]
         graph_shape = tuple(inputs[0].shape[1:])
         if graph_shape != self.spec.input_shape:
             raise ModelError(

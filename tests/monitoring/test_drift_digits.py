@@ -117,11 +117,27 @@ def test_three_digit_class_mix_moves_the_class_signal(runtime, halves, reference
     assert sum(mix[label] for label in ("1", "4", "7")) > 0.8
 
 
-def test_export_writes_the_profile_from_held_out_images_only(digits_model, digits_run):
+def test_export_writes_the_profile_from_the_validation_split_only(digits_model, digits_run):
+    """The test split stays out of the profile, the calibration and the embedding reference:
+    it is what checks them."""
     profile = json.loads((digits_model / "reference_profile.json").read_text())
     sizes = json.loads((digits_run / "metrics.json").read_text())["split_sizes"]
-    assert profile["samples"] == sizes["validation"] + sizes["test"]
-    assert "validation + test" in profile["source"]
+    assert profile["samples"] == sizes["validation"]
+    assert f"{sizes['validation']} validation images" in profile["source"]
+    calibration = json.loads((digits_model / "calibration.json").read_text())
+    assert calibration["samples"] == sizes["validation"]
+    assert 0.05 < calibration["temperature"] < 20
+    assert (
+        calibration["after"]["negative_log_likelihood"]
+        <= calibration["before"]["negative_log_likelihood"]
+    )
+    embedding = profile["embedding"]
+    assert embedding["samples"] == sizes["validation"] and embedding["file"] == (
+        "embedding_reference.npz"
+    )
+    assert 0.5 - 0.05 < embedding["thresholds"]["null_mean"] < 0.5 + 0.05
+    metadata = json.loads((digits_model / "metadata.json").read_text())
+    assert {"calibration.json", "embedding_reference.npz"} <= set(metadata["files"])
     assert profile["classes"] == [str(d) for d in range(10)]
     assert sum(profile["class_distribution"]) == pytest.approx(1.0)
     for name in ("confidence", "entropy", "brightness", "contrast"):

@@ -71,7 +71,8 @@ def test_onnx_graph_contract_and_metadata_props(published_model):
     dims = graph_input.type.tensor_type.shape.dim
     assert graph_input.name == "image"
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [16, 16, 3]
-    assert [o.name for o in model.graph.output] == ["probabilities"]
+    # The probabilities, and the penultimate features for embedding drift.
+    assert sorted(o.name for o in model.graph.output) == ["embedding", "probabilities"]
     metadata = load_metadata(published_model)
     props = {p.key: json.loads(p.value) for p in model.metadata_props}
     assert set(props) == set(metadata)
@@ -86,7 +87,7 @@ def test_saved_model_signature(published_model):
     _, inputs = signature.structured_input_signature
     assert list(inputs) == ["image"]
     assert inputs["image"].shape.as_list() == [None, 16, 16, 3]
-    assert list(signature.structured_outputs) == ["probabilities"]
+    assert sorted(signature.structured_outputs) == ["embedding", "probabilities"]
 
 
 def test_parity_report_meets_the_gate(published_model):
@@ -97,6 +98,21 @@ def test_parity_report_meets_the_gate(published_model):
         assert report["summary"][runtime]["max_abs_diff"] <= 1e-5
         assert report["summary"][runtime]["top1_agreement"] == 1.0
     assert len(report["checks"]) == 2 * len(report["batch_sizes"])
+    # The embedding output is gated too, relative to its largest feature.
+    embedding = report["embedding"]
+    assert embedding["passed"] is True and embedding["largest_feature"] > 0
+    assert embedding["max_abs_diff"] <= 1e-4 * embedding["largest_feature"]
+
+
+def test_the_embedding_gate_refuses_features_that_differ(published_model):
+    """A graph whose second output drifted from Keras' features publishes nothing."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    good = parity.onnx_predictor(published_model / "model.onnx", output="embedding")
+    with pytest.raises(parity.ParityError, match="embedding output differs"):
+        parity.check_embedding_parity(
+            good, lambda batch: good(batch) * 1.01, images, batch_size=8
+        )
 
 
 def test_int8_gate_is_recorded_and_obeyed(published_model):
