@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from monitoring import thresholds
+from monitoring.estimate import expected_scores
 from monitoring.statistics import js_distance, ks_at_points, ks_statistic, psi
 
 __all__ = ["js_distance", "ks_statistic", "psi"]  # the statistics, re-exported
@@ -145,6 +146,42 @@ def build_reference_profile(
     return profile
 
 
+def bin_labels(profile: dict) -> dict[str, list[str]]:
+    """Every signal's bin label values: class names, or bin indices of the reference."""
+    found = {"class": list(profile["classes"])}
+    for name in CONTINUOUS_SIGNALS:
+        found[name] = [str(i) for i in range(len(profile["signals"][name]["bin_edges"]) + 1)]
+    return found
+
+
+def reference_bins(profile: dict) -> dict[str, np.ndarray]:
+    """The reference's fraction in each of those bins."""
+    found = {"class": np.asarray(profile["class_distribution"])}
+    for name in CONTINUOUS_SIGNALS:
+        found[name] = np.asarray(profile["signals"][name]["bin_fractions"])
+    return found
+
+
+def bin_counts(profile: dict, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per signal, how many of a batch's predictions fall in each reference bin (the same
+    binning as ``compare``)."""
+    found = {
+        "class": np.bincount(
+            np.asarray(signals["class"], dtype=np.int64), minlength=len(profile["classes"])
+        )
+    }
+    for name in CONTINUOUS_SIGNALS:
+        reference = profile["signals"][name]
+        values = np.asarray(signals[name], dtype=np.float64)
+        if reference.get("resolution"):
+            values = quantize(values, reference["resolution"])
+        edges = np.asarray(reference["bin_edges"])
+        found[name] = np.bincount(
+            np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1
+        )
+    return found
+
+
 def compare(profile: dict, signals: dict[str, np.ndarray], *, mode: str = "calibrated") -> dict:
     """Drift of a window (``image_signals`` output) against a reference profile: every
     statistic next to its thresholds for a window of this size, each signal's level and the
@@ -192,7 +229,8 @@ def compare(profile: dict, signals: dict[str, np.ndarray], *, mode: str = "calib
 
 
 class DriftMonitor:
-    """A ring buffer of the last ``window`` predictions' signals.
+    """A ring buffer of the last ``window`` predictions' signals and, when the model has
+    them, their calibrated probabilities and reduced embeddings.
 
     ``add`` is O(1) per prediction (a slice write under a short lock); ``compute`` copies the
     window and does the maths outside the lock, so requests never wait for it.
@@ -205,6 +243,8 @@ class DriftMonitor:
         window: int = 1000,
         min_samples: int = 500,
         mode: str = "calibrated",
+        estimator=None,
+        embedding=None,
     ) -> None:
         if min_samples > window:
             raise ValueError(f"min_samples ({min_samples}) cannot exceed the window ({window})")
@@ -212,7 +252,17 @@ class DriftMonitor:
         self.window = window
         self.min_samples = min_samples
         self.mode = mode
+        #: ``monitoring.estimate.LabelFreeEstimator`` and
+        #: ``monitoring.embedding.EmbeddingReference``, when the model directory has them.
+        self.estimator = estimator
+        self.embedding = embedding if "embedding" in profile else None
         self._values = {name: np.zeros(window, dtype=np.float64) for name in SIGNALS}
+        if estimator is not None:
+            self._values["calibrated"] = np.zeros((window, len(profile["classes"])))
+            self._values["outside"] = np.zeros(window, dtype=bool)
+        if self.embedding is not None:
+            width = self.embedding.reference.shape[1]
+            self._values["embedding"] = np.zeros((window, width), dtype=np.float32)
         self._next = 0
         self._count = 0
         self._lock = threading.Lock()
@@ -224,6 +274,8 @@ class DriftMonitor:
         return self._count
 
     def add(self, signals: dict[str, np.ndarray]) -> None:
+        """One batch's ``image_signals`` (and ``calibrated``, ``outside``, ``embedding``
+        rows when the monitor keeps them)."""
         size = len(signals["class"])
         if size == 0:
             return
@@ -232,8 +284,9 @@ class DriftMonitor:
             size = self.window
         with self._lock:
             positions = (self._next + np.arange(size)) % self.window
-            for name in SIGNALS:
-                self._values[name][positions] = signals[name]
+            for name, values in self._values.items():
+                if name in signals:
+                    values[positions] = signals[name]
             self._next = (self._next + size) % self.window
             self._count = min(self._count + size, self.window)
 
@@ -250,6 +303,32 @@ class DriftMonitor:
         window["class"] = window["class"].astype(np.int64)
         report = compare(self.profile, window, mode=self.mode)
         report["mean_confidence"] = float(window["confidence"].mean())
+        if "calibrated" in window:
+            report["estimate"] = expected_scores(
+                window["calibrated"], window["class"], self.profile["classes"]
+            ) | {"out_of_support": float(window["outside"].mean())}
+        if "embedding" in window:
+            report["embedding"] = embedding_drift(
+                self.profile, self.embedding.reference, window["embedding"]
+            )
+            report["status"] = thresholds.worst([report["status"], report["embedding"]["level"]])
         self.last_report = report
         self.last_computed = time.time()
         return report
+
+
+def embedding_drift(profile: dict, reference: np.ndarray, reduced: np.ndarray) -> dict:
+    """The domain classifier's AUC between the window's distinct reduced embeddings and the
+    reference's (``monitoring.embedding``), with its thresholds for that many images."""
+    from monitoring.embedding import distinct, domain_classifier_auc, threshold_at
+
+    rows = distinct(np.asarray(reduced, dtype=np.float64))
+    bounds = threshold_at(profile["embedding"]["thresholds"], len(rows))
+    auc = domain_classifier_auc(reference, rows)
+    return {
+        "statistic": "domain_classifier_auc",
+        "domain_classifier_auc": auc,
+        "distinct_samples": len(rows),
+        "thresholds": bounds,
+        "level": thresholds.level_of(auc, bounds),
+    }

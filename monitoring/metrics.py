@@ -197,6 +197,21 @@ DRIFT_JS = Gauge(
     ["signal"],
     multiprocess_mode="mostrecent",
 )
+DRIFT_BIN = Counter(
+    "imgclf_drift_signal_bin_total",
+    "Predictions by the reference bin their drift signal fell in (bin: the class name, or the "
+    "index of the reference's bin, 0 the lowest) and the version that answered: summed over "
+    "every worker and replica, the fleet's distribution, which the recording rules compare "
+    "with the reference's.",
+    ["signal", "bin", "version"],
+)
+DRIFT_REFERENCE_BIN = Gauge(
+    "imgclf_drift_reference_bin_ratio",
+    "Each version's reference profile: its fraction of predictions in each bin of each drift "
+    "signal.",
+    ["signal", "bin", "version"],
+    multiprocess_mode="max",
+)
 DRIFT_WINDOW = Gauge(
     "imgclf_drift_window_samples",
     "Predictions in the live drift window (the fullest worker's: each worker keeps its own, "
@@ -226,8 +241,8 @@ DRIFT_LAST_COMPUTED = Gauge(
 DRIFT_THRESHOLD = Gauge(
     "imgclf_drift_threshold",
     "Each drift statistic's threshold for the live window's size (calibrated on the "
-    "reference at export, or the fixed bands). statistic: psi, js_distance or ks; level: "
-    "warning or critical.",
+    "reference at export, or the fixed bands). statistic: psi, js_distance, ks or "
+    "domain_classifier_auc (signal embedding); level: warning or critical.",
     ["signal", "statistic", "level"],
     multiprocess_mode="mostrecent",
 )
@@ -235,6 +250,38 @@ WINDOW_MEAN_CONFIDENCE = Gauge(
     "imgclf_window_mean_confidence_ratio",
     "Mean top-1 confidence over the live drift window: a label-free estimate of accuracy "
     "when the model is calibrated (compare imgclf_reference_calibration_error_ratio).",
+    multiprocess_mode="mostrecent",
+)
+ESTIMATED_ACCURACY = Gauge(
+    "imgclf_estimated_accuracy_ratio",
+    "Label-free accuracy estimate of the live drift window: temperature-calibrated "
+    "probabilities summed into an expected confusion matrix (CBPE), images outside the "
+    "reference's embedding support counted at chance.",
+    multiprocess_mode="mostrecent",
+)
+ESTIMATED_PRECISION = Gauge(
+    "imgclf_estimated_precision_ratio",
+    "Label-free estimate of each predicted class's precision over the live drift window.",
+    ["class"],
+    multiprocess_mode="mostrecent",
+)
+ESTIMATED_RECALL = Gauge(
+    "imgclf_estimated_recall_ratio",
+    "Label-free estimate of each true class's recall over the live drift window.",
+    ["class"],
+    multiprocess_mode="mostrecent",
+)
+OUT_OF_SUPPORT = Gauge(
+    "imgclf_window_out_of_support_ratio",
+    "Share of the live drift window whose embedding lies farther from every reference image "
+    "than 99.9 % of reference images lie from their nearest neighbour.",
+    multiprocess_mode="mostrecent",
+)
+DRIFT_DOMAIN_AUC = Gauge(
+    "imgclf_drift_domain_classifier_auc",
+    "ROC AUC of a classifier told to tell the live window's distinct embeddings from the "
+    "reference's (0.5: it cannot); thresholds in imgclf_drift_threshold.",
+    ["signal"],
     multiprocess_mode="mostrecent",
 )
 REFERENCE_ACCURACY = Gauge(
@@ -269,6 +316,19 @@ FEEDBACK_ACCURACY = Gauge(
     "imgclf_feedback_accuracy_ratio",
     "Accuracy over the last labelled predictions (see imgclf_feedback_window_samples); "
     "published once at least the minimum number are labelled.",
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_ESTIMATED_ACCURACY = Gauge(
+    "imgclf_feedback_estimated_accuracy_ratio",
+    "The label-free estimate over the same labelled predictions as "
+    "imgclf_feedback_accuracy_ratio (each prediction's expected correctness when it was "
+    "answered).",
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_ESTIMATE_GAP = Gauge(
+    "imgclf_feedback_estimate_gap_ratio",
+    "|estimated - realised| accuracy over the last labelled predictions: the continuous "
+    "audit of the label-free estimate.",
     multiprocess_mode="mostrecent",
 )
 FEEDBACK_RECALL = Gauge(

@@ -15,7 +15,13 @@ import numpy as np
 
 from monitoring import metrics
 from monitoring.buffer import BUFFER
-from monitoring.drift import DriftMonitor, image_signals
+from monitoring.drift import (
+    DriftMonitor,
+    bin_counts,
+    bin_labels,
+    image_signals,
+    reference_bins,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +87,40 @@ class WorkerObserver:
             metrics.WARMED_BATCH_SIZE.labels(str(size)).set(1)
 
 
+class Assessed:
+    """One batch's answers with what monitoring makes of them, row-aligned: the
+    probabilities (what ``np.asarray`` gives, so an answer reads as before), each answer's
+    expected correctness, the calibrated probabilities, whether each image lies outside the
+    reference's support, and the reduced embeddings. Sliced by rows, as the batcher hands
+    each request its share."""
+
+    def __init__(self, probabilities, expected, calibrated, outside, reduced) -> None:
+        self.probabilities = probabilities
+        self.expected = expected
+        self.calibrated = calibrated
+        self.outside = outside
+        self.reduced = reduced
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.probabilities, dtype=dtype)
+
+    def __getitem__(self, rows: slice) -> Assessed:
+        return Assessed(
+            self.probabilities[rows],
+            self.expected[rows],
+            self.calibrated[rows],
+            self.outside[rows],
+            None if self.reduced is None else self.reduced[rows],
+        )
+
+
 class PredictionObserver:
     """Model-side metrics and drift: batch size, inference time, classes, confidence, entropy,
-    input statistics; a background thread recomputes drift every ``interval`` seconds."""
+    input statistics; a background thread recomputes drift, the label-free estimate and
+    embedding drift every ``interval`` seconds."""
 
     def __init__(
         self,
@@ -98,8 +135,15 @@ class PredictionObserver:
         min_samples: int,
         interval: float = 15.0,
         thresholds: str = "calibrated",
+        estimator=None,
+        embedding=None,
     ) -> None:
         self.classes = classes
+        #: ``monitoring.estimate.LabelFreeEstimator`` and ``monitoring.embedding.
+        #: EmbeddingReference`` of the model directory (None when it has not got them).
+        self.estimator = estimator
+        # The embeddings come to the window through ``assess``: without an estimator, none.
+        self.embedding = embedding if estimator is not None else None
         self._class_counters = [metrics.PREDICTIONS.labels(label) for label in classes]
         self._answered = metrics.VERSION_PREDICTIONS.labels(str(version))
         self._info = metrics.MODEL_INFO.labels(name, str(version), provider, precision)
@@ -114,12 +158,27 @@ class PredictionObserver:
             )
         if profile is not None:
             self.monitor = DriftMonitor(
-                profile, window=window, min_samples=min_samples, mode=thresholds
+                profile,
+                window=window,
+                min_samples=min_samples,
+                mode=thresholds,
+                estimator=estimator,
+                embedding=self.embedding,
             )
             metrics.DRIFT_WINDOW_CAPACITY.set(window)
             metrics.DRIFT_MIN_SAMPLES.set(min_samples)
             metrics.DRIFT_REFERENCE.set(profile["samples"])
             metrics.DRIFT_LAST_COMPUTED.set(0)
+            # Every bin's counter exists from the start: a bin the fleet never fills must
+            # read 0 to the recording rules, not be missing.
+            references = reference_bins(profile)
+            self._bins = {
+                signal: [metrics.DRIFT_BIN.labels(signal, label, str(version)) for label in labels]
+                for signal, labels in bin_labels(profile).items()
+            }
+            for signal, labels in bin_labels(profile).items():
+                for label, fraction in zip(labels, references[signal], strict=True):
+                    metrics.DRIFT_REFERENCE_BIN.labels(signal, label, str(version)).set(fraction)
             self._stop = threading.Event()
             self._thread = threading.Thread(
                 target=self._loop, args=(interval,), name="drift", daemon=True
@@ -128,7 +187,19 @@ class PredictionObserver:
         else:
             log.warning("no reference_profile.json in the model directory: drift is not monitored")
 
-    def record(self, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
+    def assess(self, probabilities: np.ndarray, embeddings: np.ndarray | None) -> Assessed:
+        """On the inference thread, right after the run: calibrate the batch's answers and
+        reduce its embeddings (a few matrix products), so that each request leaves with its
+        answers' expected correctness for ``/feedback``'s audit of the estimate."""
+        reduced = None
+        if self.embedding is not None and embeddings is not None:
+            reduced = self.embedding.reduce(embeddings).astype(np.float32)
+        calibrated, outside = self.estimator.calibrate(probabilities, reduced)
+        expected = self.estimator.expected_correct(calibrated, probabilities)
+        return Assessed(probabilities, expected, calibrated, outside, reduced)
+
+    def record(self, images: np.ndarray, answered, seconds: float) -> None:
+        probabilities = np.asarray(answered)
         BUFFER.observe(metrics.INFERENCE_DURATION, seconds)
         BUFFER.observe(metrics.BATCH_SIZE, len(images))
         BUFFER.inc(self._answered, len(images))
@@ -142,7 +213,16 @@ class PredictionObserver:
             (metrics.CONTRAST, "contrast"),
         ):
             BUFFER.observe_all(histogram, signals[name].tolist())
+        if isinstance(answered, Assessed):
+            signals["calibrated"] = answered.calibrated
+            signals["outside"] = answered.outside
+            if answered.reduced is not None:
+                signals["embedding"] = answered.reduced
         if self.monitor is not None:
+            for signal, counts in bin_counts(self.monitor.profile, signals).items():
+                children = self._bins[signal]
+                for index in np.flatnonzero(counts).tolist():
+                    BUFFER.inc(children[index], int(counts[index]))
             self.monitor.add(signals)
 
     def compute_drift(self) -> dict | None:
@@ -160,6 +240,20 @@ class PredictionObserver:
                 for level, threshold in levels.items():
                     metrics.DRIFT_THRESHOLD.labels(signal, statistic, level).set(threshold)
         metrics.WINDOW_MEAN_CONFIDENCE.set(report["mean_confidence"])
+        estimate = report.get("estimate")
+        if estimate is not None:
+            metrics.ESTIMATED_ACCURACY.set(estimate["accuracy"])
+            metrics.OUT_OF_SUPPORT.set(estimate["out_of_support"])
+            for label, figures in estimate["per_class"].items():
+                metrics.ESTIMATED_PRECISION.labels(label).set(figures["precision"])
+                metrics.ESTIMATED_RECALL.labels(label).set(figures["recall"])
+        embedding = report.get("embedding")
+        if embedding is not None:
+            metrics.DRIFT_DOMAIN_AUC.labels("embedding").set(embedding["domain_classifier_auc"])
+            for level, threshold in embedding["thresholds"].items():
+                metrics.DRIFT_THRESHOLD.labels("embedding", "domain_classifier_auc", level).set(
+                    threshold
+                )
         metrics.DRIFT_LAST_COMPUTED.set(self.monitor.last_computed)
         return report
 
@@ -186,7 +280,10 @@ class PredictionObserver:
                 "reference": self.reference_performance,
                 "window_mean_confidence": report["mean_confidence"] if report else None,
                 "window_samples": report["samples"] if report else 0,
+                "estimate": report.get("estimate") if report else None,
+                "calibration": self.estimator.calibration if self.estimator else None,
             },
+            "embedding": report.get("embedding") if report else None,
         }
 
     def stop(self) -> None:
@@ -234,6 +331,10 @@ class FeedbackObserver:
         if summary["count"] < self.min_samples:
             return
         metrics.FEEDBACK_ACCURACY.set(summary["accuracy"])
+        audit = summary.get("estimate") or {}
+        if audit.get("count", 0) >= self.min_samples:
+            metrics.FEEDBACK_ESTIMATED_ACCURACY.set(audit["estimated_accuracy"])
+            metrics.FEEDBACK_ESTIMATE_GAP.set(audit["gap"])
         for label, figures in summary["per_class"].items():
             if figures["support"]:
                 metrics.FEEDBACK_RECALL.labels(label).set(figures["recall"])

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from monitoring.drift import SIGNALS, compare, image_signals
-from monitoring.thresholds import WINDOW_SIZES
+from monitoring.drift import SIGNALS, compare, embedding_drift, image_signals
+from monitoring.embedding import MAX_WINDOW, EmbeddingReference
+from monitoring.thresholds import WINDOW_SIZES, worst
 
 #: Fewer images than the smallest window the thresholds are calibrated for are not judged:
 #: five images would be "critical" on every signal by chance alone.
@@ -17,13 +18,41 @@ MIN_JUDGED = WINDOW_SIZES[0]
 
 class SignalCollector:
     """Keeps the five drift signals of every scored image (a few numbers each), so the report
-    for a whole job costs little memory."""
+    for a whole job costs little memory; and, with the model's ``embedding`` reference, the
+    reduced embeddings of a uniform sample of at most ``MAX_WINDOW`` of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, embedding: EmbeddingReference | None = None, seed: int = 0) -> None:
         self.parts: dict[str, list[np.ndarray]] = {name: [] for name in SIGNALS}
+        self.embedding = embedding
+        self._sample = np.zeros((0, 0))
+        self._seen = 0
+        self._rng = np.random.default_rng(seed)
 
-    def add(self, images: np.ndarray, probabilities: np.ndarray) -> None:
+    def add(
+        self,
+        images: np.ndarray,
+        probabilities: np.ndarray,
+        embeddings: np.ndarray | None = None,
+    ) -> None:
         self.extend(image_signals(images, probabilities))
+        if embeddings is not None:
+            self.add_embeddings(embeddings)
+
+    def add_embeddings(self, embeddings: np.ndarray) -> None:
+        """Reservoir-sample the reduced embeddings (Algorithm R): memory stays flat."""
+        if self.embedding is None or len(embeddings) == 0:
+            return
+        reduced = self.embedding.reduce(embeddings)
+        if self._sample.size == 0:
+            self._sample = np.zeros((0, reduced.shape[1]))
+        for row in reduced:
+            self._seen += 1
+            if len(self._sample) < MAX_WINDOW:
+                self._sample = np.vstack([self._sample, row])
+            else:
+                slot = self._rng.integers(0, self._seen)
+                if slot < MAX_WINDOW:
+                    self._sample[slot] = row
 
     def extend(self, signals: dict[str, np.ndarray]) -> None:
         """Signals computed earlier (a score file's columns, say)."""
@@ -42,8 +71,12 @@ class SignalCollector:
             return {**context, "samples": 0, "status": "no images scored", "signals": {}}
         signals["class"] = signals["class"].astype(np.int64)
         found = compare(profile, signals)
+        if len(self._sample) and "embedding" in profile:
+            found["embedding"] = embedding_drift(profile, self.embedding.reference, self._sample)
+            found["embedding"]["sampled_from"] = self._seen
+            found["status"] = worst([found["status"], found["embedding"]["level"]])
         if found["samples"] < MIN_JUDGED:
-            for values in found["signals"].values():
+            for values in [*found["signals"].values(), found.get("embedding") or {}]:
                 values["level"] = "not judged"
             found["status"] = f"too few images to judge ({found['samples']} < {MIN_JUDGED})"
         return {**context, **found}
@@ -67,6 +100,14 @@ def format_report(report: dict) -> str:
             if key in values and key in bounds
         )
         lines.append(f"  {name:<11} {values.get('level', ''):<9} {shown}")
+    embedding = report.get("embedding")
+    if embedding:
+        lines.append(
+            f"  {'embedding':<11} {embedding['level']:<9} "
+            f"AUC {embedding['domain_classifier_auc']:.3f} / "
+            f"{embedding['thresholds']['critical']:.3f}   "
+            f"({embedding['distinct_samples']} distinct of {embedding['sampled_from']} images)"
+        )
     if report.get("failed"):
         lines.append(f"  {len(report['failed'])} file(s) could not be read")
     return "\n".join(lines)

@@ -32,6 +32,8 @@ class Scored:
     probabilities: np.ndarray | None = None
     image: np.ndarray | None = None
     error: str | None = None
+    #: The penultimate features, when the model has them (embedding drift).
+    embedding: np.ndarray | None = None
 
 
 def split_cores(decode_workers: int | None = None) -> tuple[int, int]:
@@ -72,7 +74,7 @@ def drift_report(runtime: ClassifierRuntime, inputs: str | Path, *, chunk_size: 
     if profile is None:
         raise ModelError(f"{runtime.model_dir} has no reference_profile.json; re-export it")
     paths = list_inputs(inputs)
-    collector = SignalCollector()
+    collector = SignalCollector(runtime.monitoring_references()[1])
     failed = []
     for chunk in score_paths(runtime, paths, chunk_size=chunk_size):
         good = [item for item in chunk if item.error is None]
@@ -81,6 +83,7 @@ def drift_report(runtime: ClassifierRuntime, inputs: str | Path, *, chunk_size: 
             collector.add(
                 np.stack([item.image for item in good]),
                 np.stack([item.probabilities for item in good]),
+                embeddings_of(good),
             )
     return collector.report(
         profile,
@@ -104,10 +107,19 @@ def infer_decoded(runtime: ClassifierRuntime, decoded: list[Scored]) -> list[Sco
     """Run the decoded inputs of a chunk through the model in one batch; errors stay errors."""
     good = [item for item in decoded if item.error is None]
     if good:
-        probabilities = runtime.predict(np.stack([item.image for item in good]))
-        for item, row in zip(good, probabilities, strict=True):
+        probabilities, embeddings = runtime.predict_with_embeddings(
+            np.stack([item.image for item in good])
+        )
+        for index, (item, row) in enumerate(zip(good, probabilities, strict=True)):
             item.probabilities = row
+            item.embedding = None if embeddings is None else embeddings[index]
     return decoded
+
+
+def embeddings_of(scored: list[Scored]) -> np.ndarray | None:
+    if not scored or scored[0].embedding is None:
+        return None
+    return np.stack([item.embedding for item in scored])
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

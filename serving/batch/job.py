@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from monitoring.embedding import MAX_WINDOW
 from monitoring.offline import SignalCollector
 from serving.batch import ray_engine
-from serving.batch.engine import Engine, local_engine, split_cores
+from serving.batch.engine import Engine, embeddings_of, local_engine, score_paths, split_cores
 from serving.batch.inputs import list_inputs
 from serving.batch.writers import open_output, output_format_of
 from serving.core.errors import ConfigError
@@ -104,10 +105,12 @@ def write_drift_report(runtime: ClassifierRuntime, writer) -> tuple[Path | None,
     if profile is None:
         log.warning("%s has no reference_profile.json: no drift report", runtime.model_dir)
         return None, None
-    collector = SignalCollector()
+    collector = SignalCollector(runtime.monitoring_references()[1])
     index = {label: i for i, label in enumerate(runtime.classes)}
+    scored_paths: list[str] = []
     for rows in writer.read_rows():
         good = [row for row in rows if not row["error"]]
+        scored_paths += [row["path"] for row in good]
         if good:
             collector.parts["class"].append(np.array([index[row["label"]] for row in good]))
             for name, column in (
@@ -117,6 +120,19 @@ def write_drift_report(runtime: ClassifierRuntime, writer) -> tuple[Path | None,
                 ("contrast", "contrast"),
             ):
                 collector.parts[name].append(np.array([float(row[column]) for row in good]))
+    if collector.embedding is not None:
+        # The output has no embeddings (rows stay small, and the Ray engine's schema fixed):
+        # a uniform sample of the scored inputs is run again here for them.
+        sample = sorted(
+            np.random.default_rng(0).choice(
+                len(scored_paths), min(len(scored_paths), MAX_WINDOW), replace=False
+            )
+        )
+        for chunk in score_paths(runtime, [scored_paths[i] for i in sample]):
+            good = [item for item in chunk if item.error is None]
+            found = embeddings_of(good)
+            if found is not None:
+                collector.add_embeddings(found)
     report = collector.report(
         profile,
         model={"name": runtime.name, "version": runtime.version},

@@ -79,7 +79,8 @@ class AdaptiveBatcher:
         self._task: asyncio.Task | None = None
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for ``images`` (one request's), computed in a shared batch."""
+        """``infer``'s answer for ``images`` (one request's rows of it: probabilities, or
+        ``Assessed`` answers), computed in a shared batch."""
         if not 1 <= len(images) <= self.max_batch_size:
             raise ValueError(f"a request must hold 1 to {self.max_batch_size} images")
         if self._queued_images + len(images) > self.max_queue_size:

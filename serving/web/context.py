@@ -87,19 +87,22 @@ class WorkerContext:
         return array
 
 
-def prediction_ids(
-    worker: WorkerContext, rid: str, probabilities: np.ndarray, version: int
-) -> list[str]:
+def prediction_ids(worker: WorkerContext, rid: str, answered, version: int) -> list[str]:
     """One id per image (the request's own for one image, ``id/index`` for several), each
-    kept with its predicted class and the version that predicted it for ``POST
-    /feedback``."""
+    kept with its predicted class, the version that predicted it and the label-free
+    estimate's expected correctness (``Assessed`` answers) for ``POST /feedback``."""
+    probabilities = np.asarray(answered)
     if len(probabilities) == 1:
         ids = [rid]
     else:
         ids = [f"{rid}/{index}" for index in range(len(probabilities))]
     if worker.feedback is not None:
+        expected = getattr(answered, "expected", None)
         worker.feedback.store.remember(
-            ids, np.asarray(probabilities).argmax(axis=1).tolist(), version
+            ids,
+            probabilities.argmax(axis=1).tolist(),
+            version,
+            None if expected is None else expected.tolist(),
         )
     return ids
 
@@ -111,11 +114,12 @@ async def predict_uploads(worker: WorkerContext, uploads: list[Upload], top_k: i
     with worker.versions.lease() as served:
         card = served.card
         images = await worker.decode_all(uploads, card)
-        probabilities = np.asarray(await served.classify(images))
+        answered = await served.classify(images)
+        probabilities = np.asarray(answered)
         worker.versions.offer_shadow(
             served, images, [upload.data for upload in uploads], probabilities
         )
-        ids = prediction_ids(worker, rid, probabilities, served.version)
+        ids = prediction_ids(worker, rid, answered, served.version)
         return [
             {
                 "label": best[0]["label"],

@@ -170,10 +170,11 @@ async def infer(request: Request) -> Response:
             )
             outputs = requested_outputs(header, len(card.classes))
             images, blobs = await input_images(worker, card, header, binary)
-            probabilities = np.asarray(await served.classify(images))
+            answered = await served.classify(images)
+            probabilities = np.asarray(answered)
             worker.versions.offer_shadow(served, images, blobs, probabilities)
             rid = request_id(request, header.get("id"))
-            prediction_ids(worker, rid, probabilities, served.version)
+            prediction_ids(worker, rid, answered, served.version)
             response = build_response(card, header, outputs, probabilities)
             response.headers[REQUEST_ID_HEADER] = rid
             return response

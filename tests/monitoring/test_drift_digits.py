@@ -157,6 +157,23 @@ def test_export_writes_the_profile_from_the_validation_split_only(digits_model, 
     assert "reference_profile.json" in metadata["files"]
 
 
+def test_drift_command_sees_a_reframing_in_the_embeddings_only(tmp_path, digits_model, digits_run):
+    """Test-split digits one pixel to the right (every pixel kept): the outputs and pixel
+    statistics stay below critical, the embeddings do not."""
+    folder = tmp_path / "reframed"
+    folder.mkdir()
+    for index, image in enumerate(load(read_manifest(digits_run)["test"][:300])):
+        Image.fromarray(np.roll(np.asarray(image), 1, axis=1), "L").save(folder / f"{index}.png")
+    output = tmp_path / "report.json"
+    result = run_cli("drift", str(folder), "--model", str(digits_model), "--output", str(output))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["embedding"]["level"] == "critical", report["embedding"]
+    assert report["embedding"]["sampled_from"] == 300
+    assert report["signals"]["brightness"]["level"] == "stable"
+    assert "embedding" in result.stdout and "AUC" in result.stdout
+
+
 def test_drift_command_reports_and_can_fail_a_job(tmp_path, digits_model, halves):
     folder = tmp_path / "dark"
     folder.mkdir()
@@ -171,6 +188,7 @@ def test_drift_command_reports_and_can_fail_a_job(tmp_path, digits_model, halves
     assert [f["path"] for f in report["failed"]] == [str(folder / "broken.png")]
     assert report["signals"]["brightness"]["psi"] > 0.25 and report["status"] == "critical"
     assert "brightness" in result.stdout
+    assert report["embedding"]["level"] == "critical" and "embedding" in result.stdout
     failing = run_cli(
         "drift",
         str(folder),

@@ -1,6 +1,8 @@
-"""Monitoring v2 on real servers with the digits model: drift against the thresholds
-calibrated at export (held-out windows quiet, drifted ones critical on the signals they
-move), and delayed labels through ``/feedback`` with two workers sharing one store."""
+"""Monitoring on real servers with the digits model: drift against the thresholds
+calibrated at export (windows of test-split images, which the reference never saw, quiet;
+drifted ones critical on the signals they move), the label-free accuracy estimate against
+the labels, embedding drift that the outputs miss, and delayed labels through
+``/feedback`` with two workers sharing one store, auditing the estimate."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 from PIL import Image, ImageEnhance
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitoring.observers import PredictionObserver
+from serving.core.runtime import ClassifierRuntime
 from tests.serving.conftest import Server
 from training.datasets import read_manifest
 
@@ -36,11 +40,16 @@ def test_split(digits_run) -> list[tuple[Image.Image, str]]:
     return found
 
 
-def draw(split, seed: int, size: int = PREDICTIONS, keep=lambda label: True):
-    """``size`` images drawn with replacement, as production traffic repeats itself."""
-    pool = [image for image, label in split if keep(label)]
+def draw_labelled(split, seed: int, size: int = PREDICTIONS, keep=lambda label: True):
+    """``size`` (image, label) pairs drawn with replacement, as production traffic repeats
+    itself."""
+    pool = [(image, label) for image, label in split if keep(label)]
     picked = np.random.default_rng(seed).integers(0, len(pool), size)
     return [pool[i] for i in picked]
+
+
+def draw(split, seed: int, size: int = PREDICTIONS, keep=lambda label: True):
+    return [image for image, _ in draw_labelled(split, seed, size, keep)]
 
 
 def metrics_of(url: str) -> dict[tuple[str, tuple], float]:
@@ -83,13 +92,23 @@ STATISTICS = {
 }
 
 
+STATISTICS["imgclf_drift_domain_classifier_auc"] = "domain_classifier_auc"
+#: The last window's answers, kept by ``drift_after`` for the accuracy checks.
+LAST_ANSWERS: list[str] = []
+
+
 def drift_after(server: Server, images: list[Image.Image]) -> dict[tuple[str, str], tuple]:
     """Send the images for prediction, wait for a drift computation after the last answer,
-    and return ``{(signal, statistic): (value, warning, critical)}`` as ``/metrics`` has it."""
+    and return ``{(signal, statistic): (value, warning, critical)}`` as ``/metrics`` has it
+    (and ``("estimate", ...)`` entries: the estimated accuracy and the raw mean confidence of
+    the window)."""
+    LAST_ANSWERS.clear()
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for start in range(0, len(images), PER_REQUEST):
             files = [("images", ("d.png", png(i))) for i in images[start : start + PER_REQUEST]]
-            assert client.post("/predict_batch", files=files).status_code == 200
+            response = client.post("/predict_batch", files=files)
+            assert response.status_code == 200
+            LAST_ANSWERS.extend(item["label"] for item in response.json())
     answered = time.time()
     deadline = answered + 30
     while True:
@@ -110,8 +129,27 @@ def drift_after(server: Server, images: list[Image.Image]) -> dict[tuple[str, st
                 for level in ("warning", "critical")
             ]
             table[(signal, statistic)] = (value, *bounds)
-    assert len(table) == 14  # PSI and JS of five signals, KS of the four continuous ones
+    # PSI and JS of five signals, KS of the four continuous ones, the embedding's AUC
+    assert len(table) == 15
+    ESTIMATES.clear()
+    ESTIMATES["estimated"] = gauge(found, "imgclf_estimated_accuracy_ratio")
+    ESTIMATES["raw"] = gauge(found, "imgclf_window_mean_confidence_ratio")
     return table
+
+
+ESTIMATES: dict[str, float] = {}
+
+
+def window_accuracy(labels: list[str]) -> float:
+    """Accuracy of the drift window (the newest 1,000 answers) from the labels sent."""
+    answers, truth = LAST_ANSWERS[-1000:], labels[-1000:]
+    return float(np.mean([a == t for a, t in zip(answers, truth, strict=True)]))
+
+
+def estimate_errors(labels: list[str]) -> tuple[float, float, float]:
+    """(realised accuracy, |estimate - realised|, |raw mean confidence - realised|)."""
+    realised = window_accuracy(labels)
+    return realised, abs(ESTIMATES["estimated"] - realised), abs(ESTIMATES["raw"] - realised)
 
 
 def above(table, level: str) -> set[tuple[str, str]]:
@@ -120,20 +158,32 @@ def above(table, level: str) -> set[tuple[str, str]]:
 
 
 def test_held_out_windows_stay_quiet_and_drifted_ones_turn_critical(drift_server, test_split):
-    held_out = drift_after(drift_server, draw(test_split, seed=0))
-    assert above(held_out, "warning") == set(), held_out
+    # The reference is the validation split: test-split images are new traffic from the
+    # same population, and no statistic may warn on them. The estimate is within 3 points.
+    for seed in (0, 10):
+        drawn = draw_labelled(test_split, seed=seed)
+        held_out = drift_after(drift_server, [image for image, _ in drawn])
+        assert above(held_out, "warning") == set(), held_out
+        realised, error, _ = estimate_errors([label for _, label in drawn])
+        assert error <= 0.03, (realised, ESTIMATES)
 
+    drawn = draw_labelled(test_split, seed=1)
     darkened = drift_after(
         drift_server,
-        [ImageEnhance.Brightness(image).enhance(0.4) for image in draw(test_split, seed=1)],
+        [ImageEnhance.Brightness(image).enhance(0.4) for image, _ in drawn],
     )
     assert {("brightness", s) for s in ("psi", "js_distance", "ks")} <= above(darkened, "critical")
+    realised, error, raw_error = estimate_errors([label for _, label in drawn])
+    assert error < raw_error, (realised, ESTIMATES)
 
-    rotated = drift_after(drift_server, [image.rotate(90) for image in draw(test_split, seed=2)])
+    drawn = draw_labelled(test_split, seed=2)
+    rotated = drift_after(drift_server, [image.rotate(90) for image, _ in drawn])
     moved = {signal for signal, _ in above(rotated, "critical")}
     assert moved & {"class", "confidence", "entropy"}, rotated
     # Rotating a square image by 90 degrees keeps every pixel: its statistics stay put.
     assert not {signal for signal, _ in above(rotated, "warning")} & {"brightness", "contrast"}
+    realised, error, raw_error = estimate_errors([label for _, label in drawn])
+    assert error < raw_error, (realised, ESTIMATES)
 
     three = drift_after(
         drift_server, draw(test_split, seed=3, keep=lambda label: label in ("1", "4", "7"))
@@ -143,6 +193,25 @@ def test_held_out_windows_stay_quiet_and_drifted_ones_turn_critical(drift_server
     assert metadata["drift"]["thresholds"] == "calibrated"
     assert metadata["drift"]["status"] == "critical"
     assert metadata["drift"]["signals"]["class"]["level"] == "critical"
+    assert metadata["performance"]["calibration"]["method"].startswith("temperature")
+
+
+def reframed(image: Image.Image) -> Image.Image:
+    """The digit one pixel to the right (wrapping round): every pixel kept, so brightness
+    and contrast are unchanged, and the model, trained with shifts, still reads it."""
+    return Image.fromarray(np.roll(np.asarray(image), 1, axis=1), "L")
+
+
+def test_a_reframing_camera_moves_the_embeddings_and_nothing_else(drift_server, test_split):
+    """A third of the traffic from a camera framed one pixel off: the outputs barely move,
+    the domain classifier on the embeddings sees it."""
+    rng = np.random.default_rng(7)
+    images = [
+        reframed(image) if rng.random() < 0.35 else image for image in draw(test_split, seed=7)
+    ]
+    table = drift_after(drift_server, images)
+    assert above(table, "critical") == {("embedding", "domain_classifier_auc")}, table
+    assert above(table, "warning") == {("embedding", "domain_classifier_auc")}, table
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +257,7 @@ def predict(
     return answers
 
 
-def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_split):
+def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_split, digits_model):
     url = feedback_server.url
     rng = np.random.default_rng(4)
     images = [test_split[i] for i in rng.integers(0, len(test_split), 500)]
@@ -224,8 +293,22 @@ def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_sp
         assert gauge(found, "imgclf_feedback_recall_ratio", **{"class": digit}) == pytest.approx(
             recall
         )
+    # The estimate's audit: each answer's expected correctness, computed here offline by
+    # the same runtime and estimator, against the same labels.
+    runtime = ClassifierRuntime(digits_model)
+    estimator, embedding = runtime.monitoring_references()
+    observer = PredictionObserver.__new__(PredictionObserver)
+    observer.estimator, observer.embedding = estimator, embedding
+    pixels = np.stack([runtime.preprocess(png(image)) for image, _ in images])
+    offline = observer.assess(*runtime.predict_with_embeddings(pixels)).expected
+    gap = abs(offline.mean() - expected)
+    assert gauge(found, "imgclf_feedback_estimate_gap_ratio") == pytest.approx(gap, abs=1e-4)
+    assert gauge(found, "imgclf_feedback_estimated_accuracy_ratio") == pytest.approx(
+        offline.mean(), abs=1e-4
+    )
     report = httpx.get(url + "/feedback").json()
     assert report["labelled"] == 500 and report["accuracy"] == pytest.approx(expected)
+    assert report["estimate"]["gap"] == pytest.approx(gap, abs=1e-4)
     assert sum(map(sum, report["confusion_matrix"])) == 500
     assert report["reference"]["accuracy"] > 0.9
 

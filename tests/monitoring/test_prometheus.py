@@ -311,9 +311,10 @@ def test_drift_gauges_follow_the_traffic(prometheus):
     errors = {s["metric"]["reason"] for s in query(prometheus, "imgclf_request_errors_total")}
     assert {"not_an_image", "bad_top_k", "duplicate_feedback"} <= errors
     thresholds = query(prometheus, "imgclf_drift_threshold")
-    assert len(thresholds) == 2 * (2 + 4 * 3)  # two levels of every statistic of every signal
+    # two levels of every statistic of every signal, and of the embedding's domain classifier
+    assert len(thresholds) == 2 * (2 + 4 * 3 + 1)
     above_one = query(prometheus, "imgclf:drift_statistic:ratio_critical")
-    assert len(above_one) == 14
+    assert len(above_one) == 15
 
 
 def test_feedback_figures_reach_prometheus(prometheus):

@@ -62,6 +62,10 @@ def test_folder_input_to_csv_with_the_exact_columns(tmp_path, images, runtime):
         "brightness",
         "contrast",
     }
+    # The embeddings of the scored images (run again: the output holds none), too few to judge.
+    embedding = report["embedding"]
+    assert embedding["sampled_from"] == 40 and embedding["distinct_samples"] <= 40
+    assert 0 <= embedding["domain_classifier_auc"] <= 1 and embedding["level"] == "not judged"
 
 
 def test_glob_and_list_inputs(tmp_path, images, runtime):
