@@ -10,12 +10,15 @@ at most ``interval`` behind for the other workers.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 
 import numpy as np
 
 from monitoring.metrics import observe_many
+
+log = logging.getLogger(__name__)
 
 
 class MetricBuffer:
@@ -29,6 +32,16 @@ class MetricBuffer:
         self._gauges: dict = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: Called first at every flush: whatever gathers its figures lazily (the prediction
+        #: observer's pending batches) hands them over then.
+        self._sources: list = []
+
+    def add_source(self, drain) -> None:
+        self._sources.append(drain)
+
+    def remove_source(self, drain) -> None:
+        if drain in self._sources:
+            self._sources.remove(drain)
 
     def inc(self, counter, amount: float = 1.0) -> None:
         with self._lock:
@@ -52,6 +65,11 @@ class MetricBuffer:
 
     def flush(self) -> None:
         """Write everything gathered since the last flush."""
+        for drain in list(self._sources):
+            try:
+                drain()
+            except Exception:  # one source's failure must not stop every metric
+                log.exception("a metrics source failed to hand over its figures")
         with self._lock:
             counts, self._counts = self._counts, {}
             observed, self._observed = self._observed, {}

@@ -37,15 +37,30 @@ PROFILE_FORMAT = 2
 def image_signals(images: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
     """Per image: predicted class, top-1 confidence, entropy (nats), brightness and contrast
     (mean and standard deviation of the model input, as fractions of 255)."""
+    return output_signals(probabilities) | pixel_signals(images)
+
+
+def output_signals(probabilities: np.ndarray) -> dict[str, np.ndarray]:
+    """The signals of the answers: predicted class, top-1 confidence, entropy (nats)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    flat = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
     clipped = np.clip(probabilities, 1e-12, 1.0)
     return {
         "class": probabilities.argmax(axis=1),
         "confidence": probabilities.max(axis=1),
         "entropy": -(probabilities * np.log(clipped)).sum(axis=1),
-        "brightness": flat.mean(axis=1) / 255.0,
-        "contrast": flat.std(axis=1) / 255.0,
+    }
+
+
+def pixel_signals(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Brightness and contrast of each model input, as fractions of 255. Mean and mean
+    square in one pass each, accumulated in float64 (np.std makes three passes and a
+    temporary the size of the batch: 1.6x slower on 224x224 inputs)."""
+    flat = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
+    mean = flat.mean(axis=1, dtype=np.float64)
+    square = np.einsum("ij,ij->i", flat, flat, dtype=np.float64) / max(flat.shape[1], 1)
+    return {
+        "brightness": mean / 255.0,
+        "contrast": np.sqrt(np.maximum(square - mean * mean, 0.0)) / 255.0,
     }
 
 
@@ -146,40 +161,30 @@ def build_reference_profile(
     return profile
 
 
-def bin_labels(profile: dict) -> dict[str, list[str]]:
-    """Every signal's bin label values: class names, or bin indices of the reference."""
-    found = {"class": list(profile["classes"])}
-    for name in CONTINUOUS_SIGNALS:
-        found[name] = [str(i) for i in range(len(profile["signals"][name]["bin_edges"]) + 1)]
-    return found
+class ReferenceBins:
+    """The reference's bins of every signal, ready for counting a batch into them (the same
+    binning as ``compare``): what the fleet-wide drift counters count."""
 
+    def __init__(self, profile: dict) -> None:
+        self.labels = {"class": list(profile["classes"])}
+        self.fractions = {"class": np.asarray(profile["class_distribution"])}
+        self._edges: dict[str, tuple[np.ndarray, float | None]] = {}
+        for name in CONTINUOUS_SIGNALS:
+            reference = profile["signals"][name]
+            edges = np.asarray(reference["bin_edges"], dtype=np.float64)
+            self._edges[name] = (edges, reference.get("resolution"))
+            self.labels[name] = [str(i) for i in range(len(edges) + 1)]
+            self.fractions[name] = np.asarray(reference["bin_fractions"])
 
-def reference_bins(profile: dict) -> dict[str, np.ndarray]:
-    """The reference's fraction in each of those bins."""
-    found = {"class": np.asarray(profile["class_distribution"])}
-    for name in CONTINUOUS_SIGNALS:
-        found[name] = np.asarray(profile["signals"][name]["bin_fractions"])
-    return found
-
-
-def bin_counts(profile: dict, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per signal, how many of a batch's predictions fall in each reference bin (the same
-    binning as ``compare``)."""
-    found = {
-        "class": np.bincount(
-            np.asarray(signals["class"], dtype=np.int64), minlength=len(profile["classes"])
-        )
-    }
-    for name in CONTINUOUS_SIGNALS:
-        reference = profile["signals"][name]
-        values = np.asarray(signals[name], dtype=np.float64)
-        if reference.get("resolution"):
-            values = quantize(values, reference["resolution"])
-        edges = np.asarray(reference["bin_edges"])
-        found[name] = np.bincount(
-            np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1
-        )
-    return found
+    def counts(self, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per signal, how many of a batch's predictions fall in each bin."""
+        found = {"class": np.bincount(signals["class"], minlength=len(self.labels["class"]))}
+        for name, (edges, resolution) in self._edges.items():
+            values = quantize(signals[name], resolution) if resolution else signals[name]
+            found[name] = np.bincount(
+                np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1
+            )
+        return found
 
 
 def compare(profile: dict, signals: dict[str, np.ndarray], *, mode: str = "calibrated") -> dict:

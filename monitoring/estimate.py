@@ -26,12 +26,12 @@ TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 241))
 
 
 def temperature_scale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): the logits are the log-probabilities up to a constant."""
-    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0))
-    scaled = logits / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    exponentials = np.exp(scaled)
-    return exponentials / exponentials.sum(axis=1, keepdims=True)
+    """softmax(log p / T), which is p^(1/T) normalised: the logits are the log-probabilities
+    up to a constant. Each row is first divided by its largest value, so that the power
+    cannot underflow to an all-zero row."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    scaled = np.power(probabilities / probabilities.max(axis=1, keepdims=True), 1.0 / temperature)
+    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def negative_log_likelihood(labels: np.ndarray, probabilities: np.ndarray) -> float:

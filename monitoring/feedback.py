@@ -129,12 +129,12 @@ class FeedbackStore:
         request_ids: Sequence[str],
         predicted: Sequence[int],
         version: int = 0,
-        expected: Sequence[float] | None = None,
+        expected: Sequence[float] | Callable[[], Sequence[float]] | None = None,
     ) -> None:
         """Keep these predictions (made by model ``version``, with the label-free estimate's
-        ``expected`` correctness of each when there is one) until their labels come: one
-        list append on the request path; the rows are built and written by the flushing
-        thread."""
+        ``expected`` correctness of each when there is one, or a function that gives it)
+        until their labels come: one list append on the request path; the rows are built,
+        and ``expected`` called, by the flushing thread."""
         self._buffer.append((request_ids, predicted, version, expected, self.clock()))
 
     def flush(self) -> None:
@@ -145,9 +145,7 @@ class FeedbackStore:
         rows = [
             (rid, int(predicted), created, version, None if chance is None else float(chance))
             for ids, classes, version, expected, created in batches
-            for rid, predicted, chance in zip(
-                ids, classes, expected if expected is not None else [None] * len(ids), strict=True
-            )
+            for rid, predicted, chance in zip(ids, classes, _expected(expected, ids), strict=True)
         ]
         with self._db_lock:
             if rows:
@@ -361,6 +359,12 @@ class _Transaction:
 
     def __exit__(self, kind, error, trace) -> None:
         self.db.execute("ROLLBACK" if kind else "COMMIT")
+
+
+def _expected(expected, ids: Sequence[str]) -> Sequence[float | None]:
+    if expected is None:
+        return [None] * len(ids)
+    return expected() if callable(expected) else expected
 
 
 def estimate_audit(triples: np.ndarray, expected: np.ndarray) -> dict:

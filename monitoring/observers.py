@@ -17,13 +17,16 @@ from monitoring import metrics
 from monitoring.buffer import BUFFER
 from monitoring.drift import (
     DriftMonitor,
-    bin_counts,
-    bin_labels,
+    ReferenceBins,
     image_signals,
-    reference_bins,
+    output_signals,
+    pixel_signals,
 )
 
 log = logging.getLogger(__name__)
+
+#: A backstop: drain on the event loop if this many batches wait (the flush thread stalled).
+MAX_PENDING_BATCHES = 1024
 
 
 class RequestObserver:
@@ -88,18 +91,19 @@ class WorkerObserver:
 
 
 class Assessed:
-    """One batch's answers with what monitoring makes of them, row-aligned: the
-    probabilities (what ``np.asarray`` gives, so an answer reads as before), each answer's
-    expected correctness, the calibrated probabilities, whether each image lies outside the
-    reference's support, and the reduced embeddings. Sliced by rows, as the batcher hands
-    each request its share."""
+    """A batch's answers (or one request's rows of them), and what the label-free estimate
+    makes of them, computed later: the probabilities are what ``np.asarray`` gives, so an
+    answer reads as before; each answer's expected correctness, its calibrated probabilities,
+    whether it lies outside the reference's support and its reduced embedding are computed
+    for many batches at once by ``PredictionObserver.drain``, off the request path, the first
+    time anything asks for them."""
 
-    def __init__(self, probabilities, expected, calibrated, outside, reduced) -> None:
+    def __init__(self, observer, probabilities, embeddings, batch=None, offset: int = 0):
         self.probabilities = probabilities
-        self.expected = expected
-        self.calibrated = calibrated
-        self.outside = outside
-        self.reduced = reduced
+        self._observer = observer
+        #: The whole batch's figures, shared by its requests' slices.
+        self.batch = batch if batch is not None else AssessedBatch(probabilities, embeddings)
+        self._offset = offset
 
     def __len__(self) -> int:
         return len(self.probabilities)
@@ -108,13 +112,29 @@ class Assessed:
         return np.asarray(self.probabilities, dtype=dtype)
 
     def __getitem__(self, rows: slice) -> Assessed:
+        start, _, _ = rows.indices(len(self.probabilities))
         return Assessed(
-            self.probabilities[rows],
-            self.expected[rows],
-            self.calibrated[rows],
-            self.outside[rows],
-            None if self.reduced is None else self.reduced[rows],
+            self._observer, self.probabilities[rows], None, self.batch, self._offset + start
         )
+
+    def expected(self) -> list[float]:
+        """Each answer's expected correctness (the feedback store asks, when it writes): the
+        pending batches are drained first, so that all of them are assessed in one pass."""
+        self._observer.drain()
+        self._observer.assess_now(self.batch)  # its record may not have come yet
+        return self.batch.expected[self._offset : self._offset + len(self)].tolist()
+
+
+class AssessedBatch:
+    """One inference batch, before and after its assessment."""
+
+    def __init__(self, probabilities: np.ndarray, embeddings: np.ndarray | None) -> None:
+        self.probabilities = probabilities
+        self.embeddings = embeddings
+        self.expected: np.ndarray | None = None
+        self.calibrated: np.ndarray | None = None
+        self.outside: np.ndarray | None = None
+        self.reduced: np.ndarray | None = None
 
 
 class PredictionObserver:
@@ -146,6 +166,11 @@ class PredictionObserver:
         self.embedding = embedding if estimator is not None else None
         self._class_counters = [metrics.PREDICTIONS.labels(label) for label in classes]
         self._answered = metrics.VERSION_PREDICTIONS.labels(str(version))
+        #: Batches recorded but not yet drained: (pixel signals, answers, seconds).
+        self._pending: deque = deque()
+        self._drain_lock = threading.Lock()
+        self._assess_lock = threading.Lock()
+        BUFFER.add_source(self.drain)
         self._info = metrics.MODEL_INFO.labels(name, str(version), provider, precision)
         self._info.set(1)
         self.monitor = None
@@ -171,13 +196,14 @@ class PredictionObserver:
             metrics.DRIFT_LAST_COMPUTED.set(0)
             # Every bin's counter exists from the start: a bin the fleet never fills must
             # read 0 to the recording rules, not be missing.
-            references = reference_bins(profile)
+            self.reference_bins = ReferenceBins(profile)
             self._bins = {
                 signal: [metrics.DRIFT_BIN.labels(signal, label, str(version)) for label in labels]
-                for signal, labels in bin_labels(profile).items()
+                for signal, labels in self.reference_bins.labels.items()
             }
-            for signal, labels in bin_labels(profile).items():
-                for label, fraction in zip(labels, references[signal], strict=True):
+            for signal, labels in self.reference_bins.labels.items():
+                fractions = self.reference_bins.fractions[signal]
+                for label, fraction in zip(labels, fractions, strict=True):
                     metrics.DRIFT_REFERENCE_BIN.labels(signal, label, str(version)).set(fraction)
             self._stop = threading.Event()
             self._thread = threading.Thread(
@@ -188,45 +214,93 @@ class PredictionObserver:
             log.warning("no reference_profile.json in the model directory: drift is not monitored")
 
     def assess(self, probabilities: np.ndarray, embeddings: np.ndarray | None) -> Assessed:
-        """On the inference thread, right after the run: calibrate the batch's answers and
-        reduce its embeddings (a few matrix products), so that each request leaves with its
-        answers' expected correctness for ``/feedback``'s audit of the estimate."""
-        reduced = None
-        if self.embedding is not None and embeddings is not None:
-            reduced = self.embedding.reduce(embeddings).astype(np.float32)
-        calibrated, outside = self.estimator.calibrate(probabilities, reduced)
-        expected = self.estimator.expected_correct(calibrated, probabilities)
-        return Assessed(probabilities, expected, calibrated, outside, reduced)
+        """On the inference thread, right after the run: only a wrapper; the assessment is
+        made later, for many batches at once (``assess_now``)."""
+        return Assessed(self, probabilities, embeddings)
+
+    def assess_now(self, *batches: AssessedBatch) -> None:
+        """Calibrate the answers of every batch not assessed yet, reduce their embeddings and
+        check their support, in one vectorised pass."""
+        with self._assess_lock:
+            todo = [batch for batch in batches if batch.expected is None]
+            if not todo:
+                return
+            probabilities = np.concatenate([batch.probabilities for batch in todo])
+            reduced = None
+            if self.embedding is not None and todo[0].embeddings is not None:
+                reduced = self.embedding.reduce(
+                    np.concatenate([batch.embeddings for batch in todo])
+                )
+            calibrated, outside = self.estimator.calibrate(probabilities, reduced)
+            expected = self.estimator.expected_correct(calibrated, probabilities)
+            start = 0
+            for batch in todo:
+                end = start + len(batch.probabilities)
+                batch.calibrated, batch.outside = calibrated[start:end], outside[start:end]
+                batch.reduced = None if reduced is None else reduced[start:end]
+                batch.embeddings = None  # kept until now only for this
+                batch.expected = expected[start:end]
+                start = end
 
     def record(self, images: np.ndarray, answered, seconds: float) -> None:
-        probabilities = np.asarray(answered)
-        BUFFER.observe(metrics.INFERENCE_DURATION, seconds)
-        BUFFER.observe(metrics.BATCH_SIZE, len(images))
-        BUFFER.inc(self._answered, len(images))
-        signals = image_signals(images, probabilities)
-        for index in signals["class"].tolist():
-            BUFFER.inc(self._class_counters[index])
-        for histogram, name in (
-            (metrics.CONFIDENCE, "confidence"),
-            (metrics.ENTROPY, "entropy"),
-            (metrics.BRIGHTNESS, "brightness"),
-            (metrics.CONTRAST, "contrast"),
-        ):
-            BUFFER.observe_all(histogram, signals[name].tolist())
-        if isinstance(answered, Assessed):
-            signals["calibrated"] = answered.calibrated
-            signals["outside"] = answered.outside
-            if answered.reduced is not None:
-                signals["embedding"] = answered.reduced
-        if self.monitor is not None:
-            for signal, counts in bin_counts(self.monitor.profile, signals).items():
+        """After each batch, on the event loop: only the pixel statistics (the images are not
+        kept) and an append. The rest waits for ``drain``, which handles every batch since
+        the last one in one vectorised pass: with small batches, per-batch numpy calls were
+        monitoring's largest cost."""
+        self._pending.append((pixel_signals(images), answered, seconds))
+        if len(self._pending) >= MAX_PENDING_BATCHES:
+            self.drain()
+
+    def drain(self) -> None:
+        """Record the pending batches: called before every metrics flush (each second, and
+        before a scrape this worker answers) and before every drift computation."""
+        with self._drain_lock:
+            batches = []
+            while self._pending:
+                batches.append(self._pending.popleft())
+            if not batches:
+                return
+            answers = [answered for _, answered, _ in batches]
+            probabilities = np.concatenate([np.asarray(answered) for answered in answers])
+            signals = output_signals(probabilities)
+            for name in ("brightness", "contrast"):
+                signals[name] = np.concatenate([pixels[name] for pixels, _, _ in batches])
+            BUFFER.observe_all(metrics.INFERENCE_DURATION, [seconds for *_, seconds in batches])
+            BUFFER.observe_all(metrics.BATCH_SIZE, [len(answered) for answered in answers])
+            BUFFER.inc(self._answered, len(probabilities))
+            for histogram, name in (
+                (metrics.CONFIDENCE, "confidence"),
+                (metrics.ENTROPY, "entropy"),
+                (metrics.BRIGHTNESS, "brightness"),
+                (metrics.CONTRAST, "contrast"),
+            ):
+                BUFFER.observe_all(histogram, signals[name].tolist())
+            if self.monitor is None:
+                counts = np.bincount(signals["class"], minlength=len(self.classes))
+                for index in np.flatnonzero(counts).tolist():
+                    BUFFER.inc(self._class_counters[index], int(counts[index]))
+                return
+            if all(isinstance(answered, Assessed) for answered in answers):
+                batches = [answered.batch for answered in answers]
+                self.assess_now(*batches)
+                signals["calibrated"] = np.concatenate([batch.calibrated for batch in batches])
+                signals["outside"] = np.concatenate([batch.outside for batch in batches])
+                if batches[0].reduced is not None:
+                    signals["embedding"] = np.concatenate([batch.reduced for batch in batches])
+            # One increment per bin reached, not per prediction; the class counts serve
+            # imgclf_predictions_total too.
+            for signal, counts in self.reference_bins.counts(signals).items():
                 children = self._bins[signal]
                 for index in np.flatnonzero(counts).tolist():
-                    BUFFER.inc(children[index], int(counts[index]))
+                    amount = int(counts[index])
+                    BUFFER.inc(children[index], amount)
+                    if signal == "class":
+                        BUFFER.inc(self._class_counters[index], amount)
             self.monitor.add(signals)
 
     def compute_drift(self) -> dict | None:
         """Recompute drift now and publish it; None while the window is below the minimum."""
+        self.drain()
         metrics.DRIFT_WINDOW.set(self.monitor.samples)
         report = self.monitor.compute()
         if report is None:
@@ -292,6 +366,8 @@ class PredictionObserver:
 
     def retire(self) -> None:
         """Another version took over: stop the drift thread, and say this one is not served."""
+        self.drain()
+        BUFFER.remove_source(self.drain)
         self.stop()
         self._info.set(0)
 

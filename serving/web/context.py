@@ -97,12 +97,10 @@ def prediction_ids(worker: WorkerContext, rid: str, answered, version: int) -> l
     else:
         ids = [f"{rid}/{index}" for index in range(len(probabilities))]
     if worker.feedback is not None:
-        expected = getattr(answered, "expected", None)
+        # The label-free estimate's expected correctness of each answer, computed when the
+        # store writes the rows (off the request path), if the answers carry one.
         worker.feedback.store.remember(
-            ids,
-            probabilities.argmax(axis=1).tolist(),
-            version,
-            None if expected is None else expected.tolist(),
+            ids, probabilities.argmax(axis=1).tolist(), version, getattr(answered, "expected", None)
         )
     return ids
 

@@ -93,9 +93,7 @@ def test_auc_thresholds_hold_their_false_alarm_rate_on_fresh_in_distribution_win
     rng = np.random.default_rng(4)
     population = rng.normal(0, 1, (20_000, 8))
     reference = population[:400]
-    calibration = calibrate(
-        reference, family_quantiles(1), sizes=(100, 200), replicates=60, seed=0
-    )
+    calibration = calibrate(reference, family_quantiles(1), sizes=(100, 200), replicates=60, seed=0)
     bounds = threshold_at(calibration, 200)
     assert 0.5 < bounds["warning"] < bounds["critical"] < 0.75
     warnings = [

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image, ImageEnhance
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.observers import PredictionObserver
 from serving.core.runtime import ClassifierRuntime
 from tests.serving.conftest import Server
 from training.datasets import read_manifest
@@ -297,10 +296,10 @@ def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_sp
     # the same runtime and estimator, against the same labels.
     runtime = ClassifierRuntime(digits_model)
     estimator, embedding = runtime.monitoring_references()
-    observer = PredictionObserver.__new__(PredictionObserver)
-    observer.estimator, observer.embedding = estimator, embedding
     pixels = np.stack([runtime.preprocess(png(image)) for image, _ in images])
-    offline = observer.assess(*runtime.predict_with_embeddings(pixels)).expected
+    probabilities, embeddings = runtime.predict_with_embeddings(pixels)
+    calibrated, _ = estimator.calibrate(probabilities, embedding.reduce(embeddings))
+    offline = estimator.expected_correct(calibrated, probabilities)
     gap = abs(offline.mean() - expected)
     assert gauge(found, "imgclf_feedback_estimate_gap_ratio") == pytest.approx(gap, abs=1e-4)
     assert gauge(found, "imgclf_feedback_estimated_accuracy_ratio") == pytest.approx(

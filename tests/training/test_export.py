@@ -110,9 +110,7 @@ def test_the_embedding_gate_refuses_features_that_differ(published_model):
     images = rng.uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
     good = parity.onnx_predictor(published_model / "model.onnx", output="embedding")
     with pytest.raises(parity.ParityError, match="embedding output differs"):
-        parity.check_embedding_parity(
-            good, lambda batch: good(batch) * 1.01, images, batch_size=8
-        )
+        parity.check_embedding_parity(good, lambda batch: good(batch) * 1.01, images, batch_size=8)
 
 
 def test_int8_gate_is_recorded_and_obeyed(published_model):
