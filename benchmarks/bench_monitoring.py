@@ -66,14 +66,20 @@ def main() -> None:
                 env,
                 port,
             )
+        cpu: dict[str, list[float]] = {}
         try:
-            results = side_by_side(servers, script, args.concurrency, args.seconds, args.rounds)
+            results = side_by_side(
+                servers, script, args.concurrency, args.seconds, args.rounds, cpu
+            )
         finally:
             for server in servers.values():
                 server.stop()
     print(side_by_side_header(model_dir, args))
     rows = ratio_rows(results, "off")  # the last configuration: the baseline
-    print(table(["monitoring", "requests/s (median)", "rounds", "vs off"], rows))
+    print(table(["monitoring", "requests/s (median)", "rounds", "vs off", "vs off, paired"], rows))
+    print("\nCPU time of each server's processes per request (ms), in the same rounds:\n")
+    rows = ratio_rows(cpu, "off")
+    print(table(["monitoring", "CPU ms/request (median)", "rounds", "vs off", "paired"], rows))
 
 
 if __name__ == "__main__":

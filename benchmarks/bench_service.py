@@ -139,20 +139,47 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
 
 
 def side_by_side(
-    servers: dict[str, Process], script: Path, concurrency: int, seconds: int, rounds: int
+    servers: dict[str, Process],
+    script: Path,
+    concurrency: int,
+    seconds: int,
+    rounds: int,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Requests/s of each server, one loaded at a time, in alternating rounds (every other
-    round in reverse order, so that no configuration always runs first) after a warm-up."""
+    round in reverse order, so that no configuration always runs first) after a warm-up.
+    With ``cpu``, also the CPU milliseconds each server's processes spent per request in
+    each round: on a shared machine whose speed drifts, work per request is steadier than
+    requests per second."""
     results: dict[str, list[float]] = {name: [] for name in servers}
     for server in servers.values():
         run_wrk(server.url, script, concurrency, 3)
     for round_index in range(rounds):
         order = list(servers.items())
         for name, server in order if round_index % 2 == 0 else order[::-1]:
+            before = cpu_seconds(server.process.pid)
             result = run_wrk(server.url, script, concurrency, seconds)
+            spent = cpu_seconds(server.process.pid) - before
             assert result["errors"] == 0, result
             results[name].append(result["rps"])
+            if cpu is not None:
+                cpu.setdefault(name, []).append(1000 * spent / (result["rps"] * seconds))
     return results
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and all its descendants (the workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def side_by_side_header(model: Path, args) -> str:
@@ -165,14 +192,21 @@ def side_by_side_header(model: Path, args) -> str:
 
 
 def ratio_rows(results: dict[str, list[float]], baseline: str) -> list[list]:
-    """Per configuration: its median, its rounds, and the median against ``baseline``'s."""
+    """Per configuration: its median, its rounds, its median against ``baseline``'s, and the
+    median of its round-by-round ratios to ``baseline`` (each pair ran seconds apart, so
+    the machine's slower drifts cancel)."""
     reference = statistics.median(results[baseline])
+
+    def paired(rounds: list[float]) -> float:
+        return statistics.median(a / b for a, b in zip(rounds, results[baseline], strict=True))
+
     return [
         [
             name,
             statistics.median(rounds),
-            ", ".join(f"{r:.0f}" for r in rounds),
+            ", ".join(f"{r:.0f}" if r >= 100 else f"{r:.3g}" for r in rounds),
             f"{(statistics.median(rounds) / reference - 1) * 100:+.1f}%",
+            f"{(paired(rounds) - 1) * 100:+.1f}%",
         ]
         for name, rounds in results.items()
     ]

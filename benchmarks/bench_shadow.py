@@ -108,7 +108,12 @@ def main() -> None:
                 server.stop()
     print(side_by_side_header(version_dir, args))
     rows = ratio_rows(results, BASELINE)
-    print(table(["serving", "requests/s (median)", "rounds", "vs no shadow"], rows))
+    print(
+        table(
+            ["serving", "requests/s (median)", "rounds", "vs no shadow", "paired"],
+            rows,
+        )
+    )
     offered = sum(shadowed.values())
     print(
         f"\nshadow copies: {shadowed.get('compared', 0):.0f} compared, "
