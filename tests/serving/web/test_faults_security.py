@@ -118,7 +118,10 @@ def test_metric_labels_hold_only_known_values_after_hostile_traffic(http, server
         "endpoint": set(ENDPOINTS),
         "reason": set(ERROR_REASONS),
         "class": {"0", "1", "2", "3", "4"},
-        "signal": {"class", "confidence", "entropy", "brightness", "contrast"},
+        "signal": {"class", "confidence", "entropy", "brightness", "contrast", "embedding"},
+        # the reference's bins: class names (here "0" to "4"), or bin indices (ten bins,
+        # and a bin of its own for a value that holds a tenth of the reference)
+        "bin": {str(index) for index in range(20)},
         "name": {"tiny"},
         "version": {"1"},
         "precision": {"fp32"},
