@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from monitoring import thresholds
+from monitoring.embedding import distinct, domain_classifier_auc, threshold_at
 from monitoring.estimate import expected_scores
 from monitoring.statistics import js_distance, ks_at_points, ks_statistic, psi
 
@@ -325,8 +326,6 @@ class DriftMonitor:
 def embedding_drift(profile: dict, reference: np.ndarray, reduced: np.ndarray) -> dict:
     """The domain classifier's AUC between the window's distinct reduced embeddings and the
     reference's (``monitoring.embedding``), with its thresholds for that many images."""
-    from monitoring.embedding import distinct, domain_classifier_auc, threshold_at
-
     rows = distinct(np.asarray(reduced, dtype=np.float64))
     bounds = threshold_at(profile["embedding"]["thresholds"], len(rows))
     auc = domain_classifier_auc(reference, rows)

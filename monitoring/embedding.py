@@ -76,13 +76,9 @@ class EmbeddingReference:
         return cls(mean, scale, components, reduced, radius)
 
     def __post_init__(self) -> None:
-        # What the request path needs, folded once: the reduction as one affine map, and
-        # the reference's squared norms (float32: a batch's check is a few microseconds).
+        # The reduction folded into one affine map: a matrix product per call.
         self._weights = (self.components / self.scale).T.astype(np.float32)
         self._offset = (self.mean @ self._weights).astype(np.float32)
-        self._reference32 = self.reference.astype(np.float32)
-        self._reference_norms = (self._reference32**2).sum(axis=1)
-        self._radius_squared = np.float32(self.support_radius**2)
 
     def reduce(self, embeddings: np.ndarray) -> np.ndarray:
         """Standardise and project (float32; one matrix product)."""
@@ -90,10 +86,8 @@ class EmbeddingReference:
 
     def outside_support(self, reduced: np.ndarray) -> np.ndarray:
         """Per row: farther from every reference embedding than the support radius."""
-        reduced = np.asarray(reduced, dtype=np.float32)
-        # The squared distance to the nearest reference row: min |r|^2 - 2 r.x, plus |x|^2.
-        nearest = (self._reference_norms - 2 * (reduced @ self._reference32.T)).min(axis=1)
-        return nearest + (reduced**2).sum(axis=1) > self._radius_squared
+        rows = np.asarray(reduced, dtype=np.float64)
+        return nearest_distances(rows, self.reference) > self.support_radius
 
     def save(self, path: Path) -> None:
         buffer = io.BytesIO()

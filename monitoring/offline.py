@@ -24,7 +24,9 @@ class SignalCollector:
     def __init__(self, embedding: EmbeddingReference | None = None, seed: int = 0) -> None:
         self.parts: dict[str, list[np.ndarray]] = {name: [] for name in SIGNALS}
         self.embedding = embedding
-        self._sample = np.zeros((0, 0))
+        #: The reservoir (filled up to ``_filled`` rows) and how many embeddings it has seen.
+        self._reservoir: np.ndarray | None = None
+        self._filled = 0
         self._seen = 0
         self._rng = np.random.default_rng(seed)
 
@@ -43,16 +45,17 @@ class SignalCollector:
         if self.embedding is None or len(embeddings) == 0:
             return
         reduced = self.embedding.reduce(embeddings)
-        if self._sample.size == 0:
-            self._sample = np.zeros((0, reduced.shape[1]))
+        if self._reservoir is None:
+            self._reservoir = np.zeros((MAX_WINDOW, reduced.shape[1]))
         for row in reduced:
             self._seen += 1
-            if len(self._sample) < MAX_WINDOW:
-                self._sample = np.vstack([self._sample, row])
+            if self._filled < MAX_WINDOW:
+                self._reservoir[self._filled] = row
+                self._filled += 1
             else:
                 slot = self._rng.integers(0, self._seen)
                 if slot < MAX_WINDOW:
-                    self._sample[slot] = row
+                    self._reservoir[slot] = row
 
     def extend(self, signals: dict[str, np.ndarray]) -> None:
         """Signals computed earlier (a score file's columns, say)."""
@@ -71,8 +74,9 @@ class SignalCollector:
             return {**context, "samples": 0, "status": "no images scored", "signals": {}}
         signals["class"] = signals["class"].astype(np.int64)
         found = compare(profile, signals)
-        if len(self._sample) and "embedding" in profile:
-            found["embedding"] = embedding_drift(profile, self.embedding.reference, self._sample)
+        if self._filled and "embedding" in profile:
+            sample = self._reservoir[: self._filled]
+            found["embedding"] = embedding_drift(profile, self.embedding.reference, sample)
             found["embedding"]["sampled_from"] = self._seen
             found["status"] = worst([found["status"], found["embedding"]["level"]])
         if found["samples"] < MIN_JUDGED:

@@ -29,7 +29,6 @@ from monitoring import embedding as embedding_drift
 from monitoring.drift import build_reference_profile, image_signals
 from monitoring.estimate import CALIBRATION, fit_calibration
 from monitoring.performance import held_out_performance
-from monitoring.thresholds import family_quantiles
 from serving.core.errors import ConfigError, ModelError
 from serving.core.files import fsync_dir, fsync_tree, write_json
 from serving.core.model_dir import (
@@ -229,14 +228,16 @@ def write_monitoring_reference(staging, splits, classes, spec, run_dir, limit: i
     )
     reference = embedding_drift.EmbeddingReference.fit(embeddings)
     reference.save(staging / embedding_drift.EMBEDDING_REFERENCE)
-    tested = 1 + sum(len(stats) for stats in profile["thresholds"]["values"].values())
     profile["embedding"] = {
         "file": embedding_drift.EMBEDDING_REFERENCE,
         "samples": len(reference.reference),
         "features": int(embeddings.shape[1]),
         "components": int(reference.components.shape[0]),
         "support_radius": reference.support_radius,
-        "thresholds": embedding_drift.calibrate(reference.reference, family_quantiles(tested)),
+        # The same family-wise quantiles as the other statistics (the embedding's included).
+        "thresholds": embedding_drift.calibrate(
+            reference.reference, profile["thresholds"]["quantiles"]
+        ),
     }
     write_json(staging / REFERENCE_PROFILE, profile)
     write_json(staging / CALIBRATION, fit_calibration(labels, probabilities, source=source))
