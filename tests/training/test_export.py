@@ -98,6 +98,10 @@ def test_parity_report_meets_the_gate(published_model):
         assert report["summary"][runtime]["max_abs_diff"] <= 1e-5
         assert report["summary"][runtime]["top1_agreement"] == 1.0
     assert len(report["checks"]) == 2 * len(report["batch_sizes"])
+    # Batch size 1 on the first images only, the other sizes on all of them.
+    one = [c["images"] for c in report["checks"] if c["batch_size"] == 1]
+    assert one == [min(parity.BATCH_ONE_IMAGES, report["images"])] * 2
+    assert {c["images"] for c in report["checks"] if c["batch_size"] > 1} == {report["images"]}
     # The embedding output is gated too, relative to its largest feature.
     embedding = report["embedding"]
     assert embedding["passed"] is True and embedding["largest_feature"] > 0
