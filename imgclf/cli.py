@@ -177,6 +177,10 @@ def train(
         config, overrides, flags=set(given) | implied, preset=dataset if config is None else None
     )
 
+    if resolved.data.data_dir is not None:
+        from training.datasets import class_folders
+
+        class_folders(resolved.data.data_dir)  # a mistyped folder fails before TensorFlow loads
     with quiet_native_logs():
         from training.train import train as run_training
 
@@ -228,6 +232,9 @@ def export(
 
     if int8_activations not in (None, "uint8", "int8"):
         raise ConfigError(f"--int8-activations must be uint8 or int8, got {int8_activations!r}")
+    from training.datasets import read_run
+
+    read_run(run_dir)  # a mistyped run fails here, before TensorFlow is imported
     from serving.registry import store_versions
 
     with quiet_native_logs():

@@ -6,6 +6,7 @@ No TensorFlow here, so that export and drift profiling can read a run's split ch
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from serving.core.errors import DataError, InvalidImageError
+from serving.core.errors import ConfigError, DataError, InvalidImageError, ModelError
 from serving.core.files import atomic_write
 from serving.core.preprocessing import IMAGE_SUFFIXES, PreprocessSpec, decode, read_image_file
 
@@ -44,8 +45,9 @@ def default_data_home() -> Path:
     return Path(os.environ.get("IMGCLF_DATA_HOME", Path.home() / ".cache" / "imgclf"))
 
 
-def discover(root: Path) -> ImageFolder:
-    """List ``root/<class>/<image>``; errors name the folder a user has to fix."""
+def class_folders(root: Path) -> list[Path]:
+    """``root``'s class sub-folders, sorted, or the mistake in one line. Quick (the folders
+    are listed, not their images): ``imgclf train`` checks them before TensorFlow loads."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
@@ -58,6 +60,13 @@ def discover(root: Path) -> ImageFolder:
         raise DataError(
             f"data folder {root} has one class ({class_dirs[0].name}); need at least two"
         )
+    return class_dirs
+
+
+def discover(root: Path) -> ImageFolder:
+    """List ``root/<class>/<image>``; errors name the folder a user has to fix."""
+    root = Path(root)
+    class_dirs = class_folders(root)
     samples: list[Sample] = []
     for class_dir in class_dirs:
         files = sorted(
@@ -182,6 +191,19 @@ def write_manifest(run_dir: Path, splits: dict[str, list[Sample]]) -> Path:
             for sample in sorted(splits[split], key=lambda s: str(s.path)):
                 writer.writerow([str(Path(sample.path).resolve()), sample.label, split])
     return path
+
+
+def read_run(run_dir: Path) -> dict:
+    """A finished training run's ``run.json``, after checking that the run has what an export
+    needs. Without TensorFlow: ``imgclf export`` calls it first, so that a mistyped path
+    fails in a second, not after the ten it takes to import TensorFlow."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    for required in ("run.json", "metrics.json", MANIFEST_NAME):
+        if not (run_dir / required).is_file():
+            raise ModelError(f"{run_dir} has no {required}; is it a finished training run?")
+    return json.loads((run_dir / "run.json").read_text())
 
 
 def read_manifest(run_dir: Path) -> dict[str, list[Sample]]:

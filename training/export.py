@@ -80,7 +80,7 @@ def export(
 ) -> ExportResult:
     """Convert, check and publish; raises ``ImgclfError`` (nothing published) on any failure."""
     run_dir = Path(run_dir)
-    run_info = _read_run(run_dir)
+    run_info = datasets.read_run(run_dir)
     model = load_checkpoint(run_dir / BEST_MODEL)
     spec = PreprocessSpec.from_metadata(run_info["preprocessing"])
     classes = run_info["classes"]
@@ -327,15 +327,6 @@ def _saved_model_predictor(path: Path):
         return signature(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME].numpy()
 
     return predict
-
-
-def _read_run(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist")
-    for required in ("run.json", "metrics.json", datasets.MANIFEST_NAME):
-        if not (run_dir / required).is_file():
-            raise ModelError(f"{run_dir} has no {required}; is it a finished training run?")
-    return json.loads((run_dir / "run.json").read_text())
 
 
 def _default_name(run_dir: Path) -> str:
