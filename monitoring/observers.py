@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: A backstop: drain on the event loop if this many batches wait (the flush thread stalled).
 MAX_PENDING_BATCHES = 1024
+#: Batches' images kept for their pixel statistics until the next drain, at most this many
+#: bytes (a second of small inputs); past it a batch's statistics are computed at once.
+MAX_PENDING_IMAGE_BYTES = 16 * 2**20
 
 
 class RequestObserver:
@@ -118,10 +121,12 @@ class Assessed:
         )
 
     def expected(self) -> list[float]:
-        """Each answer's expected correctness (the feedback store asks, when it writes): the
-        pending batches are drained first, so that all of them are assessed in one pass."""
-        self._observer.drain()
-        self._observer.assess_now(self.batch)  # its record may not have come yet
+        """Each answer's expected correctness (the feedback store asks, when it writes, four
+        times a second): every pending batch is assessed in one pass, and left for the next
+        drain to record."""
+        if self.batch.expected is None:
+            self._observer.assess_pending()
+            self._observer.assess_now(self.batch)  # its record may not have come yet
         return self.batch.expected[self._offset : self._offset + len(self)].tolist()
 
 
@@ -166,8 +171,11 @@ class PredictionObserver:
         self.embedding = embedding if estimator is not None else None
         self._class_counters = [metrics.PREDICTIONS.labels(label) for label in classes]
         self._answered = metrics.VERSION_PREDICTIONS.labels(str(version))
-        #: Batches recorded but not yet drained: (pixel signals, answers, seconds).
+        #: Batches recorded but not yet drained: (images or their pixel signals, answers,
+        #: seconds), and the bytes of the images kept.
         self._pending: deque = deque()
+        self._kept_bytes = 0
+        self._kept_lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._assess_lock = threading.Lock()
         BUFFER.add_source(self.drain)
@@ -242,14 +250,47 @@ class PredictionObserver:
                 batch.expected = expected[start:end]
                 start = end
 
+    def assess_pending(self) -> None:
+        """Assess the batches waiting for the drain, leaving the rest of their recording to
+        it: the feedback store writes four times as often as the metrics are flushed, and
+        each drain has a fixed cost."""
+        pending = list(self._pending)  # one C call: no append can interleave
+        self.assess_now(
+            *(answered.batch for _, answered, _ in pending if isinstance(answered, Assessed))
+        )
+
     def record(self, images: np.ndarray, answered, seconds: float) -> None:
-        """After each batch, on the event loop: only the pixel statistics (the images are not
-        kept) and an append. The rest waits for ``drain``, which handles every batch since
-        the last one in one vectorised pass: with small batches, per-batch numpy calls were
-        monitoring's largest cost."""
-        self._pending.append((pixel_signals(images), answered, seconds))
+        """After each batch, on the event loop: an append. Everything waits for ``drain``,
+        which handles every batch since the last one in one vectorised pass (with small
+        batches, per-batch numpy calls were monitoring's largest cost), the pixel statistics
+        included: the batch's images are kept until then, not copied, unless the images
+        kept would pass ``MAX_PENDING_IMAGE_BYTES``; then this batch's statistics are
+        computed now and its images let go."""
+        with self._kept_lock:
+            keep = self._kept_bytes + images.nbytes <= MAX_PENDING_IMAGE_BYTES
+            if keep:
+                self._kept_bytes += images.nbytes
+        self._pending.append((images if keep else pixel_signals(images), answered, seconds))
         if len(self._pending) >= MAX_PENDING_BATCHES:
             self.drain()
+
+    def _pixel_signals(self, batches: list) -> dict[str, np.ndarray]:
+        """The pending batches' pixel statistics, in order: the kept images' computed in one
+        pass, next to those computed when their batch was recorded."""
+        kept = [pixels for pixels, _, _ in batches if isinstance(pixels, np.ndarray)]
+        computed = pixel_signals(np.concatenate(kept)) if kept else {}
+        with self._kept_lock:
+            self._kept_bytes -= sum(images.nbytes for images in kept)
+        parts: dict[str, list[np.ndarray]] = {"brightness": [], "contrast": []}
+        start = 0
+        for pixels, _, _ in batches:
+            if isinstance(pixels, np.ndarray):
+                end = start + len(pixels)
+                pixels = {name: values[start:end] for name, values in computed.items()}
+                start = end
+            for name, found in parts.items():
+                found.append(pixels[name])
+        return {name: np.concatenate(found) for name, found in parts.items()}
 
     def drain(self) -> None:
         """Record the pending batches: called before every metrics flush (each second, and
@@ -262,9 +303,7 @@ class PredictionObserver:
                 return
             answers = [answered for _, answered, _ in batches]
             probabilities = np.concatenate([np.asarray(answered) for answered in answers])
-            signals = output_signals(probabilities)
-            for name in ("brightness", "contrast"):
-                signals[name] = np.concatenate([pixels[name] for pixels, _, _ in batches])
+            signals = output_signals(probabilities) | self._pixel_signals(batches)
             BUFFER.observe_all(metrics.INFERENCE_DURATION, [seconds for *_, seconds in batches])
             BUFFER.observe_all(metrics.BATCH_SIZE, [len(answered) for answered in answers])
             BUFFER.inc(self._answered, len(probabilities))

@@ -22,12 +22,13 @@ def test_observe_many_equals_observing_one_by_one():
     at_once = Histogram("b", "b", buckets=CONFIDENCE_BUCKETS, registry=registry)
     rng = np.random.default_rng(0)
     # Values on the bucket bounds, between them, below the first and above the last.
-    values = np.concatenate([rng.random(500), CONFIDENCE_BUCKETS, [0.0, 1.0, 5.0]])
+    values = np.concatenate([rng.random(500), CONFIDENCE_BUCKETS, [0.0, 1.0, 5.0, np.inf]])
     for value in values:
         one_by_one.observe(float(value))
     observe_many(at_once, values[:300])
     observe_many(at_once, values[300:])
     observe_many(at_once, np.zeros(0))
+    observe_many(at_once, [np.nan])  # observe() counts a NaN in no bucket
     expected_buckets, expected_sum = buckets_and_sum(one_by_one)
     found_buckets, found_sum = buckets_and_sum(at_once)
     assert found_buckets == expected_buckets
@@ -59,3 +60,49 @@ def test_the_buffer_writes_sums_on_flush_and_nothing_before():
     assert registry.get_sample_value("queue") == 7
     buffer.flush()  # nothing new: nothing counted twice
     assert registry.get_sample_value("requests_total", {"code": "200"}) == 5
+
+
+def test_drained_batches_give_the_signals_of_their_images_in_order(monkeypatch):
+    """The pixel statistics of kept images (computed at the drain, in one pass) and of
+    batches past the memory bound (computed when recorded) land in the drift window in the
+    order the batches were answered, equal to ``image_signals`` of every image at once."""
+    from monitoring import observers
+    from monitoring.drift import build_reference_profile, image_signals
+
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+
+    def batch(size: int) -> tuple[np.ndarray, np.ndarray]:
+        images = rng.uniform(0, 255, (size, 8, 8, 3)).astype(np.float32)
+        logits = rng.normal(size=(size, len(classes)))
+        return images, np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    reference = build_reference_profile(image_signals(*batch(200)), classes, source="test")
+    observer = observers.PredictionObserver(
+        classes=classes,
+        name="m",
+        version=1,
+        provider="cpu",
+        precision="fp32",
+        profile=reference,
+        window=1000,
+        min_samples=10,
+        interval=3600,
+    )
+    # Room for about two batches of kept images: the rest are computed when recorded.
+    monkeypatch.setattr(observers, "MAX_PENDING_IMAGE_BYTES", 2 * 5 * 8 * 8 * 3 * 4)
+    batches = [batch(size) for size in (5, 3, 5, 1, 4, 2)]
+    for images, probabilities in batches:
+        observer.record(images, probabilities, 0.001)
+    observer.drain()
+    observer.record(*batches[0], 0.001)  # the bound is free again after the drain
+    observer.drain()
+    observer.stop()
+    found = observer.monitor.snapshot()
+    expected = image_signals(
+        np.concatenate([images for images, _ in [*batches, batches[0]]]),
+        np.concatenate([probabilities for _, probabilities in [*batches, batches[0]]]),
+    )
+    assert observer._kept_bytes == 0
+    for name in ("brightness", "contrast", "confidence", "class"):
+        np.testing.assert_allclose(found[name], expected[name], rtol=1e-12, err_msg=name)
