@@ -3,9 +3,14 @@
 
 Same model, same requests (real JPEG uploads through wrk at one concurrency), alternating
 rounds of the configurations in one run (every other round in reverse order) so machine
-noise hits them all.
+noise hits them all. Every setting is the default (drift every 15 s, the feedback store of
+100,000 predictions), as a user would run it.
 
-    .venv/bin/python benchmarks/bench_monitoring.py [--model model_repository/digits]
+``--pin`` gives each server one worker on CPU 0 and wrk CPU 1 (``taskset``): on a small
+machine, a server sharing its cores with the load generator measures the scheduler as much
+as itself.
+
+    .venv/bin/python benchmarks/bench_monitoring.py [--model model_repository/digits] [--pin]
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--pin", action="store_true", help="One worker on CPU 0 per server, wrk on CPU 1."
+    )
     args = parser.parse_args()
+    pin = ["taskset", "-c", "0"] if args.pin else []
     model_dir = resolve_model_dir(args.model).resolve()
     with tempfile.TemporaryDirectory() as scratch:
         script = wrk_script(Path(scratch), digit_jpegs())
@@ -55,21 +64,34 @@ def main() -> None:
             port = free_port()
             env = {
                 "IMGCLF_PROVIDER": "cpu",
-                "IMGCLF_DRIFT_INTERVAL_S": "5",
+                **({"IMGCLF_WORKERS": "1", "IMGCLF_INTRA_OP_THREADS": "1"} if args.pin else {}),
                 **settings,
                 # Its own runtime folder: `bentoml serve` empties it at start, and it holds the
                 # metrics and the feedback store of the server running beside it.
                 "BENTOML_HOME": tempfile.mkdtemp(dir=scratch),
             }
             servers[mode] = Process(
-                [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)],
+                [
+                    *pin,
+                    str(BIN / "imgclf"),
+                    "serve",
+                    *("--model", str(model_dir)),
+                    "--port",
+                    str(port),
+                ],
                 env,
                 port,
             )
         cpu: dict[str, list[float]] = {}
         try:
             results = side_by_side(
-                servers, script, args.concurrency, args.seconds, args.rounds, cpu
+                servers,
+                script,
+                args.concurrency,
+                args.seconds,
+                args.rounds,
+                cpu,
+                wrk_cpus="1" if args.pin else None,
             )
         finally:
             for server in servers.values():

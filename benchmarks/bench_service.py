@@ -103,9 +103,13 @@ end
     return script
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
+def run_wrk(
+    url: str, script: Path, connections: int, seconds: int, cpus: str | None = None
+) -> dict:
+    """wrk's figures for one run; ``cpus`` pins it (``taskset -c``) away from the server."""
     out = subprocess.run(
         [
+            *(["taskset", "-c", cpus] if cpus else []),
             "wrk",
             "-t",
             str(min(2, connections)),
@@ -145,20 +149,21 @@ def side_by_side(
     seconds: int,
     rounds: int,
     cpu: dict[str, list[float]] | None = None,
+    wrk_cpus: str | None = None,
 ) -> dict[str, list[float]]:
     """Requests/s of each server, one loaded at a time, in alternating rounds (every other
     round in reverse order, so that no configuration always runs first) after a warm-up.
     With ``cpu``, also the CPU milliseconds each server's processes spent per request in
     each round: on a shared machine whose speed drifts, work per request is steadier than
-    requests per second."""
+    requests per second. ``wrk_cpus`` pins the load generator (``run_wrk``)."""
     results: dict[str, list[float]] = {name: [] for name in servers}
     for server in servers.values():
-        run_wrk(server.url, script, concurrency, 3)
+        run_wrk(server.url, script, concurrency, 3, wrk_cpus)
     for round_index in range(rounds):
         order = list(servers.items())
         for name, server in order if round_index % 2 == 0 else order[::-1]:
             before = cpu_seconds(server.process.pid)
-            result = run_wrk(server.url, script, concurrency, seconds)
+            result = run_wrk(server.url, script, concurrency, seconds, wrk_cpus)
             spent = cpu_seconds(server.process.pid) - before
             assert result["errors"] == 0, result
             results[name].append(result["rps"])
