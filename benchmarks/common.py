@@ -100,11 +100,12 @@ def _crop(photo, rng, width: int, height: int):
     return photo.crop((left, top, left + width, top + height))
 
 
-def _jpeg(image, quality: int, **options) -> bytes:
+def encode(image, fmt: str, **options) -> bytes:
+    """``image`` as the bytes of a ``fmt`` file (Pillow's format name), as an upload."""
     import io
 
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality, **options)
+    image.save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
@@ -126,7 +127,7 @@ def photo_jpegs(count: int, smallest: int = 160, largest: int = 420, seed: int =
         resized = crop.resize(
             (max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.BILINEAR
         )
-        jpegs.append(_jpeg(resized, int(rng.integers(80, 95))))
+        jpegs.append(encode(resized, "JPEG", quality=int(rng.integers(80, 95))))
     return jpegs
 
 
@@ -153,7 +154,7 @@ def phone_photos(count: int, seed: int = 0) -> list[bytes]:
         if index % 3 == 2:
             image = image.transpose(Image.Transpose.ROTATE_90)  # stored sideways,
             exif[0x0112] = 6  # and tagged to be turned upright
-        jpegs.append(_jpeg(image, int(rng.integers(88, 96)), exif=exif))
+        jpegs.append(encode(image, "JPEG", quality=int(rng.integers(88, 96)), exif=exif))
     return jpegs
 
 

@@ -14,7 +14,6 @@ The service's own code scores and judges every window (the runtime, ``monitoring
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import table
+from benchmarks.common import encode, table
 from monitoring.drift import DriftMonitor, image_signals
 from monitoring.thresholds import FAMILY_WISE
 from serving.core.runtime import ClassifierRuntime
@@ -33,12 +32,6 @@ from training.datasets import read_manifest
 
 WINDOW = 1000
 DRAWN = 1200
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def reframed(image: Image.Image) -> Image.Image:
@@ -54,7 +47,7 @@ class Judge:
         self.estimator, self.embedding = self.runtime.monitoring_references()
 
     def score(self, images: list[Image.Image]) -> dict:
-        pixels = np.stack([self.runtime.preprocess(png(image)) for image in images])
+        pixels = np.stack([self.runtime.preprocess(encode(image, "PNG")) for image in images])
         probabilities, embeddings = self.runtime.predict_with_embeddings(pixels)
         reduced = self.embedding.reduce(embeddings)
         calibrated, outside = self.estimator.calibrate(probabilities, reduced)

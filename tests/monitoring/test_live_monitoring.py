@@ -6,7 +6,6 @@ the labels, embedding drift that the outputs miss, and delayed labels through
 
 from __future__ import annotations
 
-import io
 import time
 
 import httpx
@@ -16,17 +15,12 @@ from PIL import Image, ImageEnhance
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.core.runtime import ClassifierRuntime
+from tests.serving.cases import encode
 from tests.serving.conftest import Server
 from training.datasets import read_manifest
 
 PREDICTIONS = 1200
 PER_REQUEST = 32
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +98,9 @@ def drift_after(server: Server, images: list[Image.Image]) -> dict[tuple[str, st
     LAST_ANSWERS.clear()
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for start in range(0, len(images), PER_REQUEST):
-            files = [("images", ("d.png", png(i))) for i in images[start : start + PER_REQUEST]]
+            files = [
+                ("images", ("d.png", encode(i, "PNG"))) for i in images[start : start + PER_REQUEST]
+            ]
             response = client.post("/predict_batch", files=files)
             assert response.status_code == 200
             LAST_ANSWERS.extend(item["label"] for item in response.json())
@@ -241,13 +237,13 @@ def predict(
         headers = {"Content-Type": "image/png"}
         if index % 2:
             headers["X-Request-ID"] = f"{prefix}-{index}"
-        answer = httpx.post(url + "/predict", content=png(image), headers=headers).json()
+        answer = httpx.post(url + "/predict", content=encode(image, "PNG"), headers=headers).json()
         if index % 2:
             assert answer["request_id"] == f"{prefix}-{index}"
         answers.append((answer["request_id"], answer["label"], label))
     for start in range(100, len(images), 25):
         chunk = images[start : start + 25]
-        files = [("images", ("d.png", png(image))) for image, _ in chunk]
+        files = [("images", ("d.png", encode(image, "PNG"))) for image, _ in chunk]
         response = httpx.post(url + "/predict_batch", files=files)
         rid = response.headers["X-Request-ID"]
         for offset, (item, (_, label)) in enumerate(zip(response.json(), chunk, strict=True)):
@@ -296,7 +292,7 @@ def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_sp
     # the same runtime and estimator, against the same labels.
     runtime = ClassifierRuntime(digits_model)
     estimator, embedding = runtime.monitoring_references()
-    pixels = np.stack([runtime.preprocess(png(image)) for image, _ in images])
+    pixels = np.stack([runtime.preprocess(encode(image, "PNG")) for image, _ in images])
     probabilities, embeddings = runtime.predict_with_embeddings(pixels)
     calibrated, _ = estimator.calibrate(probabilities, embedding.reduce(embeddings))
     offline = estimator.expected_correct(calibrated, probabilities)
@@ -360,7 +356,7 @@ def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_sp
     evicted = httpx.post(url + "/feedback", json=oldest)
     assert evicted.status_code == 404 and len(evicted.json()["problems"]) == 50
     # A caller's id sent again names its newest prediction, which is not labelled yet.
-    image = png(test_split[0][0])
+    image = encode(test_split[0][0], "PNG")
     for _ in range(2):
         answer = httpx.post(
             url + "/predict",

@@ -8,7 +8,6 @@ answering."""
 from __future__ import annotations
 
 import asyncio
-import io
 import shutil
 import threading
 import time
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.core.runtime import ClassifierRuntime
 from tests.conftest import assert_one_line_error, cli_ok, run_cli
+from tests.serving.cases import encode
 from tests.serving.conftest import Server
 from tests.serving.variants import publish_variant, tamper
 from training.datasets import read_manifest
@@ -38,19 +38,13 @@ ENV = {
 }
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def test_split(digits_run) -> list[tuple[bytes, str]]:
     """The run's held-out test images, as PNG files, with their labels."""
     found = []
     for sample in read_manifest(digits_run)["test"]:
         with Image.open(sample.path) as image:
-            found.append((png(image.convert("L")), sample.label))
+            found.append((encode(image.convert("L"), "PNG"), sample.label))
     return found
 
 
