@@ -314,10 +314,10 @@ class PredictionObserver:
                 (metrics.CONTRAST, "contrast"),
             ):
                 BUFFER.observe_all(histogram, signals[name].tolist())
+            classes = np.bincount(signals["class"], minlength=len(self.classes))
+            for index in np.flatnonzero(classes).tolist():
+                BUFFER.inc(self._class_counters[index], int(classes[index]))
             if self.monitor is None:
-                counts = np.bincount(signals["class"], minlength=len(self.classes))
-                for index in np.flatnonzero(counts).tolist():
-                    BUFFER.inc(self._class_counters[index], int(counts[index]))
                 return
             if all(isinstance(answered, Assessed) for answered in answers):
                 batches = [answered.batch for answered in answers]
@@ -326,15 +326,11 @@ class PredictionObserver:
                 signals["outside"] = np.concatenate([batch.outside for batch in batches])
                 if batches[0].reduced is not None:
                     signals["embedding"] = np.concatenate([batch.reduced for batch in batches])
-            # One increment per bin reached, not per prediction; the class counts serve
-            # imgclf_predictions_total too.
+            # One increment per bin reached, not per prediction.
             for signal, counts in self.reference_bins.counts(signals).items():
                 children = self._bins[signal]
                 for index in np.flatnonzero(counts).tolist():
-                    amount = int(counts[index])
-                    BUFFER.inc(children[index], amount)
-                    if signal == "class":
-                        BUFFER.inc(self._class_counters[index], amount)
+                    BUFFER.inc(children[index], int(counts[index]))
             self.monitor.add(signals)
 
     def compute_drift(self) -> dict | None:
