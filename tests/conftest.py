@@ -34,6 +34,7 @@ SAVE_FORMATS = [  # (suffix, Pillow format, mode): the formats a class folder ma
 SLOW_FIXTURES = frozenset(
     {
         "trained_run",
+        "published_export",
         "published_model",
         "digits_run",
         "digits_model",
@@ -166,20 +167,23 @@ def trained_run(tmp_path_factory, small_dataset) -> Path:
 
 
 @pytest.fixture(scope="session")
-def published_model(tmp_path_factory, trained_run) -> Path:
-    """``trained_run`` exported by the real CLI (fp32 + int8) into a model repository."""
+def published_export(tmp_path_factory, trained_run) -> tuple[Path, str]:
+    """``trained_run`` exported by the real CLI (fp32 + int8) into a model repository, with
+    TensorFlow's native log level at its default, as in a user's shell; and what the export
+    wrote to stderr."""
     repository = tmp_path_factory.mktemp("repository")
-    cli_ok(
-        "export",
-        str(trained_run),
-        "--repository",
-        str(repository),
-        "--name",
-        "tiny",
-        "--int8",
-        "--no-register",
+    result = run_cli(
+        *("export", str(trained_run), "--repository", str(repository)),
+        *("--name", "tiny", "--int8", "--no-register"),
+        env={"TF_CPP_MIN_LOG_LEVEL": "0"},
     )
-    return repository / "tiny" / "1"
+    assert result.returncode == 0, result.stderr[-3000:]
+    return repository / "tiny" / "1", result.stderr
+
+
+@pytest.fixture(scope="session")
+def published_model(published_export) -> Path:
+    return published_export[0]
 
 
 @pytest.fixture(scope="session")

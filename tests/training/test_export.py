@@ -261,11 +261,15 @@ def test_missing_or_corrupt_checkpoint_is_one_line(tmp_path, trained_run):
         "best.keras does not exist",
     )
     (broken / "best.keras").write_bytes(b"PK\x03\x04 this is not a keras archive")
-    assert_one_line_error(
-        run_cli("export", str(broken), "--repository", str(tmp_path / "r")),
-        "cannot load",
-        "best.keras",
+    # With --verbose and TensorFlow's log level at its default: still one error line, and
+    # TensorFlow's native start-up lines shown (hidden without --verbose; the oneDNN line
+    # only on CPUs where TensorFlow turns oneDNN on).
+    corrupt = run_cli(
+        *("--verbose", "export", str(broken), "--repository", str(tmp_path / "r")),
+        env={"TF_CPP_MIN_LOG_LEVEL": "0"},
     )
+    assert_one_line_error(corrupt, "cannot load", "best.keras")
+    assert any(noise in corrupt.stderr for noise in ("absl::InitializeLog", "oneDNN custom"))
     assert not (tmp_path / "r" / "broken_run").exists() or not version_numbers(
         tmp_path / "r" / "broken_run"
     )
