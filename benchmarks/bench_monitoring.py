@@ -28,6 +28,7 @@ from benchmarks.bench_service import (
     Process,
     digit_jpegs,
     free_port,
+    paired_interval,
     ratio_rows,
     side_by_side,
     side_by_side_header,
@@ -97,11 +98,16 @@ def main() -> None:
             for server in servers.values():
                 server.stop()
     print(side_by_side_header(model_dir, args))
-    rows = ratio_rows(results, "off")  # the last configuration: the baseline
-    print(table(["monitoring", "requests/s (median)", "rounds", "vs off", "vs off, paired"], rows))
-    print("\nCPU time of each server's processes per request (ms), in the same rounds:\n")
-    rows = ratio_rows(cpu, "off")
-    print(table(["monitoring", "CPU ms/request (median)", "rounds", "vs off", "paired"], rows))
+    for figures, what, title in (
+        (results, "requests/s (median)", ""),
+        (cpu, "CPU ms/request (median)", "CPU time of each server's processes per request (ms)"),
+    ):
+        if title:
+            print(f"\n{title}, in the same rounds:\n")
+        interval = paired_interval(figures, "off")  # the last configuration: the baseline
+        rows = [[*row, interval[row[0]]] for row in ratio_rows(figures, "off")]
+        headers = ["monitoring", what, "rounds", "vs off", "vs off, paired", "90 % interval"]
+        print(table(headers, rows))
 
 
 if __name__ == "__main__":

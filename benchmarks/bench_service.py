@@ -217,6 +217,26 @@ def ratio_rows(results: dict[str, list[float]], baseline: str) -> list[list]:
     ]
 
 
+def paired_interval(
+    results: dict[str, list[float]],
+    baseline: str,
+    confidence: float = 0.9,
+    replicates: int = 10_000,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Per configuration, the bootstrap interval (rounds resampled) of its median
+    round-by-round ratio to ``baseline``: on a machine whose speed drifts, how far the paired
+    figure can be trusted."""
+    rng = np.random.default_rng(seed)
+    intervals = {}
+    for name, rounds in results.items():
+        ratios = np.asarray(rounds) / np.asarray(results[baseline])
+        medians = np.median(ratios[rng.integers(0, len(ratios), (replicates, len(ratios)))], 1)
+        low, high = np.quantile(medians, [(1 - confidence) / 2, (1 + confidence) / 2])
+        intervals[name] = f"{(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}%"
+    return intervals
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
