@@ -236,7 +236,12 @@ def export(
 
     read_run(run_dir)  # a mistyped run fails here, before TensorFlow is imported
     from serving.registry import store_versions
+    from training.publish import destination
 
+    # A version new in the store too: it outlives `make clean` of the repository.
+    taken = store_versions if register else None
+    # A bad name or a taken version fails here too (the export checks again to publish).
+    destination(run_dir, repository, name, version, force=force, taken_versions=taken)
     with quiet_native_logs():
         from training.export import export as run_export
 
@@ -249,8 +254,7 @@ def export(
             int8_activation_type=int8_activations,
             force=force,
             max_batch_size=max_batch_size,
-            # A version new in the store too: it outlives `make clean` of the repository.
-            taken_versions=store_versions if register else None,
+            taken_versions=taken,
         )
     for runtime, summary in result.parity["summary"].items():
         typer.echo(

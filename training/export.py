@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,8 +28,8 @@ from monitoring import embedding as embedding_drift
 from monitoring.drift import build_reference_profile, image_signals
 from monitoring.estimate import CALIBRATION, fit_calibration
 from monitoring.performance import held_out_performance
-from serving.core.errors import ConfigError, ModelError
-from serving.core.files import fsync_dir, fsync_tree, write_json
+from serving.core.errors import ModelError
+from serving.core.files import write_json
 from serving.core.model_dir import (
     EMBEDDING_NAME,
     INPUT_NAME,
@@ -42,17 +41,15 @@ from serving.core.model_dir import (
     REFERENCE_PROFILE,
     SAVED_MODEL,
     file_hashes,
-    version_numbers,
 )
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
-from serving.registry import check_model_name
 from training import datasets, parity, quantize
+from training.publish import STAGING_PREFIX, destination, publish, remove_stale_staging
 from training.train import BEST_MODEL
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-STAGING_PREFIX = ".staging-"
 
 
 @dataclass
@@ -86,12 +83,11 @@ def export(
     classes = run_info["classes"]
     splits = datasets.read_manifest(run_dir)
 
-    name = check_model_name(name or _default_name(run_dir))
-    model_root = Path(repository) / name
-    taken = taken_versions(name) if taken_versions is not None else set()
-    version = _choose_version(model_root, version, force=force, taken=taken)
+    name, model_root, version = destination(
+        run_dir, repository, name, version, force=force, taken_versions=taken_versions
+    )
     model_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(model_root)
+    remove_stale_staging(model_root)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_root))
     try:
         features = with_embedding(model)
@@ -131,11 +127,11 @@ def export(
                 set_onnx_metadata(staging / onnx_file, metadata)
         metadata["files"] = file_hashes(staging)
         write_json(staging / METADATA, metadata)
-        destination = _publish(staging, model_root, version, force=force)
+        published = publish(staging, model_root, version, force=force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ExportResult(destination, name, version, report, int8_report)
+    return ExportResult(published, name, version, report, int8_report)
 
 
 def load_checkpoint(path: Path) -> keras.Model:
@@ -327,58 +323,3 @@ def _saved_model_predictor(path: Path):
         return signature(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME].numpy()
 
     return predict
-
-
-def _default_name(run_dir: Path) -> str:
-    cleaned = "".join(
-        c if c.isalnum() or c in "-_." else "-" for c in run_dir.resolve().name.lower()
-    )
-    return cleaned.strip("-_.") or "model"
-
-
-def _choose_version(
-    model_root: Path, version: int | None, *, force: bool, taken: set[int] = frozenset()
-) -> int:
-    """The next version free in the repository and in ``taken`` (BentoML's model store,
-    which outlives a `make clean` of the repository), or ``version`` if it is free."""
-    existing = version_numbers(model_root)
-    if version is None:
-        return max([0, *existing, *taken]) + 1
-    if version in taken and not force:
-        raise ConfigError(
-            f"version {version} of {model_root.name} is already in BentoML's model store; "
-            "pass --force to replace it, or leave --version out"
-        )
-    if version < 1:
-        raise ConfigError(f"--version must be a positive integer, got {version}")
-    if version in existing and not force:
-        raise ConfigError(
-            f"version {version} of {model_root.name} already exists; pass --force to replace it"
-        )
-    return version
-
-
-def _remove_stale_staging(model_root: Path) -> None:
-    """Staging folders left by a crashed export; never seen by readers (dot-names)."""
-    for leftover in model_root.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _publish(staging: Path, model_root: Path, version: int, *, force: bool) -> Path:
-    fsync_tree(staging)
-    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
-    destination = model_root / str(version)
-    retired = None
-    if destination.exists():
-        if not force:
-            raise ConfigError(f"version {version} of {model_root.name} was published meanwhile")
-        retired = model_root / f".retired-{version}-{os.getpid()}"
-        os.rename(destination, retired)
-    try:
-        os.rename(staging, destination)
-    except OSError as error:
-        raise ConfigError(f"cannot publish {destination}: {error.strerror}") from error
-    fsync_dir(model_root)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
-    return destination

@@ -144,6 +144,9 @@ def test_make_clean_then_export_again_against_the_same_store(trained_run, tmp_pa
     assert second.returncode == 0, second.stderr[-2000:]
     assert "registered BentoML model again:2" in second.stdout
     assert sorted(p.name for p in (repository / "again").iterdir()) == ["2"]
-    clash = run_cli(*arguments, "--version", "1")
+    # Refused before TensorFlow is imported: with --verbose at TensorFlow's default log
+    # level, an import would print its native start-up lines.
+    clash = run_cli("--verbose", *arguments, "--version", "1", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert_one_line_error(clash, "already in BentoML's model store")
+    assert not any(noise in clash.stderr for noise in ("absl::InitializeLog", "oneDNN custom"))
     assert not (repository / "again" / "1").exists()

@@ -70,7 +70,7 @@ def test_a_version_published_while_serving_is_never_half_read(tmp_path, publishe
     """Readers resolve the newest version and load it while versions are published in a
     loop through the exporter's own staging-and-rename."""
     pytest.importorskip("tensorflow")
-    from training.export import STAGING_PREFIX, _publish
+    from training.publish import STAGING_PREFIX, publish
 
     repository = tmp_path / "repo" / "tiny"
     copy_model(published_model, repository / "1")
@@ -94,7 +94,7 @@ def test_a_version_published_while_serving_is_never_half_read(tmp_path, publishe
         metadata = json.loads((staging / "metadata.json").read_text())
         metadata["version"] = version
         (staging / "metadata.json").write_text(json.dumps(metadata))
-        _publish(staging, repository, version, force=False)
+        publish(staging, repository, version, force=False)
         time.sleep(0.05)
     stop.set()
     for thread in threads:
