@@ -29,6 +29,10 @@ SAVE_FORMATS = [  # (suffix, Pillow format, mode): the formats a class folder ma
 ]
 
 
+#: TensorFlow's native start-up lines, printed when it is imported at its default log level
+#: (the oneDNN one only on CPUs where it turns oneDNN on) unless imgclf hides them.
+TF_NATIVE_LINES = ("absl::InitializeLog", "oneDNN custom operations")
+
 #: Fixtures that train, export or start a service: every test using one is marked slow, so
 #: that ``pytest -m "not slow"`` (make test-fast) is the quick subset for day-to-day work.
 SLOW_FIXTURES = frozenset(

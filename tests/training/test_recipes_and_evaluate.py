@@ -13,7 +13,7 @@ from PIL import Image
 
 pytest.importorskip("tensorflow")
 
-from tests.conftest import assert_one_line_error, cli_ok, run_cli
+from tests.conftest import TF_NATIVE_LINES, assert_one_line_error, cli_ok, run_cli
 from training.config import Config, annotated_yaml, resolve_config
 
 
@@ -68,12 +68,7 @@ def test_a_run_that_does_not_learn_says_so_and_exits_3(tmp_path):
 
 
 #: TensorFlow's, absl's and the converters' start-up chatter, none of it ours.
-NATIVE_NOISE = (
-    "absl::InitializeLog",
-    "oneDNN custom operations",
-    "INFO tf2onnx",
-    "INFO tensorflow",
-)
+NATIVE_NOISE = (*TF_NATIVE_LINES, "INFO tf2onnx", "INFO tensorflow")
 
 
 def test_export_hides_tensorflows_native_start_up_lines(published_export):
@@ -148,5 +143,5 @@ def test_make_clean_then_export_again_against_the_same_store(trained_run, tmp_pa
     # level, an import would print its native start-up lines.
     clash = run_cli("--verbose", *arguments, "--version", "1", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert_one_line_error(clash, "already in BentoML's model store")
-    assert not any(noise in clash.stderr for noise in ("absl::InitializeLog", "oneDNN custom"))
+    assert not any(line in clash.stderr for line in TF_NATIVE_LINES)
     assert not (repository / "again" / "1").exists()
