@@ -133,10 +133,11 @@ def small_dataset(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("small") / "images", 40, (0, 1, 2, 3, 4))
 
 
-def cli_ok(*args: str, env: dict | None = None) -> None:
+def cli_ok(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run an imgclf command that a fixture depends on; fail with its stderr if it fails."""
     result = run_cli(*args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def overrides(**values) -> list[str]:
@@ -176,12 +177,11 @@ def published_export(tmp_path_factory, trained_run) -> tuple[Path, str]:
     TensorFlow's native log level at its default, as in a user's shell; and what the export
     wrote to stderr."""
     repository = tmp_path_factory.mktemp("repository")
-    result = run_cli(
+    result = cli_ok(
         *("export", str(trained_run), "--repository", str(repository)),
         *("--name", "tiny", "--int8", "--no-register"),
         env={"TF_CPP_MIN_LOG_LEVEL": "0"},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     return repository / "tiny" / "1", result.stderr
 
 
