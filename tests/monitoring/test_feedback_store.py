@@ -3,6 +3,9 @@ server with two workers is tested in tests/monitoring/test_live_monitoring.py)."
 
 from __future__ import annotations
 
+import multiprocessing
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -146,3 +149,36 @@ def test_a_store_from_before_versions_gains_the_column(tmp_path):
         }
     finally:
         store.close()
+
+
+def _open_at_once(path: str, barrier, failures) -> None:
+    barrier.wait()
+    try:
+        FeedbackStore(Path(path), CLASSES).close()
+    except Exception as error:  # what a worker would die of
+        failures.put(repr(error))
+
+
+@pytest.mark.slow
+def test_workers_opening_a_new_store_at_the_same_moment_all_succeed(tmp_path):
+    """Every worker of a server opens the store when it starts, all at once. Without the
+    lock around the set-up, 8 processes opening a new store together failed with "database
+    is locked" in about 1 round of 40 (SQLite does not wait for a concurrent switch to WAL):
+    a worker that died at start."""
+    context = multiprocessing.get_context("fork")
+    failures = context.Queue()
+    for round_ in range(100):
+        barrier = context.Barrier(8)
+        path = str(tmp_path / f"store-{round_}.sqlite3")
+        openers = [
+            context.Process(target=_open_at_once, args=(path, barrier, failures)) for _ in range(8)
+        ]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(timeout=60)
+            assert opener.exitcode == 0
+    found = []
+    while not failures.empty():
+        found.append(failures.get())
+    assert found == []
