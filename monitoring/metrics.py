@@ -122,6 +122,17 @@ READY = Gauge(
     "1 when every live worker is loaded and warmed up and not draining, else 0.",
     multiprocess_mode="livemin",
 )
+WORKERS = Gauge(
+    "imgclf_workers",
+    "Worker processes the server is configured to run.",
+    multiprocess_mode="max",
+)
+WORKERS_READY = Gauge(
+    "imgclf_workers_ready",
+    "Worker processes that are loaded, warmed up and not draining (below imgclf_workers "
+    "while a dead worker is being replaced).",
+    multiprocess_mode="livesum",
+)
 MODEL_LOAD_SECONDS = Gauge(
     "imgclf_model_load_seconds",
     "Seconds a worker took to verify and load the model (the slowest worker).",

@@ -68,6 +68,10 @@ class WorkerObserver:
 
     def ready(self, ready: bool) -> None:
         metrics.READY.set(1 if ready else 0)
+        metrics.WORKERS_READY.set(1 if ready else 0)
+
+    def configured(self, workers: int) -> None:
+        metrics.WORKERS.set(workers)
 
     def replaced(self, dead_workers: int) -> None:
         metrics.WORKER_DEATHS.inc(dead_workers)

@@ -33,6 +33,7 @@ from serving.web.middleware import MergeOpenAPIPaths, PlainErrorsAsJSON, build_a
 from serving.web.oip import oip_routes
 from serving.web.requests import REQUEST_ID_HEADER, parse_top_k, read_uploads, request_id
 from serving.web.settings import ServingSettings, default_decode_threads, default_workers
+from serving.web.supervision import replace_dead_workers
 from serving.web.worker import start_worker
 
 SETTINGS = ServingSettings.from_env()
@@ -43,7 +44,8 @@ DECODE_THREADS = SETTINGS.decode_threads or default_decode_threads(PROVIDER, WOR
 ORT_THREADS = SETTINGS.intra_op_threads or max(1, (os.cpu_count() or 1) // WORKERS)
 WORKER_METRICS = WorkerObserver() if SETTINGS.monitoring else None
 LIFECYCLE = Lifecycle(on_ready=WORKER_METRICS.ready if WORKER_METRICS else None)
-http_limits.install(SETTINGS.max_header_bytes)  # before BentoML starts this worker's uvicorn
+# Before BentoML starts this worker's uvicorn.
+http_limits.install(SETTINGS.max_header_bytes, SETTINGS.keep_alive_timeout_s)
 
 
 @bentoml.service(
@@ -120,6 +122,11 @@ class ImageClassifier:
             return {**worker.describe(), "limits": vars(worker.limits)}
 
         return await handle(request, "metadata", work)
+
+    @bentoml.on_deployment
+    def prepare_server() -> None:
+        """Once, in the server's main process, before any worker starts."""
+        replace_dead_workers()
 
     @bentoml.on_shutdown
     def close(self) -> None:

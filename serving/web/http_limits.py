@@ -1,4 +1,5 @@
-"""A bound on a request's header bytes, enforced while they arrive.
+"""The worker's HTTP protocol: a bound on a request's header bytes, enforced while they
+arrive, and how long an idle keep-alive connection is kept.
 
 BentoML's workers run uvicorn with httptools, which has no limit of its own: a 128 MiB
 header took 22 s to parse (httptools joins each header's pieces as they come) and held every
@@ -7,10 +8,18 @@ is several times slower. So each worker runs uvicorn's httptools protocol with a
 a request whose request line and headers pass ``max_header_bytes`` before they end is
 answered 431 and its connection closed, after at most one more read (256 KiB) was parsed.
 
+uvicorn closes an idle keep-alive connection after 5 s by default, while the balancers in
+front of such a service keep theirs for 60 s and more: a balancer that sends a request on a
+connection the server is closing at that moment answers it 502 (the well-known source of
+intermittent 502s behind AWS ALB or nginx). BentoML passes uvicorn its own keep-alive timeout
+only when ``bentoml serve --timeout-keep-alive`` is given, which a Bento's container does
+not; so the protocol sets ``keep_alive_timeout_s`` itself.
+
 BentoML builds the uvicorn configuration itself, with no way to name a protocol class, so
 ``install`` points uvicorn's ``"auto"`` protocol at this one in the worker process before
 uvicorn loads it (uvicorn 0.54, pinned; ``tests/serving/web/test_hostile_callers.py``
-sends the oversized header to a real server).
+sends the oversized header to a real server, ``tests/serving/web/test_drain.py`` holds an
+idle connection).
 """
 
 from __future__ import annotations
@@ -21,8 +30,9 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def bounded_protocol(max_header_bytes: int):
-    """uvicorn's httptools protocol, answering 431 once a request's head passes the limit."""
+def bounded_protocol(max_header_bytes: int, keep_alive_timeout_s: int = 5):
+    """uvicorn's httptools protocol, answering 431 once a request's head passes the limit,
+    and keeping idle connections ``keep_alive_timeout_s``."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     body = json.dumps(
@@ -37,6 +47,10 @@ def bounded_protocol(max_header_bytes: int):
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         limit = max_header_bytes
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.timeout_keep_alive = keep_alive_timeout_s  # read when a response ends
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -63,15 +77,16 @@ def bounded_protocol(max_header_bytes: int):
     return BoundedHttpToolsProtocol
 
 
-def install(max_header_bytes: int) -> bool:
+def install(max_header_bytes: int, keep_alive_timeout_s: int) -> bool:
     """Make this process's uvicorn servers use the bounded protocol; False when httptools is
-    not installed (uvicorn then runs h11, whose own limit is 16 KiB)."""
+    not installed (uvicorn then runs h11, whose own limit is 16 KiB, with its own
+    keep-alive timeout)."""
     try:
         import httptools  # noqa: F401
         from uvicorn import config
     except ImportError:
         return False
-    protocol = bounded_protocol(max_header_bytes)
+    protocol = bounded_protocol(max_header_bytes, keep_alive_timeout_s)
     # uvicorn imports the class named by "module:attribute" from this table when it starts.
     globals()["BoundedHttpToolsProtocol"] = protocol
     config.HTTP_PROTOCOLS["auto"] = config.HTTP_PROTOCOLS["httptools"] = (

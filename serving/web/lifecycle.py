@@ -1,11 +1,13 @@
 """A worker's life: loading, warming, ready, draining (or failed), and the requests in flight.
 
-``/readyz`` answers from here, with the reason when it is not ready. On SIGTERM a worker must
-report unready at once, keep answering (the load balancer may still send requests until it
-sees the 503), finish what is in flight, and only then stop. uvicorn stops accepting
-connections the moment it sees SIGTERM, while BentoML's process manager still holds the
-listening socket (so new connections would hang, not even get a 503); hence
-``drain_before_exit`` hands SIGTERM to uvicorn only once the worker is idle.
+``/readyz`` answers from here, with the reason when it is not ready, and with how many of the
+server's workers serve. On SIGTERM a worker must report unready at once, keep answering new
+requests for a drain window (a load balancer keeps sending until it has seen the 503 or the
+orchestrator's endpoint removal has reached it), each answer with ``Connection: close`` so
+that no keep-alive connection outlives the window, then finish what is in flight and stop.
+uvicorn stops accepting connections the moment it sees SIGTERM, while BentoML's process
+manager still holds the listening socket (so new connections would hang, not even get a
+503); hence ``drain_before_exit`` hands SIGTERM to uvicorn only once the window has passed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,16 @@ class Lifecycle:
     def __init__(self, on_ready: Callable[[bool], None] | None = None) -> None:
         self.state = LOADING
         self.detail = "loading the model"
-        self._on_ready = on_ready
+        self._on_ready = [on_ready] if on_ready else []
         self._in_flight = 0
         self._idle = threading.Condition()
+        #: () -> {"ready": n, "of": N}: the server's workers that serve, where a server runs
+        #: around this worker (``serving.web.supervision.WorkerRoll.census``).
+        self.census: Callable[[], dict] | None = None
+
+    def on_ready(self, callback: Callable[[bool], None]) -> None:
+        """Also tell ``callback`` of every change of readiness (from now on)."""
+        self._on_ready.append(callback)
 
     @property
     def ready(self) -> bool:
@@ -47,8 +56,8 @@ class Lifecycle:
             return  # nothing brings a draining worker back
         self.state, self.detail = state, detail
         log.info("worker %s%s", state, f": {detail}" if detail else "")
-        if self._on_ready is not None:
-            self._on_ready(self.ready)
+        for callback in self._on_ready:
+            callback(self.ready)
 
     def started(self) -> None:
         with self._idle:
@@ -65,12 +74,21 @@ class Lifecycle:
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
 
+    @property
+    def draining(self) -> bool:
+        return self.state == DRAINING
+
     def readiness(self) -> tuple[int, dict]:
-        """What ``/readyz`` answers: 200, or 503 with the state and why."""
+        """What ``/readyz`` answers: 200, or 503 with the state and why; with the server's
+        workers that serve, of how many, where a server runs around this worker. A server
+        below its worker count (one died and is being replaced) still answers 200 from its
+        ready workers, and says so: its balancer should keep sending, its operator should
+        know (``imgclf_workers_ready`` and the alert ``ImgclfWorkersMissing``)."""
+        workers = {"workers": self.census()} if self.census else {}
         if self.ready:
-            return 200, {"status": READY}
+            return 200, {"status": READY, **workers}
         reason = f"not ready: {self.state}" + (f" ({self.detail})" if self.detail else "")
-        return 503, {"error": reason, "status": self.state}
+        return 503, {"error": reason, "status": self.state, **workers}
 
 
 class LifecycleMiddleware:
@@ -100,30 +118,58 @@ class LifecycleMiddleware:
             return
         self.lifecycle.started()
         try:
-            await self.app(scope, receive, send)
+            if self.lifecycle.draining:
+                await self.app(scope, receive, _closing(send))
+            else:
+                await self.app(scope, receive, send)
         finally:
             self.lifecycle.finished()
 
 
-def drain_before_exit(lifecycle: Lifecycle, timeout_s: float) -> bool:
-    """On SIGTERM: report ``draining`` at once, and pass the signal on to the server's own
-    handler (uvicorn's, which stops accepting and exits) once no request is in flight, or
-    after ``timeout_s``. Call it from the worker's main thread while the server runs (the
-    service's constructor); returns False where there is no server handler to defer."""
+def _closing(send):
+    """``send``, with ``Connection: close`` on the answer: while a worker drains, a client
+    must not keep a connection that the worker closes when its window ends (a request sent
+    on it at that moment would be lost, not refused)."""
+
+    async def send_closing(message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return send_closing
+
+
+def drain_before_exit(lifecycle: Lifecycle, window_s: float, timeout_s: float) -> bool:
+    """On SIGTERM: report ``draining`` at once and keep serving for ``window_s``; then pass
+    the signal on to the server's own handler (uvicorn's, which stops accepting and waits for
+    the requests in flight) once no request is in flight, or stop at ``timeout_s`` after the
+    signal whatever is in flight. Call it from the worker's main thread while the server
+    runs (the service's constructor); returns False where there is no server handler to
+    defer."""
     if threading.current_thread() is not threading.main_thread():
         return False  # in-process (tests): no server, no signals
     stop_server = signal.getsignal(signal.SIGTERM)
     if not callable(stop_server):
         return False
+    window_s = min(window_s, timeout_s)
 
     def on_sigterm(signum, frame) -> None:
-        if lifecycle.state == DRAINING:
+        if lifecycle.draining:
             return  # the process manager repeats the signal; one drain is enough
-        lifecycle.set(DRAINING, f"SIGTERM; finishing {lifecycle.in_flight} request(s)")
+        lifecycle.set(
+            DRAINING,
+            f"SIGTERM; serving {window_s:g} s more, then finishing what is in flight "
+            f"({lifecycle.in_flight} request(s) now)",
+        )
 
-        def stop_when_idle() -> None:
+        def stop_after_window() -> None:
             started = time.monotonic()
-            drained = lifecycle.wait_until_idle(timeout_s)
+            time.sleep(window_s)
+            log.info(
+                "drain window of %g s over: finishing %d request(s)", window_s, lifecycle.in_flight
+            )
+            drained = lifecycle.wait_until_idle(max(0.0, timeout_s - window_s))
             log.info(
                 "drain %s after %.2f s; stopping",
                 "complete" if drained else f"timed out ({lifecycle.in_flight} in flight)",
@@ -131,7 +177,7 @@ def drain_before_exit(lifecycle: Lifecycle, timeout_s: float) -> bool:
             )
             stop_server(signum, frame)
 
-        threading.Thread(target=stop_when_idle, name="drain", daemon=True).start()
+        threading.Thread(target=stop_after_window, name="drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     return True

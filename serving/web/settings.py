@@ -122,12 +122,28 @@ class ServingSettings(BaseModel):
         None, ge=1, description="Requests in flight per worker before 429/503 load shedding."
     )
     timeout_s: int = Field(30, ge=1, description="Request timeout in seconds.")
+    drain_window_s: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM a worker answers /readyz 503 but keeps serving new requests "
+        "for this long (each answer with 'Connection: close'), so that a load balancer still "
+        "sending to it loses nothing while it notices; then it finishes what is in flight. "
+        "Raise it to your balancer's health-check interval times its failure threshold.",
+    )
     drain_timeout_s: float = Field(
         25.0,
         ge=0,
-        description="On SIGTERM a worker answers /readyz 503 and finishes the requests in "
-        "flight for at most this long before it exits (BentoML's process manager kills "
-        "workers 30 s after SIGTERM).",
+        description="On SIGTERM a worker stops at most this long after the signal, the drain "
+        "window included, whatever is still in flight. Give the container a grace period "
+        "above it (docker stop -t 30, terminationGracePeriodSeconds: 30).",
+    )
+    keep_alive_timeout_s: int = Field(
+        75,
+        ge=1,
+        description="An idle keep-alive connection is closed after this many seconds. Above "
+        "the idle timeout of the balancer in front (AWS ALB 60 s, nginx upstream 60 s, "
+        "Google Cloud's 600 s: raise it to 620 there), or the balancer may send a request "
+        "on a connection the server is closing, and answer it 502.",
     )
     version_poll_s: float = Field(
         2.0,
@@ -244,6 +260,11 @@ class ServingSettings(BaseModel):
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) cannot exceed "
                 f"max_batch_size ({self.max_batch_size}): one request must fit one batch"
+            )
+        if self.drain_window_s > self.drain_timeout_s:
+            raise ValueError(
+                f"drain_window_s ({self.drain_window_s:g}) cannot exceed drain_timeout_s "
+                f"({self.drain_timeout_s:g}): the window is part of the drain"
             )
         try:
             normalise_buckets(self.batch_buckets, self.max_batch_size)  # the runtime's check

@@ -8,6 +8,8 @@ worker keeps a card (its pid and start time) in the server's runtime folder whil
 a worker that starts and finds the card of a process that is gone claims it (one rename, so
 exactly one worker does), logs the death, counts it in ``imgclf_worker_deaths_total`` and
 removes the dead process's gauge files. Its counters and histograms stay: they are totals.
+The card also says whether its worker is ready, so that any worker can tell how many of the
+server's workers serve (``census``, in ``/readyz`` and ``/metadata``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,24 @@ SERVER_PID_VARIABLE = "IMGCLF_SERVER_PID"
 _PR_SET_PDEATHSIG = 1
 
 
+#: Set in every Bento image; BentoML 1.4.40's process manager then never replaces a dead worker
+#: (``bentoml.serving.create_watcher``: ``respawn=not running_inside_container()``).
+CONTAINER_VARIABLE = "BENTOML_CONTAINERIZED"
+
+
+def replace_dead_workers() -> None:
+    """Have the server replace a worker that dies, in a container as anywhere else.
+
+    Inside a container BentoML leaves a dead worker dead, expecting the orchestrator to
+    restart the container; but the container's main process lives on with one worker fewer,
+    so no orchestrator ever does (a worker killed in a two-worker container left it serving
+    on one, for good, while ``/readyz`` said ready). Call it in the server's main process
+    before the workers' watcher is made: the service's ``on_deployment`` hook, which BentoML
+    runs just there. The container test kills a worker and waits for its replacement.
+    """
+    os.environ.pop(CONTAINER_VARIABLE, None)
+
+
 def die_with_server() -> bool:
     """Linux: have the kernel send this worker SIGTERM when the process that started it
     exits, so that a SIGKILL of the main process (killing its process group does not reach
@@ -49,10 +69,13 @@ def die_with_server() -> bool:
 class WorkerRoll:
     """The cards of a server's live workers, in ``folder`` (the server's runtime folder)."""
 
-    def __init__(self, folder: Path, pid: int | None = None) -> None:
+    def __init__(self, folder: Path, pid: int | None = None, workers: int = 1) -> None:
         self.metrics_folder = Path(folder)
         self.folder = self.metrics_folder / "imgclf-workers"
         self.pid = pid or os.getpid()
+        #: The server's configured worker count.
+        self.workers = workers
+        self._created = 0.0
 
     def join(self) -> list[int]:
         """Claim the cards of dead workers (removing their gauges), then lay down this
@@ -75,12 +98,28 @@ class WorkerRoll:
                 gauge.unlink(missing_ok=True)
             claimed.unlink(missing_ok=True)
             dead.append(facts["pid"])
+        self._created = psutil.Process(self.pid).create_time()
+        self.mark(ready=False)
+        return dead
+
+    def mark(self, ready: bool) -> None:
+        """Lay down (or rewrite) this worker's card, saying whether it is ready."""
         own = self.folder / f"{self.pid}.json"
         partial = own.with_suffix(".tmp")
-        created = psutil.Process(self.pid).create_time()
-        partial.write_text(json.dumps({"pid": self.pid, "created": created}))
+        partial.write_text(json.dumps({"pid": self.pid, "created": self._created, "ready": ready}))
         partial.replace(own)
-        return dead
+
+    def census(self) -> dict:
+        """``{"ready": n, "of": N}``: the workers whose process runs and who say they are
+        ready, of the server's configured count."""
+        ready = 0
+        for card in self.folder.glob("*.json"):
+            try:
+                facts = json.loads(card.read_text())
+            except (OSError, ValueError):
+                continue  # being claimed by another worker
+            ready += bool(facts.get("ready")) and _alive(facts["pid"], facts["created"])
+        return {"ready": ready, "of": self.workers}
 
     def leave(self) -> None:
         """This worker is shutting down as asked: not a death."""

@@ -50,7 +50,12 @@ def start_worker(
     """Load and verify the model (failing start-up at once if it cannot), build the worker's
     parts, and warm every batch bucket on a background thread; then watch the repository's
     version roles (``serving.web.versions``)."""
-    roll = supervise(metrics)
+    roll = supervise(metrics, workers)
+    if roll is not None:
+        lifecycle.census = roll.census
+        lifecycle.on_ready(roll.mark)
+    if metrics:
+        metrics.configured(workers)
     if settings.monitoring:
         BUFFER.start()
         # Monitoring's small matrix products (the estimate per batch, the domain classifier
@@ -131,7 +136,8 @@ def start_worker(
             "state": lifecycle.state,
             # Each worker keeps its own drift window: say whose figures these are. The fleet's
             # figures are on /metrics (the drift gauges take the fullest live worker's).
-            "worker": {"pid": os.getpid(), "of": workers},
+            "worker": {"pid": os.getpid(), "of": workers}
+            | ({"ready": roll.census()["ready"]} if roll else {}),
             "monitoring": None
             if predictions is None
             else {
@@ -167,7 +173,7 @@ def start_worker(
     )
     if metrics:
         metrics.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)
-    drain_before_exit(lifecycle, settings.drain_timeout_s)
+    drain_before_exit(lifecycle, settings.drain_window_s, settings.drain_timeout_s)
     threading.Thread(
         target=warm_up, args=(versions, lifecycle, metrics), name="warm-up", daemon=True
     ).start()
@@ -182,7 +188,7 @@ def server_folder() -> Path | None:
     return Path(folder) if folder else None
 
 
-def supervise(metrics: WorkerObserver | None) -> WorkerRoll | None:
+def supervise(metrics: WorkerObserver | None, workers: int) -> WorkerRoll | None:
     """In a server's worker process (``serving.web.supervision``): die with the server, join
     its roll of workers and report the ones found dead. None in-process (no runtime
     folder: no server around it)."""
@@ -190,7 +196,7 @@ def supervise(metrics: WorkerObserver | None) -> WorkerRoll | None:
     if folder is None:
         return None
     die_with_server()
-    roll = WorkerRoll(folder)
+    roll = WorkerRoll(folder, workers=workers)
     dead = roll.join()
     for pid in dead:
         log.warning(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import subprocess
@@ -19,23 +18,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from monitoring import metrics
 from serving.core.roles import set_shadow
-from tests.conftest import REPO
-from tests.serving.conftest import Server, free_port
+from tests.monitoring.prometheus_server import MONITORING, is_ready, query, start_prometheus, tool
+from tests.serving.conftest import Server
 from tests.serving.variants import publish_variant, tamper
 from training.datasets import read_manifest
 
-MONITORING = REPO / "monitoring"
 RATE_INTERVAL = "1m"
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        message = f"{name} is not installed (Debian package prometheus; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -110,36 +98,13 @@ def served(digits_model, digits_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prometheus(served, tmp_path_factory):
-    binary = tool("prometheus")
     workdir = tmp_path_factory.mktemp("prometheus")
-    shutil.copy(MONITORING / "prometheus" / "rules.yml", workdir / "rules.yml")
-    config = yaml.safe_load((MONITORING / "prometheus" / "prometheus.yml").read_text())
-    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config["scrape_configs"][0]["static_configs"] = [
-        {"targets": [served.url.removeprefix("http://")]}
-    ]
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={workdir / 'prometheus.yml'}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_prometheus([served.url.removeprefix("http://")], workdir)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:  # until drift has been computed and scraped
-            try:
-                ready = httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
-            except httpx.TransportError:
-                ready = False
             if (
-                ready
+                is_ready(url)
                 and query(url, "imgclf_drift_js_distance")
                 and query(url, f"rate(imgclf_requests_total[{RATE_INTERVAL}]) > 0")
             ):
@@ -152,13 +117,6 @@ def prometheus(served, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-def query(url: str, expr: str) -> list:
-    response = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
-    body = response.json()
-    assert body["status"] == "success", (expr, body)
-    return body["data"]["result"]
 
 
 def our_metric_names() -> list[tuple[str, type]]:

@@ -23,6 +23,7 @@ def publish_variant(source: Path, version: int, *, noise: float = 0.0, seed: int
     float weight tensor moved by ``noise`` times its own standard deviation."""
     root = source.parent
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=root))
+    staging.chmod(0o755)  # as imgclf export leaves it: readable by a container's user
     shutil.copytree(source, staging, dirs_exist_ok=True)
     (staging / INT8_MODEL).unlink(missing_ok=True)
     if noise:

@@ -63,85 +63,30 @@ def test_sigterm_drains_requests_in_flight(published_model):
     seconds, as a phone on a poor network would) are in flight when the server's process
     group gets SIGTERM: /readyz turns 503 at once, every call is answered 200, then the
     server exits."""
-    import threading
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tests.serving.cases import large_photo
     from tests.serving.conftest import Server
+    from tests.serving.load import SlowUploads
 
-    boundary = "drainboundary"
-    photo = large_photo()
-    part = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="p.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + photo
-        + b"\r\n"
-    )
-    body = part * 2 + f"--{boundary}--\r\n".encode()
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    server = Server(published_model, args=("--workers", "1"))
+    server = Server(published_model, env={"IMGCLF_DRAIN_WINDOW_S": "1"}, args=("--workers", "1"))
     try:
         server.wait_ready()
-        connected = threading.Barrier(25)
-
-        def slowly():
-            chunk = len(body) // 20 + 1
-            for start in range(0, len(body), chunk):
-                yield body[start : start + chunk]
-                time.sleep(0.1)
-
-        def slow_call(_):
-            with httpx.Client(base_url=server.url, timeout=120) as client:
-                client.get("/livez")  # connected
-                connected.wait()
-                return client.post(
-                    "/predict_batch", content=slowly(), headers=headers, params={"top_k": "1"}
-                )
-
-        with ThreadPoolExecutor(24) as pool:
-            calls = [pool.submit(slow_call, i) for i in range(24)]
-            connected.wait()
-            deadline = time.time() + 1.5  # each upload lasts two seconds
-            while in_progress(server, "/predict_batch") < 24:
-                assert time.time() < deadline, "the 24 calls never were in flight together"
-                time.sleep(0.05)
+        with SlowUploads(server.url) as uploads:
             server.signal()
-            readiness = []
-            while not all(call.done() for call in calls):
-                try:
-                    readiness.append(httpx.get(server.url + "/readyz", timeout=5).status_code)
-                except httpx.TransportError:
-                    readiness.append(0)
-                time.sleep(0.1)
-            answers = [call.result() for call in calls]
+            answers = uploads.answers()
         assert [a.status_code for a in answers] == [200] * 24, [a.text for a in answers]
         assert all(len(a.json()) == 2 for a in answers)
         # Once the last answer has left the server, the drain ends and the worker stops
         # listening: probes sent after that (while the client reads the answer) may find no
         # server. Before that, every probe is a 503.
+        readiness = uploads.readiness
         while readiness and readiness[-1] == 0:
             readiness.pop()
         assert readiness and set(readiness) == {503}, readiness
         server.process.wait(timeout=60)
         log = server.output()
-        assert "SIGTERM; finishing 24 request(s)" in log, log[-2000:]
+        assert "finishing what is in flight (24 request(s) now)" in log, log[-2000:]
         assert "drain complete" in log, log[-2000:]
     finally:
         server.stop()
-
-
-def in_progress(server, endpoint: str) -> float:
-    """Requests in progress on ``endpoint``, from BentoML's own gauge."""
-    text = httpx.get(server.url + "/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("bentoml_service_request_in_progress{")
-        and f'endpoint="{endpoint}"' in line
-    )
 
 
 def test_real_server_becomes_ready_and_answers(server):

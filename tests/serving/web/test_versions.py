@@ -7,9 +7,7 @@ answering."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from serving.core.runtime import ClassifierRuntime
 from tests.conftest import assert_one_line_error, cli_ok, run_cli
 from tests.serving.cases import encode
 from tests.serving.conftest import Server
+from tests.serving.load import Load
 from tests.serving.variants import publish_variant, tamper
 from training.datasets import read_manifest
 
@@ -89,46 +88,6 @@ def converge(servers: list[tuple[Server, int]], role: str, version: int) -> floa
             return time.monotonic() - started
         time.sleep(0.05)
     raise AssertionError(f"not every worker serves {role} version {version}: {views}")
-
-
-class Load:
-    """``concurrency`` callers posting real digit images until stopped; every answer kept
-    with when it was sent and received (``time.monotonic``), its status and version."""
-
-    def __init__(self, url: str, images: list[bytes], concurrency: int = 32) -> None:
-        self.url, self.images, self.concurrency = url, images, concurrency
-        self.answers: list[tuple[float, float, int, int | None]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=90)
-
-    async def _main(self) -> None:
-        limits = httpx.Limits(max_connections=self.concurrency)
-        async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) as client:
-            await asyncio.gather(*(self._caller(client, i) for i in range(self.concurrency)))
-
-    async def _caller(self, client: httpx.AsyncClient, index: int) -> None:
-        while not self._stop.is_set():
-            image = self.images[(index * 7919 + len(self.answers)) % len(self.images)]
-            sent = time.monotonic()
-            try:
-                answer = await client.post("/predict", files={"image": ("d.png", image)})
-                status = answer.status_code
-                version = answer.json().get("model_version") if status == 200 else None
-            except httpx.HTTPError:
-                status, version = 0, None
-            self.answers.append((sent, time.monotonic(), status, version))
-
-    def between(self, start: float, end: float) -> set:
-        """Versions of the answers sent after ``start`` and received before ``end``."""
-        return {v for sent, got, _, v in self.answers if sent >= start and got <= end}
 
 
 def test_a_release_under_load_answers_every_request_from_the_version_named(
