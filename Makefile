@@ -11,7 +11,7 @@ MODEL_NAME ?= digits
 PORT ?= 3000
 HOST ?= 127.0.0.1
 
-.PHONY: venv run train export serve test test-fast docs lint clean
+.PHONY: venv run train export serve image test test-fast test-container docs lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,10 +36,20 @@ export: train
 serve: $(STAMP)
 	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT) --host $(HOST)
 
-## test: build the environment, run the whole suite
+## image: the service's container image (bentoml build + containerize); on machines that
+## cannot pull images: make image BASE_IMAGE=localhost/debian-py311:bookworm (see docs/deployment.md)
+image: $(STAMP)
+	$(BIN)/python container/build_image.py $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
+
+## test: build the environment, run the whole suite (the container tests: make test-container)
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not container"
+
+## test-container: build the image with podman and test it as a deployer runs it (as root, with
+## podman, runc and debootstrap; on machines like CI's: CONTAINERS_CONF=container/containers.conf)
+test-container: $(STAMP)
+	$(BIN)/python -m pytest -m container
 
 ## test-fast: the quick subset for day-to-day work (no training, no real servers)
 test-fast: $(STAMP)
