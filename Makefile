@@ -11,7 +11,7 @@ MODEL_NAME ?= digits
 PORT ?= 3000
 HOST ?= 127.0.0.1
 
-.PHONY: venv run train export serve image test test-fast test-container docs lint clean
+.PHONY: venv run train export serve image test test-fast test-container docs lint clean clean-test-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,10 +41,13 @@ serve: $(STAMP)
 image: $(STAMP)
 	$(BIN)/python container/build_image.py $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
 
-## test: build the environment, run the whole suite (the container tests: make test-container)
+## test: build the environment, run the whole suite (the container tests: make test-container):
+## on TEST_WORKERS processes, then the timing-sensitive tests alone
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not container"
+	$(BIN)/python -m pytest -m "not container and not serial" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -m "serial and not container"
 
 ## test-container: build the image with podman and test it as a deployer runs it (as root, with
 ## podman, runc and debootstrap; on machines like CI's: CONTAINERS_CONF=container/containers.conf)
@@ -65,3 +68,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs $(REPOSITORY) .pytest_cache .ruff_cache
+
+## clean-test-cache: forget the data sets, runs and models the tests keep between runs
+clean-test-cache:
+	rm -rf $${IMGCLF_TEST_CACHE:-$$HOME/.cache/imgclf/tests}

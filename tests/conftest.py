@@ -8,25 +8,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # A private BentoML store for the whole session, set before anything imports bentoml.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="imgclf-bentoml-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
+from tests.data import make_image_folder
+from tests.model_cache import cached
+
 REPO = Path(__file__).resolve().parents[1]
 IMGCLF = str(Path(sys.executable).with_name("imgclf"))
-SAVE_FORMATS = [  # (suffix, Pillow format, mode): the formats a class folder may mix
-    (".png", "PNG", "L"),
-    (".jpg", "JPEG", "RGB"),
-    (".png", "PNG", "RGBA"),
-    (".bmp", "BMP", "RGB"),
-    (".gif", "GIF", "P"),
-    (".webp", "WEBP", "RGB"),
-]
 
 
 #: TensorFlow's native start-up lines, printed when it is imported at its default log level
@@ -57,51 +50,17 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-def digit_images(count_per_class: int, classes: tuple[int, ...] = (0, 1, 2), scale: int = 4):
-    """Real 8x8 digit scans, upscaled so JPEG and resize have something to work on."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for label in classes:
-        picked = np.flatnonzero(digits.target == label)[:count_per_class]
-        for index in picked:
-            pixels = np.rint(digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
-            image = Image.fromarray(pixels, mode="L").resize((8 * scale, 8 * scale), Image.NEAREST)
-            yield str(label), int(index), image
-
-
-def write_image(image: Image.Image, path: Path, fmt: str, mode: str) -> Path:
-    converted = image.convert(mode)
-    if mode == "RGBA":  # a real alpha channel: transparent background, opaque ink
-        alpha = Image.eval(image.convert("L"), lambda v: 255 if v > 40 else 60)
-        converted.putalpha(alpha)
-    converted.save(path, format=fmt)
-    return path
-
-
-def make_image_folder(root: Path, count_per_class: int = 12, classes=(0, 1, 2)) -> Path:
-    """``root/<digit>/<file>`` with every supported format and colour mode mixed in."""
-    for position, (label, index, image) in enumerate(digit_images(count_per_class, classes)):
-        suffix, fmt, mode = SAVE_FORMATS[position % len(SAVE_FORMATS)]
-        folder = root / label
-        folder.mkdir(parents=True, exist_ok=True)
-        write_image(image, folder / f"digit_{index:04d}_{mode.lower()}{suffix}", fmt, mode)
-    return root
-
-
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
 @pytest.fixture(scope="session")
-def digits_home(tmp_path_factory) -> Path:
-    """The built-in digits written once per session into a private data home."""
-    home = tmp_path_factory.mktemp("data_home")
+def digits_home() -> Path:
+    """The built-in digits as PNG files in a data home of their own (cached)."""
     from training.datasets import write_digits
 
-    write_digits(home)
-    return home
+    return cached("digits-home", {}, write_digits)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path | None = None):
@@ -128,9 +87,15 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def small_dataset(tmp_path_factory) -> Path:
-    """Five digit classes, 40 real scans each, in every supported format."""
-    return make_image_folder(tmp_path_factory.mktemp("small") / "images", 40, (0, 1, 2, 3, 4))
+def small_dataset() -> Path:
+    """Five digit classes, 40 real scans each, in every supported format (cached)."""
+    recipe = {"count_per_class": 40, "classes": [0, 1, 2, 3, 4]}
+    folder = cached(
+        "small-dataset",
+        recipe,
+        lambda into: make_image_folder(into / "images", 40, tuple(recipe["classes"])),
+    )
+    return folder / "images"
 
 
 def cli_ok(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -148,41 +113,57 @@ def overrides(**values) -> list[str]:
     return flags
 
 
+def cached_cli(kind: str, args: list[str], env: dict | None = None, **options) -> Path:
+    """The folder in which ``imgclf *args`` wrote (``{output}`` in ``args``: where it
+    writes), its standard error kept as ``stderr.txt``; built by the real CLI unless the
+    model cache holds it (``tests/model_cache.py``)."""
+
+    def build(folder: Path) -> None:
+        result = cli_ok(*(arg.format(output=folder) for arg in args), env=env)
+        (folder / "stderr.txt").write_text(result.stderr)
+
+    return cached(kind, {"args": args, "env": env}, build, **options)
+
+
+def intact(model_dir: Path) -> bool:
+    """The model directory still matches its own hashes (no test changed the cached copy)."""
+    from serving.core.errors import ModelError
+    from serving.core.model_dir import load_metadata, verify_files
+
+    try:
+        verify_files(model_dir, load_metadata(model_dir))
+    except ModelError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, small_dataset) -> Path:
+def trained_run(small_dataset) -> Path:
     """A small seed CNN trained by the real CLI (16x16, a few epochs)."""
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    cli_ok(
-        "train",
-        "--data",
-        str(small_dataset),
-        "--output",
-        str(run_dir),
-        "--image-size",
-        "16",
-        "--epochs",
-        "6",
-        "--batch-size",
-        "16",
-        "--weights",
-        "none",
+    args = [
+        *("train", "--data", str(small_dataset), "--output", "{output}/run"),
+        *("--image-size", "16", "--epochs", "6", "--batch-size", "16", "--weights", "none"),
         *overrides(augmentation__horizontal_flip="false", model__dropout=0.2),
-    )
-    return run_dir
+    ]
+    return cached_cli("tiny-run", args) / "run"
 
 
 @pytest.fixture(scope="session")
-def published_export(tmp_path_factory, trained_run) -> tuple[Path, str]:
+def published_export(trained_run) -> tuple[Path, str]:
     """``trained_run`` exported by the real CLI (fp32 + int8) into a model repository, with
     TensorFlow's native log level at its default, as in a user's shell; and what the export
     wrote to stderr."""
-    repository = tmp_path_factory.mktemp("repository")
-    result = cli_ok(
-        *("export", str(trained_run), "--repository", str(repository)),
+    args = [
+        *("export", str(trained_run), "--repository", "{output}/repository"),
         *("--name", "tiny", "--int8", "--no-register"),
+    ]
+    folder = cached_cli(
+        "tiny-export",
+        args,
         env={"TF_CPP_MIN_LOG_LEVEL": "0"},
+        valid=lambda folder: intact(folder / "repository" / "tiny" / "1"),
     )
-    return repository / "tiny" / "1", result.stderr
+    return folder / "repository" / "tiny" / "1", (folder / "stderr.txt").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -191,26 +172,14 @@ def published_model(published_export) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_run(tmp_path_factory, digits_home) -> Path:
+def digits_run(digits_home) -> Path:
     """The seed CNN on all 1,797 built-in digits at 16x16, with 60% of them held out (so drift
     tests can split the held-out images into a reference half and windows). Deterministic:
     the monitoring tests judge a model's behaviour under shifts, and every run (here and in
     CI) must judge the same model."""
-    run_dir = tmp_path_factory.mktemp("runs") / "digits"
-    cli_ok(
-        "train",
-        "--dataset",
-        "digits",
-        "--output",
-        str(run_dir),
-        "--image-size",
-        "16",
-        "--epochs",
-        "14",
-        "--batch-size",
-        "16",
-        "--weights",
-        "none",
+    args = [
+        *("train", "--dataset", "digits", "--output", "{output}/run"),
+        *("--image-size", "16", "--epochs", "14", "--batch-size", "16", "--weights", "none"),
         *overrides(
             data__validation_fraction=0.3,
             data__test_fraction=0.3,
@@ -222,21 +191,19 @@ def digits_run(tmp_path_factory, digits_home) -> Path:
             augmentation__fill_mode="constant",
             deterministic="true",
         ),
-        env={"IMGCLF_DATA_HOME": str(digits_home)},
-    )
-    return run_dir
+    ]
+    return cached_cli("digits-run", args, env={"IMGCLF_DATA_HOME": str(digits_home)}) / "run"
 
 
 @pytest.fixture(scope="session")
-def digits_model(tmp_path_factory, digits_run) -> Path:
-    repository = tmp_path_factory.mktemp("digits_repository")
-    cli_ok(
-        "export",
-        str(digits_run),
-        "--repository",
-        str(repository),
-        "--name",
-        "digits",
-        "--no-register",
+def digits_model(digits_run) -> Path:
+    args = [
+        *("export", str(digits_run), "--repository", "{output}/repository"),
+        *("--name", "digits", "--no-register"),
+    ]
+    folder = cached_cli(
+        "digits-export",
+        args,
+        valid=lambda folder: intact(folder / "repository" / "digits" / "1"),
     )
-    return repository / "digits" / "1"
+    return folder / "repository" / "digits" / "1"

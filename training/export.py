@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from serving.core.model_dir import (
 )
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from training import datasets, parity, quantize
-from training.publish import STAGING_PREFIX, destination, publish, remove_stale_staging
+from training.publish import destination, new_staging, publish
 from training.train import BEST_MODEL
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,7 @@ def export(
     name, model_root, version = destination(
         run_dir, repository, name, version, force=force, taken_versions=taken_versions
     )
-    model_root.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(model_root)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_root))
+    staging = new_staging(model_root, version)
     try:
         features = with_embedding(model)
         serve = serving_function(features, spec.input_shape)

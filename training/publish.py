@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,7 +73,15 @@ def remove_stale_staging(model_root: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def new_staging(model_root: Path, version: int) -> Path:
+    """A hidden folder in ``model_root`` to build ``version`` in, crashed exports' removed."""
+    model_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(model_root)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_root))
+
+
 def publish(staging: Path, model_root: Path, version: int, *, force: bool) -> Path:
+    """Rename ``staging`` into place as ``version`` (replacing it with ``force``)."""
     fsync_tree(staging)
     os.chmod(staging, 0o755)  # mkdtemp makes it 0700
     destination = model_root / str(version)

@@ -9,7 +9,7 @@ import pytest
 
 from serving.core.errors import DataError
 from serving.core.preprocessing import PreprocessSpec
-from tests.conftest import make_image_folder
+from tests.data import make_image_folder
 from training import datasets
 
 

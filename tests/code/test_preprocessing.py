@@ -19,7 +19,7 @@ from serving.core.preprocessing import (
     preprocess_bytes,
     preprocess_file,
 )
-from tests.conftest import SAVE_FORMATS, digit_images, write_image
+from tests.data import SAVE_FORMATS, digit_images, write_image
 
 SPEC = PreprocessSpec(height=20, width=24)
 

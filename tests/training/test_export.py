@@ -16,7 +16,6 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from serving.core.errors import ConfigError, ModelError  # noqa: E402
-from serving.core.files import sha256_file  # noqa: E402
 from serving.core.model_dir import load_metadata, verify_files, version_numbers  # noqa: E402
 from tests.conftest import IMGCLF, REPO, TF_NATIVE_LINES, assert_one_line_error, run_cli  # noqa: E402
 from training import export as export_module  # noqa: E402
@@ -159,23 +158,33 @@ print(json.dumps({{"tf": "tensorflow" in sys.modules, "accuracy": accuracy}}))
     assert result["accuracy"] == pytest.approx(expected)
 
 
-def test_versions_are_numbered_like_tf_serving(tmp_path, trained_run):
-    repository = tmp_path / "repo"
-    first = export(trained_run, repository, name="m")
-    second = export(trained_run, repository, name="m")
-    assert (first.version, second.version) == (1, 2)
-    assert export(trained_run, repository, name="m", version=5).version == 5
-    assert export(trained_run, repository, name="m").version == 6
+def test_versions_are_numbered_like_tf_serving(tmp_path):
+    """What ``imgclf export`` does around the conversion (``training/publish.py``), with a
+    one-file stand-in for the model: the next free number, or the one asked for, refused
+    when taken unless forced, staging folders never left behind."""
+    from training.publish import destination, new_staging, publish
+
+    run, repository = tmp_path / "m", tmp_path / "repo"
+    written = []
+
+    def export_stand_in(version=None, force=False, name="m"):
+        name, model_root, number = destination(run, repository, name, version, force=force)
+        staging = new_staging(model_root, number)
+        written.append(f"export {len(written)}")
+        (staging / "metadata.json").write_text(written[-1])
+        return publish(staging, model_root, number, force=force)
+
+    assert [export_stand_in().name, export_stand_in().name] == ["1", "2"]
+    assert export_stand_in(version=5).name == "5"
+    assert export_stand_in().name == "6"
     assert version_numbers(repository / "m") == [1, 2, 5, 6]
     with pytest.raises(ConfigError, match="already exists"):
-        export(trained_run, repository, name="m", version=2)
-    old_hash = sha256_file(repository / "m" / "2" / "metadata.json")
-    replaced = export(trained_run, repository, name="m", version=2, force=True)
-    assert replaced.version == 2
-    assert sha256_file(repository / "m" / "2" / "metadata.json") != old_hash
+        export_stand_in(version=2)
+    assert export_stand_in(version=2, force=True).name == "2"
+    assert (repository / "m" / "2" / "metadata.json").read_text() == written[-1]
     assert not [p for p in (repository / "m").iterdir() if p.name.startswith(".")]
     with pytest.raises(ConfigError, match="model name"):
-        export(trained_run, repository, name="Bad Name")
+        export_stand_in(name="Bad Name")
 
 
 def corrupt_first_weight(path) -> None:

@@ -14,7 +14,8 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
-from tests.conftest import IMGCLF, assert_one_line_error, make_image_folder, run_cli
+from tests.conftest import IMGCLF, assert_one_line_error, run_cli
+from tests.data import make_image_folder
 from training import datasets
 from training.config import load_config
 from training.train import train

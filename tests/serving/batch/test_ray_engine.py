@@ -4,7 +4,6 @@ retried, and one line when Ray is not installed."""
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import signal
@@ -13,14 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
 from serving.batch.job import score
 from serving.core.runtime import ClassifierRuntime
-from tests.conftest import IMGCLF, REPO, assert_one_line_error, make_image_folder, run_cli
+from tests.conftest import IMGCLF, REPO, assert_one_line_error, run_cli
+from tests.data import make_image_folder, write_large_photos
+from tests.model_cache import cached
 from tests.serving.conftest import free_port
 from tests.serving.web.test_hostile import ACCEPTED, CORPUS, REFUSED
 
@@ -96,22 +95,10 @@ def test_ray_and_local_engines_write_the_same_rows(tmp_path, published_model, cl
 
 
 @pytest.fixture(scope="module")
-def large_images(tmp_path_factory) -> Path:
+def large_images() -> Path:
     """240 digit photos of 1200x1200 pixels: slow enough to decode to interrupt a job."""
-    folder = tmp_path_factory.mktemp("large")
-    # One noise field, shifted per image: drawing 4 million normals per image took most of
-    # this fixture's 50 s.
-    noise = np.random.default_rng(0).normal(0, 10, (1200, 1200, 3)).astype(np.float32)
-    small = make_image_folder(tmp_path_factory.mktemp("small"), 80)
-    for index, path in enumerate(sorted(p for p in small.rglob("*") if p.is_file())):
-        with Image.open(path) as image:
-            photo = np.asarray(image.convert("RGB").resize((1200, 1200)), np.float32)
-        shifted = np.roll(noise, 37 * index, axis=(0, 1))
-        noisy = np.clip(photo + shifted, 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(noisy).save(buffer, "JPEG", quality=80)
-        (folder / f"photo_{index:04d}.jpg").write_bytes(buffer.getvalue())
-    return folder
+    build = lambda folder: write_large_photos(folder / "photos", 80)  # noqa: E731
+    return cached("large-photos", {"count_per_class": 80}, build) / "photos"
 
 
 def start_job(cluster, inputs, model, output) -> subprocess.Popen:

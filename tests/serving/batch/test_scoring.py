@@ -18,7 +18,8 @@ import pytest
 from serving.batch.job import score
 from serving.batch.writers import COLUMNS, open_output
 from serving.core.runtime import ClassifierRuntime
-from tests.conftest import IMGCLF, assert_one_line_error, make_image_folder, run_cli
+from tests.conftest import IMGCLF, assert_one_line_error, run_cli
+from tests.data import make_image_folder
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -18,6 +18,10 @@ from tests.serving.cases import digit, encode
 from tests.serving.conftest import Server
 from tests.serving.load import Load
 
+#: Timing-sensitive (a 2 s drain window, keep-alive timings): make test runs it alone,
+#: after the parallel pass.
+pytestmark = pytest.mark.serial
+
 WINDOW_S = 2.0
 KEEP_ALIVE_S = 2
 

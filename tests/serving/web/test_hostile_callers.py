@@ -22,6 +22,10 @@ import pytest
 from tests.serving.cases import INFER, digit, encode
 from tests.serving.conftest import Server
 
+#: Timing-sensitive (probe latency under 0.5 s, timeouts): make test runs it alone, after
+#: the parallel pass.
+pytestmark = pytest.mark.serial
+
 TOKEN = "feedback-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIMEOUT_S = 3

@@ -58,6 +58,7 @@ def test_service_is_live_but_unready_until_warm(service_module, monkeypatch):
         current.set_current_service(session_service)
 
 
+@pytest.mark.serial  # the 24 uploads must be in flight together within 1.5 s
 def test_sigterm_drains_requests_in_flight(published_model):
     """24 slow /predict_batch calls (two 12-megapixel JPEGs each, uploaded over about two
     seconds, as a phone on a poor network would) are in flight when the server's process
