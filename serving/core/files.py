@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -75,3 +79,28 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class LockTimeoutError(Exception):
+    """``locked`` waited ``timeout_s`` for a lock another process holds."""
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created when missing): one process at a time,
+    on local file systems and on NFS where its lock manager runs. ``OSError`` when the file
+    cannot be opened (a read-only folder); ``LockTimeoutError`` after ``timeout_s``."""
+    with open(path, "a") as handle:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline else 0))
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeoutError(f"{path} held for {timeout_s:g} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -115,6 +115,13 @@ class Shadow:
     version: int
     fraction: float
 
+    def __post_init__(self) -> None:
+        # What the command refuses, the workers refuse too (a hand-edited file).
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"a shadow's fraction must be in (0, 1], got {self.fraction:g}")
+        if self.version < 1:
+            raise ValueError(f"versions are numbered from 1, got {self.version}")
+
 
 @dataclass(frozen=True)
 class RoleState:

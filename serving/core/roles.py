@@ -7,15 +7,17 @@ server that mounts the folder acts on it within its poll interval (``serving.web
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import getpass
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 from serving.core.errors import ConfigError, ModelError
-from serving.core.files import write_json
+from serving.core.files import LockTimeoutError, locked, write_json
 from serving.core.model_dir import (
     HISTORY_LIMIT,
     METADATA,
@@ -31,6 +33,33 @@ from serving.core.model_dir import (
     version_numbers,
 )
 
+#: Held by a command from reading the roles to writing them, in the model's folder.
+LOCK_FILE = ".versions.lock"
+#: How long a command waits for another one that changes the same model's roles.
+LOCK_WAIT_S = 60.0
+
+
+@contextlib.contextmanager
+def changing(model_root: Path) -> Iterator[Path]:
+    """The model's folder, while this command alone changes its roles: two commands at once
+    (``promote 2`` and ``promote 3``) take turns, each reading what the other wrote, instead
+    of the second overwriting the first (8 promotions of 20 were lost that way)."""
+    root = model_root_of(model_root)
+    try:
+        with locked(root / LOCK_FILE, timeout_s=LOCK_WAIT_S):
+            yield root
+    except OSError as error:
+        raise ConfigError(
+            f"cannot change the versions of {root.name}: {error.strerror or error} "
+            f"({root}: the folder must be writable where you run imgclf)"
+        ) from None
+    except LockTimeoutError:
+        raise ConfigError(
+            f"another imgclf command has been changing the versions of {root.name} for "
+            f"{LOCK_WAIT_S:g} s; try again when it is done (or remove {root / LOCK_FILE} if "
+            "no such command runs)"
+        ) from None
+
 
 def write_state(model_root: Path, state: RoleState, command: str) -> RoleState:
     stamped = replace(
@@ -39,7 +68,12 @@ def write_state(model_root: Path, state: RoleState, command: str) -> RoleState:
         updated_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         updated_by=f"imgclf {command} ({_user()})",
     )
-    write_json(state_path(model_root), stamped.to_json())
+    try:
+        write_json(state_path(model_root), stamped.to_json())
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write {state_path(model_root)}: {error.strerror or error}"
+        ) from None
     return stamped
 
 
@@ -59,9 +93,9 @@ def model_root_of(path: Path) -> Path:
 
 
 def check_version(model_root: Path, version: int, *, classes_of: int | None = None) -> dict:
-    """Load ``version`` as a server would (hashes, graph against metadata, one batch) and
-    check that it has the same classes as version ``classes_of``; its metadata, or a
-    ``ModelError`` saying why not."""
+    """Load ``version`` as a server would (every hashed file, the graph against metadata,
+    the monitoring references, one batch) and check that it has the same classes as version
+    ``classes_of``; its metadata, or a ``ModelError`` saying why not."""
     from serving.core.runtime import ClassifierRuntime
 
     logging.getLogger("serving.core.sessions").setLevel(logging.WARNING)  # one line per command
@@ -69,7 +103,7 @@ def check_version(model_root: Path, version: int, *, classes_of: int | None = No
     try:
         runtime = ClassifierRuntime(
             folder, provider="cpu", session_mode="shared", max_batch_size=1, buckets=(1,)
-        )
+        ).verify()
         runtime.warm_up((1,))
     except ModelError as error:
         raise ModelError(f"version {version} does not verify: {error.message}") from None
@@ -102,54 +136,56 @@ def current_live(model_root: Path, state: RoleState | None = None) -> int:
 def promote(model_root: Path, version: int) -> RoleState:
     """``version`` answers from now on (pinned); the live version it replaces can be rolled
     back to; a shadow of the same version stops shadowing."""
-    root = model_root_of(model_root)
-    state = read_state(root)
-    before = current_live(root, state)
-    check_version(root, version, classes_of=before)
-    shadow = None if state.shadow and state.shadow.version == version else state.shadow
-    history = state.history + ((before,) if before != version else ())
-    return write_state(
-        root, replace(state, live=version, shadow=shadow, history=history), "promote"
-    )
+    with changing(model_root) as root:
+        state = read_state(root)
+        before = current_live(root, state)
+        check_version(root, version, classes_of=before)
+        shadow = None if state.shadow and state.shadow.version == version else state.shadow
+        history = state.history + ((before,) if before != version else ())
+        return write_state(
+            root, replace(state, live=version, shadow=shadow, history=history), "promote"
+        )
 
 
 def pin(model_root: Path, version: int | None) -> RoleState:
     """Pin ``version`` (None: follow the newest again)."""
-    root = model_root_of(model_root)
-    state = read_state(root)
-    before = current_live(root, state)
-    if version is not None:
-        check_version(root, version, classes_of=before)
-    history = state.history + ((before,) if version != before else ())
-    return write_state(root, replace(state, live=version, history=history), "pin")
+    with changing(model_root) as root:
+        state = read_state(root)
+        before = current_live(root, state)
+        if version is not None:
+            check_version(root, version, classes_of=before)
+        history = state.history + ((before,) if version != before else ())
+        return write_state(root, replace(state, live=version, history=history), "pin")
 
 
 def rollback(model_root: Path) -> tuple[int, int]:
     """Back to the previous live version: (from, to)."""
-    root = model_root_of(model_root)
-    state = read_state(root)
-    if not state.history:
-        raise ModelError(f"no earlier live version of {root.name} to roll back to")
-    before = current_live(root, state)
-    target = state.history[-1]
-    check_version(root, target)
-    write_state(root, replace(state, live=target, history=state.history[:-1]), "rollback")
-    return before, target
+    with changing(model_root) as root:
+        state = read_state(root)
+        if not state.history:
+            raise ModelError(f"no earlier live version of {root.name} to roll back to")
+        before = current_live(root, state)
+        target = state.history[-1]
+        check_version(root, target)
+        write_state(root, replace(state, live=target, history=state.history[:-1]), "rollback")
+        return before, target
 
 
 def set_shadow(model_root: Path, version: int | None, fraction: float = 1.0) -> RoleState:
     """Send a copy of ``fraction`` of live requests to ``version`` (None: no shadow)."""
-    root = model_root_of(model_root)
-    state = read_state(root)
-    if version is None:
-        return write_state(root, replace(state, shadow=None), "shadow")
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
-    live = current_live(root, state)
-    if version == live:
-        raise ConfigError(f"version {version} is live; a shadow must be another version")
-    check_version(root, version, classes_of=live)
-    return write_state(root, replace(state, shadow=Shadow(version, fraction)), "shadow")
+    try:
+        wanted = None if version is None else Shadow(version, fraction)
+    except ValueError as error:
+        raise ConfigError(f"--fraction: {error}") from None
+    with changing(model_root) as root:
+        state = read_state(root)
+        if wanted is None:
+            return write_state(root, replace(state, shadow=None), "shadow")
+        live = current_live(root, state)
+        if version == live:
+            raise ConfigError(f"version {version} is live; a shadow must be another version")
+        check_version(root, version, classes_of=live)
+        return write_state(root, replace(state, shadow=wanted), "shadow")
 
 
 def version_rows(model_root: Path, *, verify: bool = True) -> list[dict]:

@@ -30,6 +30,7 @@ from serving.core.model_dir import (
     load_metadata,
     read_verified,
     resolve_model_dir,
+    verify_files,
 )
 from serving.core.preprocessing import PreprocessSpec, preprocess_bytes
 from serving.core.sessions import (
@@ -126,6 +127,7 @@ class ClassifierRuntime(ModelCard):
             self._session_for(self.buckets[-1])  # proves a fixed-shape session loads here
         else:
             self._shared = session
+        self._references: tuple | None = None
         self.load_seconds = time.perf_counter() - started
         self.warmed_batch_sizes: list[int] = []
         self.warm_up_seconds: float | None = None
@@ -134,6 +136,7 @@ class ClassifierRuntime(ModelCard):
     def from_settings(
         cls, model_dir: Path, settings, *, intra_op_threads: int | None = None
     ) -> ClassifierRuntime:
+        """The runtime a server serves: loaded with its settings, and verified."""
         return cls(
             model_dir,
             provider=settings.provider,
@@ -149,7 +152,7 @@ class ClassifierRuntime(ModelCard):
             cuda=CudaOptions(
                 settings.cuda_device_id, settings.cudnn_conv_algo_search, settings.cuda_tf32
             ),
-        )
+        ).verify()
 
     @property
     def sessions(self) -> dict[int | None, ort.InferenceSession]:
@@ -250,26 +253,52 @@ class ClassifierRuntime(ModelCard):
             f"({len(self.buckets) if self.session_mode == 'per-bucket' else 1})"
         )
 
+    def verify(self) -> ClassifierRuntime:
+        """Everything a server reads of this version, read and checked now: every file that
+        metadata.json hashes, and the monitoring references parsed (and kept). A version
+        whose side files are missing or changed is refused where it is loaded (by the
+        commands, at start-up, by the watcher), never later in a worker that has already
+        switched. ``ModelError`` says why not."""
+        verify_files(self.model_dir, self.metadata)
+        self._monitoring()
+        return self
+
     def reference_profile(self) -> dict | None:
         """The drift reference written at export time (hash-checked), or None if absent."""
-        if REFERENCE_PROFILE not in self.metadata["files"]:
-            return None
-        return json.loads(read_verified(self.model_dir, self.metadata, REFERENCE_PROFILE))
+        return self._monitoring()[0]
 
     def monitoring_references(self) -> tuple[LabelFreeEstimator | None, EmbeddingReference | None]:
         """The label-free estimator and the embedding reference written at export
         (hash-checked); None for what this version lacks (exported before they existed)."""
-        files = self.metadata["files"]
-        embedding = None
-        if EMBEDDING_REFERENCE in files and self.has_embedding:
-            embedding = EmbeddingReference.from_bytes(
-                read_verified(self.model_dir, self.metadata, EMBEDDING_REFERENCE)
-            )
-        estimator = None
-        if CALIBRATION in files:
-            calibration = json.loads(read_verified(self.model_dir, self.metadata, CALIBRATION))
-            estimator = LabelFreeEstimator(calibration, embedding)
-        return estimator, embedding
+        return self._monitoring()[1:]
+
+    def _monitoring(self) -> tuple:
+        """(profile, estimator, embedding), read once."""
+        if self._references is None:
+            files = self.metadata["files"]
+
+            def verified(name: str) -> bytes:
+                return read_verified(self.model_dir, self.metadata, name)
+
+            try:
+                profile = (
+                    json.loads(verified(REFERENCE_PROFILE)) if REFERENCE_PROFILE in files else None
+                )
+                embedding = None
+                if EMBEDDING_REFERENCE in files and self.has_embedding:
+                    embedding = EmbeddingReference.from_bytes(verified(EMBEDDING_REFERENCE))
+                estimator = None
+                if CALIBRATION in files:
+                    estimator = LabelFreeEstimator(json.loads(verified(CALIBRATION)), embedding)
+            except ModelError:
+                raise
+            except Exception as error:  # hashed, yet unreadable: written so by a bad export
+                raise ModelError(
+                    f"{self.model_dir}: its monitoring references cannot be read "
+                    f"({type(error).__name__}: {error})"
+                ) from None
+            self._references = (profile, estimator, embedding)
+        return self._references
 
     def describe(self) -> dict:
         """What ``GET /metadata`` answers."""

@@ -33,8 +33,6 @@ import numpy as np
 from monitoring.observers import ShadowObserver, VersionObserver
 from serving.core.errors import ModelError, NotFoundError
 from serving.core.model_dir import (
-    METADATA,
-    ONNX_MODEL,
     Desired,
     check_same_classes,
     is_model_root,
@@ -515,12 +513,18 @@ class ModelSet:
         return bool(changed)
 
     def _stamp(self, version: int) -> tuple:
+        """Every file of ``version`` (name, size, time, inode): a refused version whose
+        files change, a side file restored as much as ``model.onnx``, is tried again."""
+        folder = self.root / str(version)
         try:
-            stat = (self.root / str(version) / METADATA).stat()
-            onnx = (self.root / str(version) / ONNX_MODEL).stat()
-        except (OSError, TypeError):
+            return tuple(
+                (path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+                for path in sorted(folder.rglob("*"))
+                if path.is_file()
+                for stat in (path.stat(),)
+            )
+        except OSError:
             return ()
-        return stat.st_mtime_ns, stat.st_ino, onnx.st_mtime_ns, onnx.st_size
 
     def _report(self) -> None:
         if self.observer is not None:

@@ -1,0 +1,164 @@
+"""Releases under an operator's mistakes and a disk's failures: a version whose side files are
+broken refused by the commands, at start-up and by running workers, then served once fixed;
+two commands changing the roles at once; a hand-edited versions file; a read-only
+repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.core.errors import ModelError
+from serving.core.model_dir import read_state, state_path
+from tests.conftest import IMGCLF, assert_one_line_error, cli_ok, run_cli
+from tests.serving.conftest import Server
+from tests.serving.variants import publish_variant
+from tests.serving.web.test_versions import counter
+
+#: Files a version has beside its graph, each hashed in metadata.json.
+SIDE_FILES = ("reference_profile.json", "calibration.json", "embedding_reference.npz")
+
+
+@pytest.fixture
+def model_folder(published_model, tmp_path) -> Path:
+    """The tiny model as versions 1, 2 and 3 of one folder."""
+    folder = tmp_path / "repository" / "tiny"
+    shutil.copytree(published_model, folder / "1")
+    for version in (2, 3):
+        publish_variant(folder / "1", version)
+    return folder
+
+
+def flip_a_byte(path: Path) -> bytes:
+    """Change one byte of ``path``; what it held before."""
+    original = path.read_bytes()
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0x01
+    path.write_bytes(bytes(changed))
+    return original
+
+
+def test_the_commands_refuse_a_version_whose_side_files_are_broken(model_folder):
+    assert set(SIDE_FILES) <= {p.name for p in (model_folder / "2").iterdir()}
+    cli_ok("pin", str(model_folder), "1")
+    pinned = state_path(model_folder).read_text()
+    (model_folder / "2" / "reference_profile.json").unlink()
+    flip_a_byte(model_folder / "3" / "calibration.json")
+    for command in (("promote",), ("shadow",), ("pin",)):
+        assert_one_line_error(
+            run_cli(*command, str(model_folder), "2"),
+            "version 2 does not verify",
+            "reference_profile.json is missing",
+        )
+        assert_one_line_error(
+            run_cli(*command, str(model_folder), "3"),
+            "version 3 does not verify",
+            "calibration.json does not match its hash",
+        )
+    rows = {
+        int(line.split()[0]): line
+        for line in cli_ok("versions", str(model_folder)).stdout.splitlines()[1:]
+    }
+    assert rows[1].endswith(" ok"), rows
+    assert "reference_profile.json is missing" in rows[2], rows
+    assert "calibration.json does not match its hash" in rows[3], rows
+    assert state_path(model_folder).read_text() == pinned  # nothing was written
+
+
+def test_workers_refuse_a_broken_newest_version_at_start_and_serve_it_once_fixed(
+    model_folder,
+):
+    """Following the newest: version 3 lacks its embedding reference and version 2's
+    reference profile has a changed byte. The server starts on version 1 (both refused,
+    counted, in /metadata), then serves 3 as soon as its file is restored."""
+    embedding = (model_folder / "3" / "embedding_reference.npz").read_bytes()
+    (model_folder / "3" / "embedding_reference.npz").unlink()
+    flip_a_byte(model_folder / "2" / "reference_profile.json")
+    with Server(
+        model_folder, env={"IMGCLF_VERSION_POLL_S": "0.3"}, args=("--workers", "2")
+    ) as server:
+        output = server.output()
+        assert "warning: version 3 refused" in output and "warning: version 2 refused" in output
+        with server.client() as http:
+            assert http.get("/metadata").json()["version"] == 1
+            refused = http.get("/metadata").json()["versions"]["refused"]
+            assert set(refused) == {"2", "3"}, refused
+            assert "embedding_reference.npz is missing" in refused["3"]
+        assert counter(server.url, "imgclf_version_refusals_total", version="3") >= 2  # each
+        (model_folder / "3" / "embedding_reference.npz").write_bytes(embedding)
+        deadline = time.monotonic() + 30
+        versions = set()
+        while versions != {3}:
+            assert time.monotonic() < deadline, f"never switched to version 3: {versions}"
+            versions = {
+                httpx.get(server.url + "/metadata", timeout=5).json()["version"] for _ in range(8)
+            }
+            time.sleep(0.2)
+        assert counter(server.url, "imgclf_version_refused", version="3") == 0
+
+
+def test_a_pinned_version_that_does_not_verify_is_one_line_at_start(model_folder):
+    flip_a_byte(model_folder / "2" / "calibration.json")
+    (model_folder / "versions.json").write_text(json.dumps({"live": 2}))
+    assert_one_line_error(
+        run_cli("serve", "--model", str(model_folder), timeout=60),
+        "calibration.json does not match its hash",
+    )
+
+
+def test_two_promotions_at_once_both_land(model_folder):
+    """Ten rounds of ``promote 2`` and ``promote 3`` started together from version 1: each
+    round, one of them is live and the other in the history, right after version 1."""
+
+    def promote(version: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [IMGCLF, "promote", str(model_folder), str(version)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(10):
+            (model_folder / "versions.json").write_text(json.dumps({"live": 1}))
+            results = list(pool.map(promote, (2, 3)))
+            assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+            state = read_state(model_folder)
+            assert state.live in (2, 3)
+            assert state.history == (1, 5 - state.live), state
+
+
+def test_the_workers_refuse_a_versions_file_the_commands_would_not_write(model_folder):
+    (model_folder / "versions.json").write_text(
+        json.dumps({"live": 1, "shadow": {"version": 2, "fraction": 5}})
+    )
+    with pytest.raises(ModelError, match=r"fraction must be in \(0, 1\], got 5"):
+        read_state(model_folder)
+    assert_one_line_error(
+        run_cli("shadow", str(model_folder), "2", "--fraction", "-0.5"),
+        "fraction must be in (0, 1], got -0.5",
+    )
+
+
+def test_a_read_only_repository_is_one_line(model_folder):
+    """The folder mounted read-only (a private mount namespace, as root): one line, not a
+    traceback."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    script = (
+        f"mount --bind {model_folder} {model_folder} && "
+        f"mount -o remount,ro,bind {model_folder} && "
+        f"{IMGCLF} promote {model_folder} 2"
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert "Read-only file system" in result.stderr or result.returncode == 32, result.stderr
+    assert_one_line_error(result, "cannot change the versions of tiny", "Read-only file system")
