@@ -18,11 +18,13 @@ copies are dropped (and counted) when it falls behind.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +46,7 @@ from serving.core.model_dir import (
     version_numbers,
 )
 from serving.core.runtime import ClassifierRuntime
+from serving.core.sessions import release_freed_memory
 from serving.web.batcher import AdaptiveBatcher
 
 log = logging.getLogger(__name__)
@@ -474,22 +477,32 @@ class ModelSet:
         )
 
     def _retire(self, old: ServedVersion) -> None:
-        """Close ``old`` once its leases are returned (or after ``retire_after_s``)."""
+        """Close ``old`` once its leases are returned (or after ``retire_after_s``), then
+        free its sessions' memory."""
 
-        def wait_then_close() -> None:
+        def wait_then_close(retiring: list[ServedVersion]) -> None:
+            served = retiring.pop()  # the last reference but this frame's
             deadline = time.monotonic() + self.retire_after_s
-            while old.in_flight > 0 and time.monotonic() < deadline:
+            while served.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if old.in_flight > 0:
+            if served.in_flight > 0:
                 log.warning(
                     "version %d still had %d request(s) after %.0f s; closing it",
-                    old.version,
-                    old.in_flight,
+                    served.version,
+                    served.in_flight,
                     self.retire_after_s,
                 )
-            old.close()
+            served.close()
+            runtime = weakref.ref(served.runtime)
+            del served
+            # The batcher closes on the event loop: the sessions go once it has.
+            deadline = time.monotonic() + self.retire_after_s
+            while runtime() is not None and time.monotonic() < deadline:
+                time.sleep(0.1)
+                gc.collect()
+            release_freed_memory()
 
-        threading.Thread(target=wait_then_close, name="retire", daemon=True).start()
+        threading.Thread(target=wait_then_close, args=([old],), name="retire", daemon=True).start()
 
     def _refuse(self, version: int, reason: str) -> None:
         log.error(

@@ -13,14 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from serving.core.errors import ModelError
+from serving.core.files import write_json
 from serving.core.model_dir import read_state, state_path
 from tests.conftest import IMGCLF, assert_one_line_error, cli_ok, run_cli
+from tests.serving.cases import digit, encode
 from tests.serving.conftest import Server
+from tests.serving.load import Load
 from tests.serving.variants import publish_variant
-from tests.serving.web.test_versions import counter
+from tests.serving.web.test_versions import converge, counter
 
 #: Files a version has beside its graph, each hashed in metadata.json.
 SIDE_FILES = ("reference_profile.json", "calibration.json", "embedding_reference.npz")
@@ -162,3 +166,31 @@ def test_a_read_only_repository_is_one_line(model_folder):
     )
     assert "Read-only file system" in result.stderr or result.returncode == 32, result.stderr
     assert_one_line_error(result, "cannot change the versions of tiny", "Read-only file system")
+
+
+def test_two_hundred_switches_under_load_keep_the_workers_memory_bounded(model_folder):
+    """A retired version's sessions are freed into the C heap, which glibc kept: worker RSS
+    grew from 147 to 332 MB over 200 switches under load (to 1 GB with the digits model),
+    with no Python object left over. Now it is handed back after each switch."""
+    write_json(model_folder / "versions.json", {"live": 1})
+    image = encode(digit(2, 3), "PNG")
+    env = {"IMGCLF_VERSION_POLL_S": "0.1", "IMGCLF_MAX_LATENCY_MS": "20000"}
+    with Server(model_folder, env=env, args=("--workers", "2")) as server:
+        workers = [
+            process
+            for process in psutil.Process(server.process.pid).children(recursive=True)
+            if "worker.service" in " ".join(process.cmdline())
+        ]
+        assert len(workers) == 2
+        after_ten = None
+        with Load(server.url, [image], concurrency=16) as load:
+            for switch in range(1, 201):
+                target = 2 if switch % 2 else 1
+                write_json(model_folder / "versions.json", {"live": target})
+                converge([(server, 2)], "live", target)
+                if switch == 10:
+                    after_ten = [worker.memory_info().rss for worker in workers]
+            after_all = [worker.memory_info().rss for worker in workers]
+        assert {status for _, _, status, _ in load.answers} == {200}
+        for ten, two_hundred in zip(after_ten, after_all, strict=True):
+            assert two_hundred <= 1.25 * ten, (after_ten, after_all)
