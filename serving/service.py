@@ -45,7 +45,9 @@ ORT_THREADS = SETTINGS.intra_op_threads or max(1, (os.cpu_count() or 1) // WORKE
 WORKER_METRICS = WorkerObserver() if SETTINGS.monitoring else None
 LIFECYCLE = Lifecycle(on_ready=WORKER_METRICS.ready if WORKER_METRICS else None)
 # Before BentoML starts this worker's uvicorn.
-http_limits.install(SETTINGS.max_header_bytes, SETTINGS.keep_alive_timeout_s)
+http_limits.install(
+    SETTINGS.max_header_bytes, SETTINGS.keep_alive_timeout_s, SETTINGS.header_timeout_s
+)
 
 
 @bentoml.service(

@@ -1,5 +1,5 @@
-"""The worker's HTTP protocol: a bound on a request's header bytes, enforced while they
-arrive, and how long an idle keep-alive connection is kept.
+"""The worker's HTTP protocol: a bound on a request's header bytes and on the time they take
+to arrive, enforced while they arrive, and how long an idle keep-alive connection is kept.
 
 BentoML's workers run uvicorn with httptools, which has no limit of its own: a 128 MiB
 header took 22 s to parse (httptools joins each header's pieces as they come) and held every
@@ -30,19 +30,30 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def bounded_protocol(max_header_bytes: int, keep_alive_timeout_s: int = 5):
+def _answer(status: str, error: str) -> bytes:
+    """A complete HTTP/1.1 answer with a JSON error, closing the connection."""
+    body = json.dumps({"error": error}).encode()
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def bounded_protocol(
+    max_header_bytes: int, keep_alive_timeout_s: int = 5, header_timeout_s: float = 30.0
+):
     """uvicorn's httptools protocol, answering 431 once a request's head passes the limit,
-    and keeping idle connections ``keep_alive_timeout_s``."""
+    408 when a head takes longer than ``header_timeout_s`` to arrive, and keeping idle
+    connections ``keep_alive_timeout_s``."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    body = json.dumps(
-        {"error": f"the request line and headers exceed {max_header_bytes} bytes"}
-    ).encode()
-    answer = (
-        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-        b"content-type: application/json\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\n"
-        b"connection: close\r\n\r\n" + body
+    too_large = _answer(
+        "431 Request Header Fields Too Large",
+        f"the request line and headers exceed {max_header_bytes} bytes",
+    )
+    too_slow = _answer(
+        "408 Request Timeout",
+        f"the request line and headers took more than {header_timeout_s:g} s to arrive",
     )
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -51,33 +62,66 @@ def bounded_protocol(max_header_bytes: int, keep_alive_timeout_s: int = 5):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.timeout_keep_alive = keep_alive_timeout_s  # read when a response ends
+            self._head_timer = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._head_bytes = 0
             self._in_head = True
+            # A connection that never sends a byte, or a head that trickles in, holds a
+            # socket: the head must be complete within the timeout (uvicorn has no bound).
+            self._start_head_timer()
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
-                self._head_bytes += len(data)
+                if self._head_timer is None:  # the first bytes of a next request
+                    self._start_head_timer()
+                # Only the head's own bytes count, however they arrive: one write may carry
+                # the whole head and its body (the parser would end the head first).
+                end = data.find(b"\r\n\r\n")
+                self._head_bytes += len(data) if end < 0 else end + 4
+                if self._head_bytes > self.limit:
+                    log.info("refused a request whose head passed %d bytes (431)", self.limit)
+                    self._refuse(too_large)
+                    return
             super().data_received(data)
-            if self._in_head and self._head_bytes > self.limit and not self.transport.is_closing():
-                log.info("refused a request whose head passed %d bytes (431)", self.limit)
-                self.transport.write(answer)
-                self.transport.close()
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._stop_head_timer()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             self._in_head, self._head_bytes = True, 0
             super().on_message_complete()
 
+        def connection_lost(self, exc) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _start_head_timer(self) -> None:
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._in_head:
+                self._refuse(too_slow if self._head_bytes else b"")
+
+        def _refuse(self, answer: bytes) -> None:
+            if not self.transport.is_closing():
+                if answer:
+                    self.transport.write(answer)
+                self.transport.close()
+
     return BoundedHttpToolsProtocol
 
 
-def install(max_header_bytes: int, keep_alive_timeout_s: int) -> bool:
+def install(max_header_bytes: int, keep_alive_timeout_s: int, header_timeout_s: float) -> bool:
     """Make this process's uvicorn servers use the bounded protocol; False when httptools is
     not installed (uvicorn then runs h11, whose own limit is 16 KiB, with its own
     keep-alive timeout)."""
@@ -86,7 +130,7 @@ def install(max_header_bytes: int, keep_alive_timeout_s: int) -> bool:
         from uvicorn import config
     except ImportError:
         return False
-    protocol = bounded_protocol(max_header_bytes, keep_alive_timeout_s)
+    protocol = bounded_protocol(max_header_bytes, keep_alive_timeout_s, header_timeout_s)
     # uvicorn imports the class named by "module:attribute" from this table when it starts.
     globals()["BoundedHttpToolsProtocol"] = protocol
     config.HTTP_PROTOCOLS["auto"] = config.HTTP_PROTOCOLS["httptools"] = (

@@ -159,7 +159,8 @@ def drain_before_exit(lifecycle: Lifecycle, window_s: float, timeout_s: float) -
             return  # the process manager repeats the signal; one drain is enough
         lifecycle.set(
             DRAINING,
-            f"SIGTERM; serving {window_s:g} s more, then finishing what is in flight "
+            f"{signal.Signals(signum).name}; serving {window_s:g} s more, then finishing "
+            "what is in flight "
             f"({lifecycle.in_flight} request(s) now)",
         )
 
@@ -180,4 +181,7 @@ def drain_before_exit(lifecycle: Lifecycle, window_s: float, timeout_s: float) -
         threading.Thread(target=stop_after_window, name="drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # A hang-up (a closed terminal, a stray kill -HUP) ended a worker at once, its requests
+    # cut off: it drains as on SIGTERM, and the server replaces it.
+    signal.signal(signal.SIGHUP, on_sigterm)
     return True

@@ -92,6 +92,14 @@ class ServingSettings(BaseModel):
         description="Largest request line and headers together, in bytes (431 beyond, "
         "refused while they arrive).",
     )
+    header_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request's line and headers must arrive within this many seconds of "
+        "its first byte (of the connection's opening, for its first request): 408 and the "
+        "connection closed beyond, so that connections that send nothing, or a byte at a "
+        "time, cannot hold the worker's sockets.",
+    )
     default_top_k: int = Field(5, ge=1, description="Labels in an answer's top_k by default.")
     max_top_k: int = Field(20, ge=1, description="Largest top_k a request may ask for.")
     workers: int | None = Field(
@@ -224,12 +232,28 @@ class ServingSettings(BaseModel):
         "max_concurrency",
         "decode_threads",
         "feedback_store_path",
-        "feedback_token",
         mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value):
         return None if value in ("", None) else value
+
+    @field_validator("feedback_token", mode="before")
+    @classmethod
+    def _a_token_as_mounted(cls, value):
+        """Surrounding whitespace stripped (a file-mounted secret ends with a newline, and
+        every caller got 401); set but empty refused: that is how an unset secret renders
+        into a variable, and it must not turn authentication off unnoticed."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                raise ValueError(
+                    "is set but empty (an unset secret?); unset the variable to run "
+                    "/feedback without authentication, or give a token"
+                )
+        return value
 
     @field_validator("feedback_token")
     @classmethod

@@ -547,14 +547,22 @@ class ModelSet:
     # -- what /metadata says ------------------------------------------------------------------
 
     def describe(self) -> dict:
+        """What ``/metadata`` says of the versions: file names relative to the model's
+        folder, never the server's paths (``/metadata`` may be public, SECURITY.md)."""
         shadow = self.shadow
+
+        def relative(text: str | None) -> str | None:
+            return text.replace(f"{self.root}/", "") if text and self.root else text
+
         return {
             "live": self.live.version,
             "following": self.following,
             "shadow": shadow.describe() if shadow else None,
-            "refused": {str(v): reason for v, (reason, _) in sorted(self.refused.items())},
-            "state_file": str(state_path(self.root)) if self.root else None,
-            "state_error": self.state_error,
+            "refused": {
+                str(v): relative(reason) for v, (reason, _) in sorted(self.refused.items())
+            },
+            "state_file": state_path(self.root).name if self.root else None,
+            "state_error": relative(self.state_error),
             "poll_interval_s": self.poll_s if self.root else None,
         }
 

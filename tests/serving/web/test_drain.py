@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import httpx
+import psutil
 import pytest
 
 from tests.serving.cases import digit, encode
@@ -91,6 +92,43 @@ def test_readiness_says_how_many_workers_serve_while_one_is_replaced(served):
     assert seen[:2] == [1, 2] or seen == [2], seen
     assert 1 in seen, f"the survivor never said one worker was missing: {seen}"
     assert workers_ready(served.url) == {"ready": 2, "of": 2}
+
+
+def test_a_hung_up_worker_drains_and_is_replaced(served):
+    """SIGHUP to a worker (a closed terminal, a stray ``kill -HUP``) ended it at once, its
+    requests cut off; it drains as on SIGTERM now, and is replaced, not counted as dead."""
+    image = encode(digit(2, 3), "PNG")
+    victim = httpx.get(served.url + "/metadata").json()["worker"]["pid"]
+    with Load(served.url, [image], concurrency=8) as load:
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while psutil.pid_exists(victim) or workers_ready(served.url)["ready"] < 2:
+            assert time.monotonic() < deadline, "the hung-up worker was not replaced"
+            time.sleep(0.1)
+        time.sleep(0.5)
+    assert {status for _, _, status, _ in load.answers} == {200}, sorted(set(load.errors))[:3]
+    assert "SIGHUP; serving 2 s more" in served.output()
+    deaths = httpx.get(served.url + "/metrics").text
+    assert "imgclf_worker_deaths_total 1.0" in deaths  # the earlier test's SIGKILL only
+
+
+def test_a_hung_up_server_restarts_its_workers_without_an_error(served):
+    """SIGHUP to the main process: BentoML's process manager starts new workers while the
+    old ones drain."""
+    image = encode(digit(2, 3), "PNG")
+    before = set(psutil.Process(served.process.pid).children())
+    with Load(served.url, [image], concurrency=8) as load:
+        time.sleep(0.5)
+        served.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while before & set(psutil.Process(served.process.pid).children()) or (
+            workers_ready(served.url)["ready"] < 2
+        ):
+            assert time.monotonic() < deadline, "the workers were not restarted"
+            time.sleep(0.1)
+        time.sleep(0.5)
+    assert {status for _, _, status, _ in load.answers} == {200}, sorted(set(load.errors))[:3]
 
 
 def test_sigterm_under_load_answers_every_request_sent_in_the_drain_window(served):

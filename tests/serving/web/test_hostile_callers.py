@@ -29,6 +29,7 @@ pytestmark = pytest.mark.serial
 TOKEN = "feedback-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIMEOUT_S = 3
+HEADER_TIMEOUT_S = 1
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,9 @@ def guarded(published_model, tmp_path_factory):
     with Server(
         published_model,
         env={
-            "IMGCLF_FEEDBACK_TOKEN": TOKEN,
+            # As a secret mounted from a file arrives: with a newline (stripped).
+            "IMGCLF_FEEDBACK_TOKEN": TOKEN + "\n",
+            "IMGCLF_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
             "IMGCLF_FEEDBACK_MIN_SAMPLES": "1",
             "IMGCLF_TIMEOUT_S": str(TIMEOUT_S),
             "IMGCLF_MAX_REQUEST_BYTES": str(80 * 1024 * 1024),
@@ -190,6 +193,28 @@ def test_an_oversized_header_gets_431_as_it_arrives(guarded):
     assert status == 431 and seconds < 1.0, (status, seconds)
     fits = b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Fits: " + b"a" * (32 * 1024) + b"\r\n\r\n"
     assert head_status(guarded.port, fits)[0] == 200
+
+
+def test_an_oversized_header_in_one_write_gets_431(guarded):
+    """The whole head in one write, ended and followed by nothing: the bound holds on the
+    bytes received (a 70 KB head passed the 64 KiB limit when the check followed the
+    parse)."""
+    head = b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n"
+    assert head_status(guarded.port, head)[0] == 431
+
+
+def test_a_head_that_never_arrives_is_cut_off(guarded):
+    """A connection that sends nothing is closed, one whose head trickles in gets 408,
+    after the header timeout (1 s here; 30 s by default), instead of holding a socket
+    forever."""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as silent:
+        started = time.perf_counter()
+        assert silent.recv(1024) == b""
+        assert time.perf_counter() - started < HEADER_TIMEOUT_S + 2
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as trickle:
+        trickle.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n")
+        answer = trickle.recv(1024)
+        assert answer.split()[1] == b"408" and b"took more than 1 s" in answer, answer
 
 
 def test_a_timed_out_request_is_counted_as_504(api, guarded):

@@ -92,9 +92,12 @@ def test_workers_refuse_a_broken_newest_version_at_start_and_serve_it_once_fixed
         assert "warning: version 3 refused" in output and "warning: version 2 refused" in output
         with server.client() as http:
             assert http.get("/metadata").json()["version"] == 1
-            refused = http.get("/metadata").json()["versions"]["refused"]
+            described = http.get("/metadata")
+            refused = described.json()["versions"]["refused"]
             assert set(refused) == {"2", "3"}, refused
-            assert "embedding_reference.npz is missing" in refused["3"]
+            assert "3/embedding_reference.npz is missing" in refused["3"]
+            # /metadata may be public: no path of the server's own (SECURITY.md).
+            assert str(model_folder.parent) not in described.text
         assert counter(server.url, "imgclf_version_refusals_total", version="3") >= 2  # each
         (model_folder / "3" / "embedding_reference.npz").write_bytes(embedding)
         deadline = time.monotonic() + 30
@@ -194,3 +197,14 @@ def test_two_hundred_switches_under_load_keep_the_workers_memory_bounded(model_f
         assert {status for _, _, status, _ in load.answers} == {200}
         for ten, two_hundred in zip(after_ten, after_all, strict=True):
             assert two_hundred <= 1.25 * ten, (after_ten, after_all)
+
+
+def test_an_empty_feedback_token_is_refused_at_start(published_model):
+    """How an unset secret renders into a variable: refused, not auth silently off."""
+    assert_one_line_error(
+        run_cli(
+            "serve", "--model", str(published_model), env={"IMGCLF_FEEDBACK_TOKEN": ""}, timeout=60
+        ),
+        "IMGCLF_FEEDBACK_TOKEN",
+        "set but empty",
+    )
