@@ -175,8 +175,10 @@ def set_shadow(model_root: Path, version: int | None, fraction: float = 1.0) -> 
     """Send a copy of ``fraction`` of live requests to ``version`` (None: no shadow)."""
     try:
         wanted = None if version is None else Shadow(version, fraction)
-    except ValueError:  # the rule the workers apply to the file too
-        raise ConfigError(f"--fraction must be in (0, 1], got {fraction:g}") from None
+    except ValueError as error:  # the rules the workers apply to the file too
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1], got {fraction:g}") from None
+        raise ConfigError(str(error)) from None
     with changing(model_root) as root:
         state = read_state(root)
         if wanted is None:
