@@ -15,7 +15,6 @@ looked up again for up to four intervals, while the other workers write theirs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import sqlite3
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from monitoring.performance import confusion, scores
+from monitoring.store_file import StoreFile, reason_of
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +51,16 @@ CREATE TABLE IF NOT EXISTS outcomes (
 );
 """
 #: Why feedback is refused: a label that is not a class, an id the store does not hold (never
-#: stored, evicted or expired), an id that was labelled before.
-REASONS = ("unknown_label", "unknown_request_id", "duplicate_feedback")
+#: stored, evicted or expired), an id that was labelled before, a store that cannot be read or
+#: written now (a full disk, a corrupt file: see ``monitoring.store_file``).
+REASONS = ("unknown_label", "unknown_request_id", "duplicate_feedback", "store_unavailable")
+#: What the store was doing when its file failed (``imgclf_feedback_store_errors_total``).
+STORE_OPERATIONS = ("open", "write", "read", "label")
 #: How often a worker forgets expired predictions and re-counts the store.
 PRUNE_INTERVAL_S = 10.0
-
-
-@contextlib.contextmanager
-def _opening(path: Path):
-    """Held while a process sets the store up: every worker of a server opens it at the same
-    moment, and SQLite answers a second switch to WAL while the first one runs with "database
-    is locked" at once, without waiting (its busy timeout does not cover it): a worker then
-    died at start in about 1 of 20 starts. A lock on a file beside the store, taken by one
-    process at a time (``flock``: on local filesystems; on NFS where the server supports
-    it), makes the set-up one after the other."""
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+#: For this long after the store failed to write predictions, a label for an id it does not
+#: hold is 503 (perhaps it was never written), not 404.
+WRITE_FAILURE_MEMORY_S = 300.0
 
 
 @dataclass
@@ -101,6 +91,7 @@ class FeedbackStore:
         flush_interval_s: float = 0.25,
         on_count: Callable[[int], None] | None = None,
         on_taken: Callable[[int], None] | None = None,
+        on_error: Callable[[str, str, int], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
@@ -115,31 +106,29 @@ class FeedbackStore:
         self.on_count = on_count
         #: Called with the number of predictions not stored because their id was taken.
         self.on_taken = on_taken
+        #: Called with (operation, reason, predictions lost) when the file fails.
+        self.on_error = on_error
         self._buffer: deque[tuple[Sequence[str], Sequence[int], int, float]] = deque()
         self._db_lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+        self._file = StoreFile(
+            self.path, _set_up, on_set_aside=lambda reason: self._count_error("open", reason)
         )
-        with _opening(self.path):
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
-            added = {"version": "INTEGER NOT NULL DEFAULT 0", "expected": "REAL"}
-            for table in ("predictions", "outcomes"):  # a store kept by an older release
-                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                for column, kind in added.items():
-                    if column not in columns:
-                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        self._db.execute("PRAGMA synchronous=OFF")
-        # Caller-chosen ids land all over the id index (the service's own UUIDv7 ids append):
-        # keep it in memory (a full store of 100,000 predictions is about 12 MB), read through
-        # a memory map rather than a system call per page (several microseconds each in a
-        # sandboxed container).
-        self._db.execute("PRAGMA cache_size=-65536")
-        self._db.execute("PRAGMA mmap_size=268435456")
+        #: When writing last failed (``time.monotonic``), and why: see
+        #: ``WRITE_FAILURE_MEMORY_S``.
+        self._write_failed: tuple[float, str] | None = None
+        self._logged: dict[str, float] = {}
+        try:  # a store that cannot be opened now is retried by every flush; never fatal
+            self._file.connection()
+        except sqlite3.Error as error:
+            self._failed("open", error)
         self._last_prune = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="feedback", daemon=True)
         self._thread.start()
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._file.db
 
     # -- predictions -------------------------------------------------------------------
 
@@ -167,33 +156,40 @@ class FeedbackStore:
             for rid, predicted, chance in zip(ids, classes, _expected(expected, ids), strict=True)
         ]
         with self._db_lock:
-            if rows:
-                with self._transaction():
-                    # One statement for all rows: executemany would release and take back
-                    # the GIL once per row, tugging at the event loop's thread each time.
-                    # The first prediction under an id keeps it for as long as the store
-                    # does: a later one under the same id (a retry, or another caller
-                    # choosing it) is answered but not stored, so it can neither change what
-                    # the first caller's label is scored against nor clear "labelled".
-                    before = self._db.total_changes
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO predictions "
-                        "(request_id, predicted, created, version, expected) "
-                        "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
-                        "json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
-                        "json_extract(value, '$[4]') FROM json_each(?)",
-                        (json.dumps(rows),),
-                    )
-                    taken = len(rows) - (self._db.total_changes - before)
-                    self._db.execute(
-                        "DELETE FROM predictions WHERE seq <= "
-                        "(SELECT MAX(seq) FROM predictions) - ?",
-                        (self.capacity,),
-                    )
-                if taken and self.on_taken is not None:
-                    self.on_taken(taken)
-            if time.monotonic() - self._last_prune >= PRUNE_INTERVAL_S:
-                self._prune()
+            try:
+                self._write(rows)
+            except sqlite3.Error as error:
+                self._write_failed = (time.monotonic(), self._failed("write", error, len(rows)))
+
+    def _write(self, rows: list) -> None:
+        """Insert ``rows`` and keep the store in its bounds (the caller holds the lock)."""
+        self._file.connection()
+        if rows:
+            with self._transaction():
+                # One statement for all rows: executemany would release and take back
+                # the GIL once per row, tugging at the event loop's thread each time.
+                # The first prediction under an id keeps it for as long as the store
+                # does: a later one under the same id (a retry, or another caller
+                # choosing it) is answered but not stored, so it can neither change what
+                # the first caller's label is scored against nor clear "labelled".
+                before = self._db.total_changes
+                self._db.execute(
+                    "INSERT OR IGNORE INTO predictions "
+                    "(request_id, predicted, created, version, expected) "
+                    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+                    "json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
+                    "json_extract(value, '$[4]') FROM json_each(?)",
+                    (json.dumps(rows),),
+                )
+                taken = len(rows) - (self._db.total_changes - before)
+                self._db.execute(
+                    "DELETE FROM predictions WHERE seq <= (SELECT MAX(seq) FROM predictions) - ?",
+                    (self.capacity,),
+                )
+            if taken and self.on_taken is not None:
+                self.on_taken(taken)
+        if time.monotonic() - self._last_prune >= PRUNE_INTERVAL_S:
+            self._prune()
 
     def _prune(self) -> None:
         """Forget expired predictions (oldest first: sequence order is time order)."""
@@ -209,6 +205,44 @@ class FeedbackStore:
         self._last_prune = time.monotonic()
         if self.on_count is not None:
             self.on_count(self._count())
+
+    def _failed(self, operation: str, error: sqlite3.Error, lost: int = 0) -> str:
+        """Count and log a failure of the file (once a minute per reason), set a corrupt
+        file aside; its reason."""
+        reason = reason_of(error)
+        self._count_error(operation, reason, lost)
+        if time.monotonic() - self._logged.get(reason, -60.0) >= 60:
+            self._logged[reason] = time.monotonic()
+            log.error(
+                "feedback store %s: %s failed (%s: %s)%s",
+                self.path,
+                operation,
+                reason,
+                error,
+                f"; {lost} prediction(s) not stored" if lost else "",
+            )
+        if reason == "corrupt":
+            try:
+                self._file.set_aside(reason)
+            except OSError as again:
+                log.error("feedback store %s: setting it aside failed: %s", self.path, again)
+        return reason
+
+    def _count_error(self, operation: str, reason: str, lost: int = 0) -> None:
+        if self.on_error is not None:
+            self.on_error(operation, reason, lost)
+
+    @contextlib.contextmanager
+    def _reading(self, operation: str):
+        """Under the connection's lock, on the file now at ``path``; a failure of the file is
+        ``store_unavailable`` (503), never an error of the caller's."""
+        with self._db_lock:
+            try:
+                self._file.connection()
+                yield
+            except sqlite3.Error as error:
+                reason = self._failed(operation, error)
+                raise _unavailable(reason) from None
 
     # -- labels ------------------------------------------------------------------------
 
@@ -231,8 +265,16 @@ class FeedbackStore:
         deadline = time.monotonic() + 4 * self.flush_interval_s
         while self._missing(items) and time.monotonic() < deadline:
             time.sleep(self.flush_interval_s)  # another worker may not have written them yet
-        with self._db_lock, self._transaction():
+        with self._reading("label"), self._transaction():
             outcomes, problems = self._match(items)
+            failed = self._write_failed
+            if (
+                failed
+                and time.monotonic() - failed[0] < WRITE_FAILURE_MEMORY_S
+                and any(p["reason"] == "unknown_request_id" for p in problems)
+            ):
+                # Not known to be unknown: perhaps answered while writing failed.
+                raise _unavailable(failed[1])
             if problems:
                 raise _refusal(problems)
             self._db.executemany(
@@ -253,7 +295,7 @@ class FeedbackStore:
         }
 
     def _missing(self, items: Sequence[tuple[str, str]]) -> bool:
-        with self._db_lock:
+        with self._reading("label"):
             return any(
                 self._db.execute(
                     "SELECT 1 FROM predictions WHERE request_id = ?", (rid,)
@@ -302,7 +344,7 @@ class FeedbackStore:
         against the version that made the prediction); labelled predictions per version;
         the store's size and bounds."""
         predictions = self.count()
-        with self._db_lock:
+        with self._reading("read"):
             rows = self._db.execute(
                 "SELECT label, predicted, version, expected FROM outcomes"
             ).fetchall()
@@ -337,7 +379,7 @@ class FeedbackStore:
     def count(self) -> int:
         """Predictions in the store now (after writing this worker's buffer)."""
         self.flush()
-        with self._db_lock:
+        with self._reading("read"):
             return self._count()
 
     def _count(self) -> int:
@@ -353,7 +395,7 @@ class FeedbackStore:
         while not self._stop.wait(self.flush_interval_s):
             try:
                 self.flush()
-            except sqlite3.Error:  # a locked or vanished file must not kill the thread
+            except Exception:  # the thread must outlive anything (flush counts the file's)
                 log.exception("writing predictions to the feedback store failed")
 
     def close(self) -> None:
@@ -361,7 +403,7 @@ class FeedbackStore:
         self._thread.join(timeout=2)
         self.flush()
         with self._db_lock:
-            self._db.close()
+            self._file.close()
 
 
 class _Transaction:
@@ -401,6 +443,25 @@ def estimate_audit(triples: np.ndarray, expected: np.ndarray) -> dict:
         "accuracy": realised,
         "gap": abs(estimated - realised),
     }
+
+
+def _set_up(db: sqlite3.Connection) -> None:
+    """The tables, and the columns a store kept by an older release lacks."""
+    db.executescript(SCHEMA)
+    added = {"version": "INTEGER NOT NULL DEFAULT 0", "expected": "REAL"}
+    for table in ("predictions", "outcomes"):
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column, kind in added.items():
+            if column not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+def _unavailable(reason: str) -> FeedbackError:
+    return FeedbackError(
+        "store_unavailable",
+        f"the feedback store cannot be used now ({reason.replace('_', ' ')}); nothing was "
+        "counted: send the labels again later",
+    )
 
 
 def _refusal(problems: list[dict]) -> FeedbackError:

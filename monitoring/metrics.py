@@ -313,6 +313,17 @@ FEEDBACK = Counter(
     "counted here.",
     ["class", "outcome", "version"],
 )
+FEEDBACK_STORE_ERRORS = Counter(
+    "imgclf_feedback_store_errors_total",
+    "Failures of the feedback store's file, by operation (open, write, read, label) and "
+    "reason (disk_full, corrupt, io_error, busy, read_only, cannot_open, other).",
+    ["operation", "reason"],
+)
+FEEDBACK_PREDICTIONS_LOST = Counter(
+    "imgclf_feedback_predictions_lost_total",
+    "Predictions answered but not written to the feedback store (it failed): labels for them "
+    "cannot be matched.",
+)
 FEEDBACK_IDS_TAKEN = Counter(
     "imgclf_feedback_ids_taken_total",
     "Predictions not kept for feedback because an earlier prediction holds their request id "

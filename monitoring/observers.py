@@ -22,6 +22,8 @@ from monitoring.drift import (
     output_signals,
     pixel_signals,
 )
+from monitoring.feedback import STORE_OPERATIONS
+from monitoring.store_file import REASONS as STORE_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -428,12 +430,21 @@ class FeedbackObserver:
         metrics.FEEDBACK_STORE_CAPACITY.set(capacity)
         metrics.FEEDBACK_STORE.set(0)
         metrics.ACCURACY_ALERT_MARGIN.set(margin)
+        # Every failure counted from 0, so that increase() sees the first one.
+        for operation in STORE_OPERATIONS:
+            for reason in STORE_REASONS:
+                metrics.FEEDBACK_STORE_ERRORS.labels(operation, reason)
 
     def stored(self, predictions: int) -> None:
         metrics.FEEDBACK_STORE.set(predictions)
 
     def taken(self, predictions: int) -> None:
         metrics.FEEDBACK_IDS_TAKEN.inc(predictions)
+
+    def failed(self, operation: str, reason: str, lost: int) -> None:
+        metrics.FEEDBACK_STORE_ERRORS.labels(operation, reason).inc()
+        if lost:
+            metrics.FEEDBACK_PREDICTIONS_LOST.inc(lost)
 
     def labelled(self, outcomes: list[tuple[str, bool, int]], summary: dict) -> None:
         """``outcomes``: (true class, correct, version that predicted) per label;

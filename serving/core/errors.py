@@ -27,6 +27,7 @@ ERROR_REASONS = (
     "duplicate_feedback",
     "unknown_label",
     "feedback_off",
+    "store_unavailable",
     "unauthorized",
     "timeout",
     "cancelled",

@@ -8,8 +8,10 @@ ids and classes alone: no image is kept).
 
 A call is applied whole or not at all: an unknown label (422), an unknown or expired id (404)
 or one labelled before (409) refuses it, lists every bad item under ``problems``, and
-counts nothing. Labels drive the accuracy alerts: with ``IMGCLF_FEEDBACK_TOKEN`` set, both
-methods need ``Authorization: Bearer <token>`` (401 without it, before the body is read).
+counts nothing; a store that cannot be used now (a full disk, a corrupt file being
+replaced) answers 503 with ``Retry-After``. Labels drive the accuracy alerts: with
+``IMGCLF_FEEDBACK_TOKEN`` set, both methods need ``Authorization: Bearer <token>`` (401
+without it, before the body is read).
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ class Feedback:
 
 
 #: The HTTP status of each reason ``monitoring.feedback`` refuses feedback for.
-REFUSAL_STATUS = {"unknown_label": 422, "unknown_request_id": 404, "duplicate_feedback": 409}
+REFUSAL_STATUS = {
+    "unknown_label": 422,
+    "unknown_request_id": 404,
+    "duplicate_feedback": 409,
+    "store_unavailable": 503,
+}
 
 
 class RefusedFeedbackError(ImgclfError):
@@ -51,6 +58,16 @@ class RefusedFeedbackError(ImgclfError):
         super().__init__(error.message, reason=error.reason)
         self.status_code = REFUSAL_STATUS[error.reason]
         self.details = {"problems": error.problems[:100]} if error.problems else None
+        if self.status_code == 503:
+            self.headers = {"Retry-After": "5"}
+
+
+async def _in_thread(function, *args):
+    """``function(*args)`` off the event loop, the store's refusals as HTTP errors."""
+    try:
+        return await asyncio.to_thread(function, *args)
+    except FeedbackError as error:
+        raise RefusedFeedbackError(error) from None
 
 
 def feedback_routes() -> list[Route]:
@@ -109,11 +126,8 @@ async def post_feedback(request: Request):
     async def work(worker: WorkerContext):
         feedback = _enabled(worker, request)
         items = parse_items(await read_body(request, MAX_BODY_BYTES))
-        try:
-            result = await asyncio.to_thread(feedback.store.label, items)
-        except FeedbackError as error:
-            raise RefusedFeedbackError(error) from None
-        summary = await asyncio.to_thread(feedback.store.summary, worker.card.version)
+        result = await _in_thread(feedback.store.label, items)
+        summary = await _in_thread(feedback.store.summary, worker.card.version)
         feedback.observer.labelled(result["outcomes"], summary)
         return {
             "accepted": result["accepted"],
@@ -128,7 +142,7 @@ async def post_feedback(request: Request):
 async def get_feedback(request: Request):
     async def work(worker: WorkerContext):
         feedback = _enabled(worker, request)
-        summary = await asyncio.to_thread(feedback.store.summary, worker.card.version)
+        summary = await _in_thread(feedback.store.summary, worker.card.version)
         return {
             "labelled": summary.pop("count"),
             **summary,

@@ -278,6 +278,7 @@ def open_feedback(runtime: ClassifierRuntime, settings: ServingSettings) -> Feed
         window=settings.feedback_window,
         on_count=observer.stored,
         on_taken=observer.taken,
+        on_error=observer.failed,
     )
     token = settings.feedback_token.get_secret_value() if settings.feedback_token else None
     return Feedback(store, observer, None, token)

@@ -4,6 +4,7 @@ server with two workers is tested in tests/monitoring/test_live_monitoring.py)."
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,73 @@ def test_workers_opening_a_new_store_at_the_same_moment_all_succeed(tmp_path):
     while not failures.empty():
         found.append(failures.get())
     assert found == []
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    """Two stores on one file, as two workers hold it, each counting its file's failures."""
+    errors: list[tuple] = []
+    path = tmp_path / "feedback.sqlite3"
+    stores = [
+        FeedbackStore(path, CLASSES, on_error=lambda *e, who=who: errors.append((who, *e)))
+        for who in ("first", "second")
+    ]
+    stores[0].remember(["a", "b"], np.array([1, 2]))
+    stores[0].flush()
+    stores[0]._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # what a long-running one did
+    yield path, stores, errors
+    for store in stores:
+        store.close()
+
+
+def test_a_corrupt_store_is_set_aside_and_every_worker_moves_to_the_new_one(two_workers):
+    """Overwritten: a worker starting on it would have died; every worker follows one new
+    file (labels made through one reach predictions made through the other), the old one kept
+    beside it, the failure counted."""
+    path, (first, second), errors = two_workers
+    data = bytearray(path.read_bytes())
+    data[:100] = b"x" * 100
+    path.write_bytes(bytes(data))
+    third = FeedbackStore(path, CLASSES, on_error=lambda *e: errors.append(("third", *e)))
+    try:
+        assert ("third", "open", "corrupt", 0) in errors
+        assert list(path.parent.glob("feedback.sqlite3.corrupt-*"))
+        first.remember(["c"], np.array([3]))
+        first.flush()
+        assert second.label([("c", "3")])["accepted"] == 1
+        third.remember(["d"], np.array([4]))
+        third.flush()
+        assert first.label([("d", "4")])["accepted"] == 1
+    finally:
+        third.close()
+
+
+def test_a_truncated_store_is_counted_answered_503_never_500_and_recovers(two_workers):
+    path, (first, second), errors = two_workers
+    os.truncate(path, 0)
+    outcomes = []
+    for store in (second, first, second):
+        try:
+            store.remember(["e"], np.array([1]))
+            store.flush()
+            outcomes.append(store.label([("e", "1")])["accepted"])
+        except FeedbackError as error:  # refused as the store's, never a crash
+            outcomes.append(error.reason)
+    assert any(reason == "corrupt" for _, _, reason, _ in errors), errors
+    assert set(outcomes) <= {1, "store_unavailable", "duplicate_feedback", "unknown_request_id"}
+    first.remember(["f"], np.array([2]))
+    first.flush()
+    assert second.label([("f", "2")])["accepted"] == 1  # one store again, without a restart
+    assert second.summary()["count"] >= 1
+
+
+def test_a_removed_store_is_made_again_once_for_every_worker(two_workers):
+    path, (first, second), _ = two_workers
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    first.remember(["g"], np.array([5]))
+    first.flush()
+    second.remember(["h"], np.array([6]))
+    second.flush()
+    assert first.label([("h", "6")])["accepted"] == 1
+    assert second.label([("g", "5")])["accepted"] == 1

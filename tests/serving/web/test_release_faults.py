@@ -5,7 +5,9 @@ repository."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -208,3 +210,82 @@ def test_an_empty_feedback_token_is_refused_at_start(published_model):
         "IMGCLF_FEEDBACK_TOKEN",
         "set but empty",
     )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (mounted as root), for a store whose disk fills up."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        message = f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Take every free byte of ``folder``'s file system."""
+    filler = folder / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):  # until ENOSPC
+        while True:
+            os.write(descriptor, b"\0" * 4096)
+    os.close(descriptor)
+    return filler
+
+
+def test_a_full_disk_and_a_truncated_store_are_counted_503_and_recovered(
+    published_model, small_disk
+):
+    """The store's disk fills up: predictions that could not be written are counted, labels
+    for them are 503 (not a misleading 404), and once space is freed labels work again;
+    then the file is truncated: counted, never a 500, and a new store without a restart."""
+    image = encode(digit(2, 3), "PNG")
+    store = small_disk / "feedback.sqlite3"
+    env = {"IMGCLF_FEEDBACK_STORE_PATH": str(store)}
+    with (
+        Server(published_model, env=env, args=("--workers", "1")) as server,
+        server.client() as http,
+    ):
+
+        def predict() -> str:
+            answer = http.post("/predict", content=image, headers={"Content-Type": "image/png"})
+            assert answer.status_code == 200  # /predict is never affected
+            return answer.json()["request_id"]
+
+        def label(rid: str) -> httpx.Response:
+            return http.post("/feedback", json={"request_id": rid, "label": "2"})
+
+        assert label(predict()).status_code == 200
+        filler = fill(small_disk)
+        lost = [predict() for _ in range(200)]
+        time.sleep(1)  # a few flushes
+        assert counter(server.url, "imgclf_feedback_store_errors_total", reason="disk_full")
+        assert counter(server.url, "imgclf_feedback_predictions_lost_total") >= 1
+        refused = label(lost[-1])
+        assert refused.status_code == 503, refused.text
+        assert "disk full" in refused.json()["error"] and refused.headers["retry-after"]
+        assert http.get("/feedback").status_code in (200, 503)
+
+        filler.unlink()
+        rid = predict()
+        time.sleep(0.6)
+        assert label(rid).status_code == 200  # recovered, no restart
+
+        os.truncate(store, 0)
+        statuses = []
+        deadline = time.monotonic() + 30
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() < deadline, statuses
+            rid = predict()
+            time.sleep(0.3)
+            statuses += [label(rid).status_code, http.get("/feedback").status_code]
+        assert set(statuses) <= {200, 404, 503}, statuses
+        assert counter(server.url, "imgclf_feedback_store_errors_total", reason="corrupt")
+        assert list(small_disk.glob("feedback.sqlite3.corrupt-*"))
