@@ -117,6 +117,11 @@ WORKER_DEATHS = Counter(
     "Worker processes that ended without being asked to (killed, out of memory, crashed), "
     "counted by the worker that replaced them.",
 )
+WORKER_START_FAILURES = Counter(
+    "imgclf_worker_start_failures_total",
+    "Worker processes that could not start (their model, their settings), counted by the "
+    "worker that tried again after them; each waits longer before exiting, up to a minute.",
+)
 READY = Gauge(
     "imgclf_ready",
     "1 when every live worker is loaded and warmed up and not draining, else 0.",

@@ -78,6 +78,9 @@ class WorkerObserver:
     def replaced(self, dead_workers: int) -> None:
         metrics.WORKER_DEATHS.inc(dead_workers)
 
+    def failed_to_start(self, workers: int) -> None:
+        metrics.WORKER_START_FAILURES.inc(workers)
+
     def queued(self, requests: int) -> None:
         BUFFER.set(metrics.BATCH_QUEUE, requests)
 

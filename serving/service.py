@@ -32,6 +32,7 @@ from serving.web.lifecycle import Lifecycle, LifecycleMiddleware
 from serving.web.middleware import MergeOpenAPIPaths, PlainErrorsAsJSON, build_app
 from serving.web.oip import oip_routes
 from serving.web.requests import REQUEST_ID_HEADER, parse_top_k, read_uploads, request_id
+from serving.web.serve import check_servable
 from serving.web.settings import ServingSettings, default_decode_threads, default_workers
 from serving.web.supervision import replace_dead_workers
 from serving.web.worker import start_worker
@@ -63,7 +64,7 @@ class ImageClassifier:
     stored_model = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
 
     def __init__(self) -> None:
-        # BentoML's server logging keeps the root at WARNING: let our lifecycle lines through.
+        # BentoML's logging keeps the root at WARNING: let our lifecycle lines through.
         logging.getLogger("serving").setLevel(logging.INFO)
         self.worker = start_worker(
             SETTINGS,
@@ -127,8 +128,9 @@ class ImageClassifier:
 
     @bentoml.on_deployment
     def prepare_server() -> None:
-        """Once, in the server's main process, before any worker starts."""
+        """In the server's main process, before any worker starts."""
         replace_dead_workers()
+        check_servable(SETTINGS, SETTINGS.model_dir or Path(ImageClassifier.stored_model.path))
 
     @bentoml.on_shutdown
     def close(self) -> None:

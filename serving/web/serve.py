@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic.fields import FieldInfo
 
-from serving.core.errors import ConfigError
+from serving.core.errors import ConfigError, ImgclfError
 from serving.web.settings import ENV_PREFIX, ServingSettings
 
 #: Settings ``imgclf serve`` does not take as options: ``--model`` resolves a repository or a
@@ -129,6 +129,30 @@ def first_loadable(directory: Path, settings: ServingSettings):
     if not is_model_root(directory):
         return load(directory)
     return load_live(directory, read_state(directory), load, refused)
+
+
+def check_servable(settings: ServingSettings, directory: Path) -> None:
+    """In a server's main process, before its workers start (``bentoml serve`` of a Bento, a
+    container): the model they will start on loads, or one ``error:`` line and exit 1,
+    instead of workers failing one after the other behind a silent port. On the CPU and at
+    one batch size: a check, not the serving. ``imgclf serve`` checked it already."""
+    from serving.web.supervision import SERVER_PID_VARIABLE
+
+    if os.environ.get(SERVER_PID_VARIABLE):  # started by imgclf serve, which checked
+        return
+    light = settings.model_copy(
+        update={
+            "provider": "cpu",
+            "max_batch_size": 1,
+            "batch_buckets": None,
+            "session_mode": "shared",
+        }
+    )
+    try:
+        first_loadable(directory, light)
+    except ImgclfError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -76,10 +76,11 @@ class WorkerRoll:
         #: The server's configured worker count.
         self.workers = workers
         self._created = 0.0
+        self.failed_before = 0
 
-    def join(self) -> list[int]:
+    def join(self) -> list[dict]:
         """Claim the cards of dead workers (removing their gauges), then lay down this
-        worker's own; the pids of the dead."""
+        worker's own; the dead workers' cards (``failed``: why one could not start)."""
         self.folder.mkdir(exist_ok=True)
         dead = []
         for card in sorted(self.folder.glob("*.json")):
@@ -97,16 +98,29 @@ class WorkerRoll:
             for gauge in self.metrics_folder.glob(f"gauge_*_{facts['pid']}.db"):
                 gauge.unlink(missing_ok=True)
             claimed.unlink(missing_ok=True)
-            dead.append(facts["pid"])
+            dead.append(facts)
+        #: Start-ups that failed in a row before this one.
+        self.failed_before = max((card.get("attempt", 0) for card in dead), default=0)
         self._created = psutil.Process(self.pid).create_time()
         self.mark(ready=False)
         return dead
 
+    def failed(self, reason: str) -> float:
+        """This worker cannot start: say why on its card (its replacement reports it as a
+        failed start, not a death); the seconds to wait before exiting, doubling with each
+        failure in a row up to a minute, so that a server that cannot start retries calmly."""
+        attempt = self.failed_before + 1
+        self._write({"ready": False, "failed": reason, "attempt": attempt})
+        return float(min(60, 2 ** (attempt - 1)))
+
     def mark(self, ready: bool) -> None:
         """Lay down (or rewrite) this worker's card, saying whether it is ready."""
+        self._write({"ready": ready})
+
+    def _write(self, facts: dict) -> None:
         own = self.folder / f"{self.pid}.json"
         partial = own.with_suffix(".tmp")
-        partial.write_text(json.dumps({"pid": self.pid, "created": self._created, "ready": ready}))
+        partial.write_text(json.dumps({"pid": self.pid, "created": self._created, **facts}))
         partial.replace(own)
 
     def census(self) -> dict:

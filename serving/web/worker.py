@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,8 +50,41 @@ def start_worker(
 ) -> WorkerContext:
     """Load and verify the model (failing start-up at once if it cannot), build the worker's
     parts, and warm every batch bucket on a background thread; then watch the repository's
-    version roles (``serving.web.versions``)."""
+    version roles (``serving.web.versions``). A worker that cannot start says why on its
+    card and waits before it exits, longer after each failure in a row."""
     roll = supervise(metrics, workers)
+    try:
+        return _start_worker(
+            settings,
+            model_dir,
+            roll,
+            lifecycle=lifecycle,
+            metrics=metrics,
+            workers=workers,
+            decode_threads=decode_threads,
+            ort_threads=ort_threads,
+        )
+    except Exception as error:
+        if roll is None:
+            raise
+        reason = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
+        wait_s = roll.failed(reason)
+        log.exception("this worker cannot start (%s); exiting in %.0f s", reason, wait_s)
+        time.sleep(wait_s)
+        raise
+
+
+def _start_worker(
+    settings: ServingSettings,
+    model_dir: Path,
+    roll: WorkerRoll | None,
+    *,
+    lifecycle: Lifecycle,
+    metrics: WorkerObserver | None,
+    workers: int,
+    decode_threads: int,
+    ort_threads: int,
+) -> WorkerContext:
     if roll is not None:
         lifecycle.census = roll.census
         lifecycle.on_ready(roll.mark)
@@ -198,15 +232,28 @@ def supervise(metrics: WorkerObserver | None, workers: int) -> WorkerRoll | None
     die_with_server()
     roll = WorkerRoll(folder, workers=workers)
     dead = roll.join()
-    for pid in dead:
-        log.warning(
-            "worker pid %d ended without shutting down (killed, out of memory or crashed: "
-            "see the kernel log); pid %d replaces it",
-            pid,
-            os.getpid(),
-        )
-    if dead and metrics is not None:
-        metrics.replaced(len(dead))
+    for card in dead:
+        if "failed" in card:
+            log.warning(
+                "worker pid %d could not start (%s); pid %d tries again (attempt %d)",
+                card["pid"],
+                card["failed"],
+                os.getpid(),
+                card["attempt"] + 1,
+            )
+        else:
+            log.warning(
+                "worker pid %d ended without shutting down (killed, out of memory or "
+                "crashed: see the kernel log); pid %d replaces it",
+                card["pid"],
+                os.getpid(),
+            )
+    if metrics is not None:
+        failed_starts = sum("failed" in card for card in dead)
+        if failed_starts:
+            metrics.failed_to_start(failed_starts)
+        if len(dead) > failed_starts:
+            metrics.replaced(len(dead) - failed_starts)
     return roll
 
 

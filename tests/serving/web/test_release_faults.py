@@ -289,3 +289,50 @@ def test_a_full_disk_and_a_truncated_store_are_counted_503_and_recovered(
         assert set(statuses) <= {200, 404, 503}, statuses
         assert counter(server.url, "imgclf_feedback_store_errors_total", reason="corrupt")
         assert list(small_disk.glob("feedback.sqlite3.corrupt-*"))
+
+
+def test_a_worker_that_cannot_start_is_reported_as_such_and_retried_calmly(model_folder):
+    """A hand-broken versions.json, then a worker killed: its replacements cannot start.
+    Each says why, is counted as a failed start (not a death: the kernel log has nothing to
+    say), and waits longer before exiting; the other worker serves meanwhile, and /readyz
+    says one of two. Once the file is fixed, a replacement starts."""
+    write_json(model_folder / "versions.json", {"live": 1})
+    with Server(
+        model_folder, env={"IMGCLF_VERSION_POLL_S": "0.2"}, args=("--workers", "2")
+    ) as server:
+        (model_folder / "versions.json").write_text("{not json")
+        victim = httpx.get(server.url + "/metadata").json()["worker"]["pid"]
+        os.kill(victim, 9)
+        deadline = time.monotonic() + 60
+        while counter(server.url, "imgclf_worker_start_failures_total") < 2:
+            assert time.monotonic() < deadline, server.output()[-3000:]
+            ready = httpx.get(server.url + "/readyz", timeout=5)
+            assert ready.status_code == 200 and ready.json()["workers"]["ready"] == 1
+            time.sleep(0.5)
+        assert counter(server.url, "imgclf_worker_deaths_total") == 1  # the kill alone
+        output = server.output()
+        assert "could not start (cannot read" in output and "versions.json" in output
+        assert "exiting in 1 s" in output and "exiting in 2 s" in output  # backing off
+        write_json(model_folder / "versions.json", {"live": 1})
+        deadline = time.monotonic() + 60
+        while httpx.get(server.url + "/readyz", timeout=5).json()["workers"]["ready"] < 2:
+            assert time.monotonic() < deadline, "no worker started once the file was fixed"
+            time.sleep(0.5)
+
+
+def test_bentoml_serve_of_a_model_that_cannot_load_exits_with_one_line(model_folder, tmp_path):
+    """As a container runs it (plain ``bentoml serve``, no imgclf serve to check first)."""
+    flip_a_byte(model_folder / "1" / "calibration.json")
+    write_json(model_folder / "versions.json", {"live": 1})
+    result = subprocess.run(
+        [
+            str(Path(IMGCLF).with_name("bentoml")),
+            *("serve", "serving.service:ImageClassifier", "--port", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "IMGCLF_MODEL_DIR": str(model_folder), "BENTOML_HOME": str(tmp_path)},
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert_one_line_error(result, "calibration.json does not match its hash")
