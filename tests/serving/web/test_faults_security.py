@@ -12,7 +12,9 @@ import time
 
 import pytest
 
+from monitoring.feedback import STORE_OPERATIONS
 from monitoring.metrics import ENDPOINTS
+from monitoring.store_file import REASONS as STORE_REASONS
 from serving.core.errors import ERROR_REASONS
 from serving.core.model_dir import resolve_model_dir
 from serving.core.runtime import ClassifierRuntime
@@ -116,7 +118,7 @@ def test_metric_labels_hold_only_known_values_after_hostile_traffic(http, server
     http.post("/predict", content=b"x", headers={"Content-Type": "image/png; evil=<script>"})
     allowed = {
         "endpoint": set(ENDPOINTS),
-        "reason": set(ERROR_REASONS),
+        "reason": set(ERROR_REASONS) | set(STORE_REASONS),
         "class": {"0", "1", "2", "3", "4"},
         "signal": {"class", "confidence", "entropy", "brightness", "contrast", "embedding"},
         # the reference's bins: class names (here "0" to "4"), or bin indices (ten bins,
@@ -135,6 +137,8 @@ def test_metric_labels_hold_only_known_values_after_hostile_traffic(http, server
         # labels matched by /feedback, and copies offered to a shadow (other tests of this
         # session's server may have sent either before this one)
         "outcome": {"correct", "incorrect", "compared", "dropped", "failed", "skipped"},
+        # the feedback store's failures, counted from 0 for every operation and reason
+        "operation": set(STORE_OPERATIONS),
     }
     text = http.get("/metrics").text
     for line in text.splitlines():
