@@ -14,12 +14,15 @@ server's workers serve (``census``, in ``/readyz`` and ``/metadata``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -104,6 +107,19 @@ class WorkerRoll:
         self._created = psutil.Process(self.pid).create_time()
         self.mark(ready=False)
         return dead
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Around a worker's start: if it fails, say why on the card (``failed``), wait,
+        and let the error end the worker."""
+        try:
+            yield
+        except Exception as error:
+            reason = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
+            wait_s = self.failed(reason)
+            log.exception("this worker cannot start (%s); exiting in %.0f s", reason, wait_s)
+            time.sleep(wait_s)
+            raise
 
     def failed(self, reason: str) -> float:
         """This worker cannot start: say why on its card (its replacement reports it as a

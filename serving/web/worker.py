@@ -4,11 +4,11 @@ store, warmed in the background so that ``/livez`` answers while ``/readyz`` say
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,165 +53,137 @@ def start_worker(
     version roles (``serving.web.versions``). A worker that cannot start says why on its
     card and waits before it exits, longer after each failure in a row."""
     roll = supervise(metrics, workers)
-    try:
-        return _start_worker(
-            settings,
-            model_dir,
-            roll,
-            lifecycle=lifecycle,
-            metrics=metrics,
-            workers=workers,
-            decode_threads=decode_threads,
-            ort_threads=ort_threads,
-        )
-    except Exception as error:
-        if roll is None:
-            raise
-        reason = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
-        wait_s = roll.failed(reason)
-        log.exception("this worker cannot start (%s); exiting in %.0f s", reason, wait_s)
-        time.sleep(wait_s)
-        raise
-
-
-def _start_worker(
-    settings: ServingSettings,
-    model_dir: Path,
-    roll: WorkerRoll | None,
-    *,
-    lifecycle: Lifecycle,
-    metrics: WorkerObserver | None,
-    workers: int,
-    decode_threads: int,
-    ort_threads: int,
-) -> WorkerContext:
-    if roll is not None:
-        lifecycle.census = roll.census
-        lifecycle.on_ready(roll.mark)
-    if metrics:
-        metrics.configured(workers)
-    if settings.monitoring:
-        BUFFER.start()
-        # Monitoring's small matrix products (the estimate per batch, the domain classifier
-        # in the drift thread) on one BLAS thread: OpenBLAS's own threads would wake and spin
-        # on cores that ONNX Runtime and the decoders already use (the per-batch estimate
-        # took 0.47 ms with two threads, 0.21 ms with one).
-        threadpool_limits(1, user_api="blas")
-    feedback: Feedback | None = None
-
-    def load(path: Path) -> ClassifierRuntime:
-        return ClassifierRuntime.from_settings(path, settings, intra_op_threads=ort_threads)
-
-    def serve(runtime: ClassifierRuntime) -> ServedVersion:
-        """``runtime`` as the live version: its batcher, and its predictions observed
-        against its own reference profile."""
-        profile = runtime.reference_profile() if settings.monitoring else None
-        predictions = (
-            prediction_observer(runtime, profile, settings) if settings.monitoring else None
-        )
-        if feedback is not None:
-            feedback.reference = predictions.reference_performance
-        batcher = AdaptiveBatcher(
-            monitored_inference(runtime, predictions),
-            max_batch_size=runtime.max_batch_size,
-            max_wait_s=settings.batch_wait_ms / 1000,
-            max_latency_s=settings.max_latency_ms / 1000,
-            max_queue_size=settings.max_queue_size,
-            on_batch=predictions.record if predictions else None,
-            on_queue=metrics.queued if metrics else None,
-            on_wait=metrics.waited if metrics else None,
-        )
-        return ServedVersion(runtime, batcher, predictions)
-
-    def shadow_observer(runtime: ClassifierRuntime) -> ShadowObserver:
-        return ShadowObserver(
-            runtime.version,
-            runtime.reference_profile() if settings.monitoring else None,
-            window=settings.drift_window,
-            min_samples=settings.drift_min_samples,
-            mode=settings.drift_thresholds,
-        )
-
-    versions = ModelSet(
-        model_dir,
-        load=load,
-        serve=serve,
-        shadow_observer=shadow_observer,
-        poll_s=settings.version_poll_s,
-        max_pending_shadow_images=settings.shadow_queue_images,
-        shadow_nice=settings.shadow_nice,
-        drift_interval_s=settings.drift_interval_s,
-        retire_after_s=settings.timeout_s + 1,
-        observer=VersionObserver() if settings.monitoring else None,
-    )
-    runtime = versions.live.runtime
-    log.info(
-        "serving %s; %d workers, %d decode threads each", runtime.summary(), workers, decode_threads
-    )
-    if settings.monitoring and settings.feedback_store_size:
-        feedback = open_feedback(runtime, settings)
-        feedback.reference = versions.live.predictions.reference_performance
-
-    def describe() -> dict:
-        live = versions.live
-        predictions = live.predictions
-        return {
-            **live.runtime.describe(),
-            "versions": versions.describe(),
-            "batching": {
-                "max_batch_size": live.runtime.max_batch_size,
-                "buckets": list(live.runtime.buckets),
-                "batch_wait_ms": settings.batch_wait_ms,
-                "max_latency_ms": settings.max_latency_ms,
-                "max_queue_size": settings.max_queue_size,
-            },
-            "workers": workers,
-            "decode_threads": decode_threads,
-            "state": lifecycle.state,
-            # Each worker keeps its own drift window: say whose figures these are. The fleet's
-            # figures are on /metrics (the drift gauges take the fullest live worker's).
-            "worker": {"pid": os.getpid(), "of": workers}
-            | ({"ready": roll.census()["ready"]} if roll else {}),
-            "monitoring": None
-            if predictions is None
-            else {
-                "scope": f"this worker (pid {os.getpid()}) of {workers}; /metrics has them all",
-                **predictions.describe(),
-                "feedback": feedback_settings(feedback, settings),
-            },
-        }
-
-    def close() -> None:
+    with roll.starting() if roll else contextlib.nullcontext():
         if roll is not None:
-            roll.leave()
-        versions.close()
-        BUFFER.close()
-        if feedback is not None:
-            feedback.store.close()
+            lifecycle.census = roll.census
+            lifecycle.on_ready(roll.mark)
+        if metrics:
+            metrics.configured(workers)
+        if settings.monitoring:
+            BUFFER.start()
+            # Monitoring's small matrix products (the estimate per batch, the domain classifier
+            # in the drift thread) on one BLAS thread: OpenBLAS's own threads would wake and spin
+            # on cores that ONNX Runtime and the decoders already use (the per-batch estimate
+            # took 0.47 ms with two threads, 0.21 ms with one).
+            threadpool_limits(1, user_api="blas")
+        feedback: Feedback | None = None
 
-    worker = WorkerContext(
-        versions,
-        Limits(
-            max_request_bytes=settings.max_request_bytes,
-            max_images_per_request=settings.max_images_per_request,
-            default_top_k=settings.default_top_k,
-            max_top_k=settings.max_top_k,
-            timeout_s=settings.timeout_s,
-        ),
-        describe,
-        ThreadPoolExecutor(decode_threads, thread_name_prefix="decode"),
-        RequestObserver() if settings.monitoring else None,
-        is_ready=lambda: lifecycle.ready,
-        feedback=feedback,
-        close=close,
-    )
-    if metrics:
-        metrics.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)
-    drain_before_exit(lifecycle, settings.drain_window_s, settings.drain_timeout_s)
-    threading.Thread(
-        target=warm_up, args=(versions, lifecycle, metrics), name="warm-up", daemon=True
-    ).start()
-    return worker
+        def load(path: Path) -> ClassifierRuntime:
+            return ClassifierRuntime.from_settings(path, settings, intra_op_threads=ort_threads)
+
+        def serve(runtime: ClassifierRuntime) -> ServedVersion:
+            """``runtime`` as the live version: its batcher, and its predictions observed
+            against its own reference profile."""
+            profile = runtime.reference_profile() if settings.monitoring else None
+            predictions = (
+                prediction_observer(runtime, profile, settings) if settings.monitoring else None
+            )
+            if feedback is not None:
+                feedback.reference = predictions.reference_performance
+            batcher = AdaptiveBatcher(
+                monitored_inference(runtime, predictions),
+                max_batch_size=runtime.max_batch_size,
+                max_wait_s=settings.batch_wait_ms / 1000,
+                max_latency_s=settings.max_latency_ms / 1000,
+                max_queue_size=settings.max_queue_size,
+                on_batch=predictions.record if predictions else None,
+                on_queue=metrics.queued if metrics else None,
+                on_wait=metrics.waited if metrics else None,
+            )
+            return ServedVersion(runtime, batcher, predictions)
+
+        def shadow_observer(runtime: ClassifierRuntime) -> ShadowObserver:
+            return ShadowObserver(
+                runtime.version,
+                runtime.reference_profile() if settings.monitoring else None,
+                window=settings.drift_window,
+                min_samples=settings.drift_min_samples,
+                mode=settings.drift_thresholds,
+            )
+
+        versions = ModelSet(
+            model_dir,
+            load=load,
+            serve=serve,
+            shadow_observer=shadow_observer,
+            poll_s=settings.version_poll_s,
+            max_pending_shadow_images=settings.shadow_queue_images,
+            shadow_nice=settings.shadow_nice,
+            drift_interval_s=settings.drift_interval_s,
+            retire_after_s=settings.timeout_s + 1,
+            observer=VersionObserver() if settings.monitoring else None,
+        )
+        runtime = versions.live.runtime
+        log.info(
+            "serving %s; %d workers, %d decode threads each",
+            runtime.summary(),
+            workers,
+            decode_threads,
+        )
+        if settings.monitoring and settings.feedback_store_size:
+            feedback = open_feedback(runtime, settings)
+            feedback.reference = versions.live.predictions.reference_performance
+
+        def describe() -> dict:
+            live = versions.live
+            predictions = live.predictions
+            return {
+                **live.runtime.describe(),
+                "versions": versions.describe(),
+                "batching": {
+                    "max_batch_size": live.runtime.max_batch_size,
+                    "buckets": list(live.runtime.buckets),
+                    "batch_wait_ms": settings.batch_wait_ms,
+                    "max_latency_ms": settings.max_latency_ms,
+                    "max_queue_size": settings.max_queue_size,
+                },
+                "workers": workers,
+                "decode_threads": decode_threads,
+                "state": lifecycle.state,
+                # Each worker keeps its own drift window: say whose figures these are. The fleet's
+                # figures are on /metrics (the drift gauges take the fullest live worker's).
+                "worker": {"pid": os.getpid(), "of": workers}
+                | ({"ready": roll.census()["ready"]} if roll else {}),
+                "monitoring": None
+                if predictions is None
+                else {
+                    "scope": f"this worker (pid {os.getpid()}) of {workers}; /metrics has them all",
+                    **predictions.describe(),
+                    "feedback": feedback_settings(feedback, settings),
+                },
+            }
+
+        def close() -> None:
+            if roll is not None:
+                roll.leave()
+            versions.close()
+            BUFFER.close()
+            if feedback is not None:
+                feedback.store.close()
+
+        worker = WorkerContext(
+            versions,
+            Limits(
+                max_request_bytes=settings.max_request_bytes,
+                max_images_per_request=settings.max_images_per_request,
+                default_top_k=settings.default_top_k,
+                max_top_k=settings.max_top_k,
+                timeout_s=settings.timeout_s,
+            ),
+            describe,
+            ThreadPoolExecutor(decode_threads, thread_name_prefix="decode"),
+            RequestObserver() if settings.monitoring else None,
+            is_ready=lambda: lifecycle.ready,
+            feedback=feedback,
+            close=close,
+        )
+        if metrics:
+            metrics.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)
+        drain_before_exit(lifecycle, settings.drain_window_s, settings.drain_timeout_s)
+        threading.Thread(
+            target=warm_up, args=(versions, lifecycle, metrics), name="warm-up", daemon=True
+        ).start()
+        return worker
 
 
 def server_folder() -> Path | None:
