@@ -6,9 +6,8 @@ ONNX Runtime runtime and batching its own concurrent requests.
 The routes are plain Starlette endpoints mounted on the service (measured faster than
 BentoML's typed APIs, and they read raw bodies, never fetch URLs and answer every mistake as
 ``{"error": ...}``); BentoML adds ``/livez``, ``/metrics`` and ``/docs.json``. The model
-comes from BentoML's model store (``IMGCLF_BENTO_MODEL``, what ``bentoml build`` packages)
-or from a published directory (``IMGCLF_MODEL_DIR``). No TensorFlow anywhere on this path.
-"""
+comes from BentoML's model store (``IMGCLF_BENTO_MODEL``) or a published directory
+(``IMGCLF_MODEL_DIR``). No TensorFlow anywhere on this path."""
 
 from __future__ import annotations
 
@@ -44,9 +43,10 @@ DECODE_THREADS = SETTINGS.decode_threads or default_decode_threads(PROVIDER, WOR
 #: ONNX Runtime threads per worker: the cores shared out, unless set.
 ORT_THREADS = SETTINGS.intra_op_threads or max(1, (os.cpu_count() or 1) // WORKERS)
 WORKER_METRICS = WorkerObserver() if SETTINGS.monitoring else None
+#: The model store's model, which ``bentoml build`` packages (a class attribute below).
+STORED_MODEL = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
 LIFECYCLE = Lifecycle(on_ready=WORKER_METRICS.ready if WORKER_METRICS else None)
-# Before BentoML starts this worker's uvicorn.
-http_limits.install(
+http_limits.install(  # before BentoML starts this worker's uvicorn
     SETTINGS.max_header_bytes, SETTINGS.keep_alive_timeout_s, SETTINGS.header_timeout_s
 )
 
@@ -61,14 +61,14 @@ http_limits.install(
     logging={"access": {"enabled": SETTINGS.access_log}},
 )
 class ImageClassifier:
-    stored_model = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
+    stored_model = STORED_MODEL
 
     def __init__(self) -> None:
         # BentoML's logging keeps the root at WARNING: let our lifecycle lines through.
         logging.getLogger("serving").setLevel(logging.INFO)
         self.worker = start_worker(
             SETTINGS,
-            SETTINGS.model_dir or Path(self.stored_model.path),
+            SETTINGS.model_dir or Path(STORED_MODEL.path),
             lifecycle=LIFECYCLE,
             metrics=WORKER_METRICS,
             workers=WORKERS,
@@ -127,10 +127,9 @@ class ImageClassifier:
         return await handle(request, "metadata", work)
 
     @bentoml.on_deployment
-    def prepare_server() -> None:
-        """In the server's main process, before any worker starts."""
+    def prepare_server() -> None:  # in the server's main process, before any worker starts
         replace_dead_workers()
-        check_servable(SETTINGS, SETTINGS.model_dir or Path(ImageClassifier.stored_model.path))
+        check_servable(SETTINGS, SETTINGS.model_dir or Path(STORED_MODEL.path))
 
     @bentoml.on_shutdown
     def close(self) -> None:
