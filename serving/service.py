@@ -68,7 +68,7 @@ class ImageClassifier:
         logging.getLogger("serving").setLevel(logging.INFO)
         self.worker = start_worker(
             SETTINGS,
-            SETTINGS.model_dir or Path(STORED_MODEL.path),
+            SETTINGS.model_dir or Path(self.stored_model.path),
             lifecycle=LIFECYCLE,
             metrics=WORKER_METRICS,
             workers=WORKERS,
@@ -129,7 +129,7 @@ class ImageClassifier:
     @bentoml.on_deployment
     def prepare_server() -> None:  # in the server's main process, before any worker starts
         replace_dead_workers()
-        check_servable(SETTINGS, SETTINGS.model_dir or Path(STORED_MODEL.path))
+        check_servable(SETTINGS, SETTINGS.model_dir or Path(STORED_MODEL.resolve().path))
 
     @bentoml.on_shutdown
     def close(self) -> None:

@@ -336,3 +336,54 @@ def test_bentoml_serve_of_a_model_that_cannot_load_exits_with_one_line(model_fol
         cwd=Path(__file__).resolve().parents[3],
     )
     assert_one_line_error(result, "calibration.json does not match its hash")
+
+
+def test_bentoml_serve_of_a_stored_model_starts_as_a_bento_does(published_model, tmp_path):
+    """A model from BentoML's store, plain ``bentoml serve`` (the main process's checks
+    read the model the Bento packages): ready, answering, then stopped by SIGTERM."""
+    from tests.serving.conftest import free_port, wait_ready
+
+    home = {"BENTOML_HOME": str(tmp_path / "home")}
+    registered = subprocess.run(
+        [
+            str(Path(IMGCLF).with_name("python")),
+            "-c",
+            "import sys; from serving.registry import register; print(register(sys.argv[1]))",
+            str(published_model),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **home},
+        cwd=Path(__file__).resolve().parents[3],
+        check=True,
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(IMGCLF).with_name("bentoml")),
+            *("serve", "serving.service:ImageClassifier", "--port", str(port)),
+        ],
+        env={
+            **{k: v for k, v in os.environ.items() if k != "IMGCLF_MODEL_DIR"},
+            **home,
+            "IMGCLF_BENTO_MODEL": registered.stdout.strip(),
+            "IMGCLF_WORKERS": "1",
+        },
+        cwd=Path(__file__).resolve().parents[3],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server, timeout=90)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/predict",
+            content=encode(digit(2, 3), "PNG"),
+            headers={"Content-Type": "image/png"},
+        )
+        assert answer.status_code == 200 and answer.json()["model_version"] == 1
+    except RuntimeError:
+        pytest.fail(server.stderr.read().decode()[-3000:])
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
