@@ -97,19 +97,6 @@ class MetricBuffer:
             self.flush()
 
 
-#: The process's buffer; the service starts it and flushes it before each scrape.
+#: The process's buffer; the service starts it, and a scrape flushes it first
+#: (``monitoring.scrape.ScrapeEndpoint``).
 BUFFER = MetricBuffer()
-
-
-class FlushBeforeScrape:
-    """ASGI middleware: a scrape of ``/metrics`` answered by this worker sees all of its
-    counts so far."""
-
-    def __init__(self, app, buffer: MetricBuffer = BUFFER) -> None:
-        self.app = app
-        self.buffer = buffer
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/metrics":
-            self.buffer.flush()
-        await self.app(scope, receive, send)

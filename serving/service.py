@@ -5,7 +5,8 @@ ONNX Runtime runtime and batching its own concurrent requests.
 
 The routes are plain Starlette endpoints mounted on the service (measured faster than
 BentoML's typed APIs, and they read raw bodies, never fetch URLs and answer every mistake as
-``{"error": ...}``); BentoML adds ``/livez``, ``/metrics`` and ``/docs.json``. The model
+``{"error": ...}``); BentoML adds ``/livez`` and ``/docs.json``, ``/metrics`` is
+``monitoring.scrape``'s. The model
 comes from BentoML's model store (``IMGCLF_BENTO_MODEL``) or a published directory
 (``IMGCLF_MODEL_DIR``). No TensorFlow anywhere on this path."""
 
@@ -20,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from monitoring.buffer import FlushBeforeScrape
 from monitoring.observers import WorkerObserver
+from monitoring.scrape import ScrapeEndpoint
 from serving.core.errors import ImgclfError
 from serving.core.sessions import expected_provider
 from serving.web import http_limits
@@ -151,7 +152,7 @@ ROUTES = [
 ImageClassifier.mount_asgi_app(build_app(ROUTES), path="/")
 ImageClassifier.add_asgi_middleware(LifecycleMiddleware, lifecycle=LIFECYCLE)  # /readyz, drain
 ImageClassifier.add_asgi_middleware(PlainErrorsAsJSON)
-ImageClassifier.add_asgi_middleware(FlushBeforeScrape)  # this worker's metrics, then /metrics
+ImageClassifier.add_asgi_middleware(ScrapeEndpoint)  # /metrics: every worker's, this one's so far
 ImageClassifier.add_asgi_middleware(
     MergeOpenAPIPaths,
     max_top_k=SETTINGS.max_top_k,

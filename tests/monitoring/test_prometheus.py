@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram
 
 from monitoring import metrics
 from serving.core.roles import set_shadow
@@ -144,6 +146,22 @@ def test_every_imgclf_metric_is_exported_and_scraped(served, prometheus):
     assert float(query(prometheus, "min(imgclf_ready)")[0]["value"][1]) == 1
     warmed = {s["metric"]["batch_size"] for s in query(prometheus, "imgclf_warmed_batch_size")}
     assert warmed == {"1", "2", "4", "8", "16", "32", "64"}
+
+
+def test_a_metrics_file_still_empty_does_not_fail_the_scrape(served):
+    """A starting worker creates its metrics file before it sizes it, and one killed in that
+    instant leaves it empty for good: prometheus_client's collector failed on it (and under
+    BentoML's timeout the scrape hung instead of failing)."""
+    worker = psutil.Process(served.process.pid).children(recursive=True)[-1]
+    empty = Path(worker.environ()["PROMETHEUS_MULTIPROC_DIR"]) / "counter_4194303.db"
+    empty.touch()
+    try:
+        answer = httpx.get(served.url + "/metrics", timeout=10)
+    finally:
+        empty.unlink()
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == CONTENT_TYPE_LATEST
+    assert "\nimgclf_requests_total{" in answer.text
 
 
 def test_promtool_check_metrics_has_nothing_to_say_about_ours(served):
