@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from http import HTTPStatus
 
 from starlette.applications import Starlette
@@ -14,6 +15,9 @@ from starlette.routing import Route
 
 from serving import __version__
 from serving.web import openapi, openapi_v2
+from serving.web.requests import safe_text
+
+log = logging.getLogger(__name__)
 
 #: The OpenAPI document's ``info``.
 INFO = {
@@ -43,7 +47,9 @@ _BODY_HEADERS = (b"content-type", b"content-length")
 class PlainErrorsAsJSON:
     """ASGI middleware: BentoML's own router answers an unknown path (one with a newline in
     it, say, which no mount matches) with a plain-text 404; make every such error JSON, like
-    ours."""
+    ours. And answer an exception that nothing answered with a JSON 500 at once: BentoML's
+    request timeout (the middleware around this one) waits for the first message of an
+    answer, and an exception sends none, so the caller would wait out the whole timeout."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -52,11 +58,12 @@ class PlainErrorsAsJSON:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        replaced = False
+        replaced = started = False
 
         async def json_errors(message) -> None:
-            nonlocal replaced
+            nonlocal replaced, started
             if message["type"] == "http.response.start":
+                started = True
                 headers = message.get("headers", [])
                 plain = dict(headers).get(b"content-type", b"").startswith(b"text/plain")
                 if message["status"] in (404, 405) and plain:
@@ -78,7 +85,15 @@ class PlainErrorsAsJSON:
                 return  # the plain-text body
             await send(message)
 
-        await self.app(scope, receive, json_errors)
+        try:
+            await self.app(scope, receive, json_errors)
+        except Exception:
+            if started:
+                raise  # the caller has part of an answer: only closing the connection is left
+            log.exception("%s %s failed", scope.get("method"), safe_text(scope["path"]))
+            await JSONResponse({"error": "internal error; see the server log"}, status_code=500)(
+                scope, receive, send
+            )
 
 
 class MergeOpenAPIPaths:

@@ -189,3 +189,21 @@ def test_keras_checkpoints_load_with_safe_mode(tmp_path, trained_run):
     assert_one_line_error(result, "cannot load", "best.keras")
     assert "safe_mode" in result.stderr or "Lambda" in result.stderr
     assert not (tmp_path / "repo" / "unsafe_run" / "1").exists()
+
+
+def test_an_exception_nothing_answered_is_a_json_500_at_once():
+    """BentoML's request timeout (around our middlewares) waits for an answer's first
+    message, and an exception sends none: the caller waited out the whole timeout (a scrape
+    of /metrics hung for it), then got no answer at all."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+    from starlette.testclient import TestClient
+
+    from serving.web.middleware import PlainErrorsAsJSON
+
+    async def broken(scope, receive, send) -> None:
+        raise RuntimeError("a bug")
+
+    client = TestClient(TimeoutMiddleware(PlainErrorsAsJSON(broken), timeout=2))
+    answer = client.get("/metrics")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error; see the server log"}
