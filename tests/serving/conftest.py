@@ -25,19 +25,22 @@ def free_port() -> int:
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 90) -> list[int]:
-    """Poll ``url``/readyz until 200; every status seen (connection refused: 0)."""
+    """Poll ``url``/readyz until 200 with every worker ready (a ready worker answers 200
+    while its siblings still start: a test that then breaks something would break their
+    start too); every status seen (connection refused: 0)."""
     seen = []
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError("server exited early")
         try:
-            status = httpx.get(url + "/readyz", timeout=2).status_code
-        except httpx.TransportError:
-            status = 0
+            answer = httpx.get(url + "/readyz", timeout=2)
+            status, workers = answer.status_code, answer.json().get("workers")
+        except (httpx.TransportError, ValueError):
+            status, workers = 0, None
         if not seen or seen[-1] != status:
             seen.append(status)
-        if status == 200:
+        if status == 200 and (workers is None or workers["ready"] == workers["of"]):
             return seen
         time.sleep(0.02)
     raise TimeoutError(f"server not ready after {timeout}s")

@@ -131,6 +131,9 @@ def test_bentoml_build_packages_serving_code_and_no_tensorflow(tmp_path, publish
     tag = register(published_model)
     bentofile = yaml.safe_load((REPO / "bentofile.yaml").read_text())
     bentofile["models"] = [tag]
+    for setting in bentofile["envs"]:
+        if setting["name"] == "IMGCLF_BENTO_MODEL":
+            setting["value"] = tag
     variant = tmp_path / "bentofile.yaml"
     variant.write_text(yaml.safe_dump(bentofile))
     result = subprocess.run(
@@ -145,7 +148,12 @@ def test_bentoml_build_packages_serving_code_and_no_tensorflow(tmp_path, publish
         ],
         capture_output=True,
         text=True,
-        env={**os.environ},
+        # As a user builds: the service names the stored model (the in-process tests'
+        # IMGCLF_MODEL_DIR, when this process has set it, would hide a missing one).
+        env={
+            **{k: v for k, v in os.environ.items() if k != "IMGCLF_MODEL_DIR"},
+            "IMGCLF_BENTO_MODEL": tag,
+        },
         cwd=REPO,
         timeout=300,
     )

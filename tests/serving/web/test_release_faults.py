@@ -307,7 +307,10 @@ def test_a_worker_that_cannot_start_is_reported_as_such_and_retried_calmly(model
         while counter(server.url, "imgclf_worker_start_failures_total") < 2:
             assert time.monotonic() < deadline, server.output()[-3000:]
             ready = httpx.get(server.url + "/readyz", timeout=5)
-            assert ready.status_code == 200 and ready.json()["workers"]["ready"] == 1
+            assert ready.status_code == 200 and ready.json()["workers"]["ready"] == 1, (
+                ready.text,
+                server.output()[-3000:],
+            )
             time.sleep(0.5)
         assert counter(server.url, "imgclf_worker_deaths_total") == 1  # the kill alone
         output = server.output()
