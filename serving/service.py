@@ -5,10 +5,10 @@ ONNX Runtime runtime and batching its own concurrent requests.
 
 The routes are plain Starlette endpoints mounted on the service (measured faster than
 BentoML's typed APIs, and they read raw bodies, never fetch URLs and answer every mistake as
-``{"error": ...}``); BentoML adds ``/livez`` and ``/docs.json``, ``/metrics`` is
-``monitoring.scrape``'s. The model
-comes from BentoML's model store (``IMGCLF_BENTO_MODEL``) or a published directory
-(``IMGCLF_MODEL_DIR``). No TensorFlow anywhere on this path."""
+``{"error": ...}``); BentoML adds ``/livez`` and ``/docs.json``; ``/metrics`` is answered
+by ``monitoring.scrape``. The model comes from BentoML's model store (``IMGCLF_BENTO_MODEL``,
+what ``bentoml build`` packages) or a published directory (``IMGCLF_MODEL_DIR``). No
+TensorFlow anywhere on this path."""
 
 from __future__ import annotations
 
