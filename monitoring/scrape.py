@@ -10,7 +10,10 @@ too. Under BentoML the failure was worse than an error: BentoML's request timeou
 an answer that an exception never sends, so the scrape hung for the whole timeout.
 
 So each worker answers ``/metrics`` itself (BentoML's handler does the same, less the empty
-files): a file with nothing written in it holds no figures, and is left out.
+files): a file with nothing written in it holds no figures, and is left out. And a worker
+that replaces a dead one removes the dead one's gauges (``supervision.WorkerRoll.join``):
+a file listed, then removed before it is read, failed the merge (prometheus_client forgives
+that only for ``live`` gauges), so the scrape lists the files again.
 """
 
 from __future__ import annotations
@@ -49,9 +52,19 @@ def _bucket_count_sum(sample) -> tuple:
 
 
 class WrittenFilesCollector(MultiProcessCollector):
-    """prometheus_client's collector, reading only the files that hold something."""
+    """prometheus_client's collector, reading only the files that hold something, as they
+    are once none of them vanishes while it reads."""
+
+    #: Listings tried before a file removed under the merge is an error after all; each
+    #: removal is one dead worker's gauges, claimed once, so a second listing is enough.
+    LISTINGS = 5
 
     def collect(self):
+        for _ in range(self.LISTINGS - 1):
+            try:
+                return self.merge(_written_files(self._path), accumulate=True)
+            except FileNotFoundError:
+                continue  # a dead worker's gauges, removed between the listing and the read
         return self.merge(_written_files(self._path), accumulate=True)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram
 
-from monitoring import metrics
+from monitoring import metrics, scrape
 from serving.core.roles import set_shadow
 from tests.monitoring.prometheus_server import MONITORING, is_ready, query, start_prometheus, tool
 from tests.serving.conftest import Server
@@ -162,6 +164,31 @@ def test_a_metrics_file_still_empty_does_not_fail_the_scrape(served):
     assert answer.status_code == 200
     assert answer.headers["content-type"] == CONTENT_TYPE_LATEST
     assert "\nimgclf_requests_total{" in answer.text
+
+
+def test_a_dead_workers_gauges_removed_mid_scrape_do_not_fail_it(tmp_path, monkeypatch):
+    """A worker that replaces a dead one removes the dead one's gauges; removed between the
+    scrape's listing and its read, a file failed prometheus_client's merge (a JSON 500 in
+    CI). Real files, written by a real process; the removal put in that instant."""
+    writer = (
+        "from prometheus_client import Counter, Gauge\n"
+        "Counter('imgclf_probe', 'probe').inc(3)\n"
+        "Gauge('imgclf_probe_ready', 'probe', multiprocess_mode='all').set(1)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", writer], env=env, check=True)
+    (gauge,) = tmp_path.glob("gauge_all_*.db")
+    listed = scrape._written_files
+
+    def listing_then_the_gauge_removed(folder):
+        files = listed(folder)
+        gauge.unlink(missing_ok=True)
+        return files
+
+    monkeypatch.setattr(scrape, "_written_files", listing_then_the_gauge_removed)
+    text = scrape.exposition(str(tmp_path)).decode()
+    assert "imgclf_probe_total 3.0" in text
+    assert "imgclf_probe_ready" not in text  # its file is gone: the dead worker's gauge too
 
 
 def test_promtool_check_metrics_has_nothing_to_say_about_ours(served):

@@ -67,7 +67,9 @@ def served_versions(url: str) -> dict[tuple[str, str], float]:
 
 
 def counter(url: str, name: str, **labels) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
+    answer = httpx.get(url + "/metrics", timeout=10)
+    assert answer.status_code == 200, answer.text
+    text = answer.text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
