@@ -26,8 +26,10 @@ NOISE = re.compile(
 
 
 @contextmanager
-def native_log_filter() -> Iterator[None]:
-    """While active, drop native informational log lines written to standard error."""
+def native_log_filter(noise: re.Pattern[bytes] = NOISE) -> Iterator[None]:
+    """While active, drop the lines ``noise`` matches (by default native informational log
+    lines) from standard error, at the file descriptor: C++ writes there, not through
+    ``sys.stderr``. Ray's batch engine drops one notice of Ray's core worker with it."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -37,7 +39,7 @@ def native_log_filter() -> Iterator[None]:
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
-    pump = threading.Thread(target=_forward, args=(read_end, saved), daemon=True)
+    pump = threading.Thread(target=_forward, args=(read_end, saved, noise), daemon=True)
     pump.start()
     try:
         yield
@@ -48,23 +50,26 @@ def native_log_filter() -> Iterator[None]:
         os.close(saved)
 
 
-def _forward(read_end: int, target: int) -> None:
+def _forward(read_end: int, target: int, noise: re.Pattern[bytes]) -> None:
     pending = b""
     with os.fdopen(read_end, "rb", buffering=0) as source:
         while chunk := source.read(65536):
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                if not NOISE.match(line):
+                if not noise.match(line):
                     os.write(target, line + b"\n")
             # A partial line that cannot be noise (a progress bar redrawn with \r) goes on now.
-            if pending and not NOISE.match(pending) and not _could_become_noise(pending):
+            if pending and not noise.match(pending) and not _could_become_noise(pending, noise):
                 os.write(target, pending)
                 pending = b""
-    if pending and not NOISE.match(pending):
+    if pending and not noise.match(pending):
         os.write(target, pending)
 
 
-def _could_become_noise(partial: bytes) -> bool:
-    """Whether more bytes could still make ``partial`` a line that NOISE matches."""
+def _could_become_noise(partial: bytes, noise: re.Pattern[bytes]) -> bool:
+    """Whether more bytes could still make ``partial`` a line that ``noise`` matches (for
+    another pattern than ours, a partial line waits for its end, up to 4 KiB)."""
+    if noise is not NOISE:
+        return len(partial) < 4096
     return len(partial) < 40 and (partial[:1] in (b"I", b"W"))

@@ -1,14 +1,17 @@
 """``imgclf score --engine ray`` on a real one-node Ray cluster (started here): the same rows
 as the local engine, broken files as error rows, a killed job resumed, a killed actor
-retried, and one line when Ray is not installed."""
+retried, no model copy left in the temporary folder, no Ray notice on the terminal, and one
+line when Ray is not installed."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +95,58 @@ def test_ray_and_local_engines_write_the_same_rows(tmp_path, published_model, cl
         if theirs["score"] is not None:
             assert mine["score"] == pytest.approx(theirs["score"], abs=1e-6)
     assert (tmp_path / "ray.parquet.drift.json").is_file()
+
+
+#: A line of imgclf's own logging (``imgclf/cli.py``); a Ray logger's line, propagated to the
+#: root logger, names a ``ray`` logger and is not one.
+IMGCLF_LOG_LINE = re.compile(r"\d\d:\d\d:\d\d [A-Z]+ (?!ray\b)[\w.]+: ")
+
+
+def test_a_ray_job_prints_no_ray_notice(tmp_path, published_model, cluster):
+    """Before, stderr had Ray's ``E`` line about actor constructor arguments in the object
+    store, Ray Data's "Progress bars disabled" warning, and its UserWarning about a pool of
+    more actors than blocks (3 actors on this 4-CPU cluster, 1 block of 3 images)."""
+    folder = make_image_folder(tmp_path / "images", 1)
+    result = score_with_ray(cluster, folder, published_model, tmp_path / "scores.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    notices = [line for line in result.stderr.splitlines() if not IMGCLF_LOG_LINE.match(line)]
+    assert notices == [], result.stderr
+
+
+@pytest.fixture
+def short_temporary_folder():
+    """A fresh folder with a short path: Ray's sockets live under it, and a Unix socket's path
+    has at most 107 characters (pytest's ``tmp_path`` is too long)."""
+    folder = Path(tempfile.mkdtemp(prefix="imgclf-test-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_ray_job_leaves_no_model_copy_in_the_temporary_folder(
+    tmp_path, published_model, short_temporary_folder
+):
+    """As docs/batch-scoring.md runs it first: no ``--address``, so the job starts its own
+    cluster, whose actors inherit the command's TMPDIR. Before, each actor left its copy of
+    the model there (``imgclf-model-*``), for every job."""
+    folder = make_image_folder(tmp_path / "images", 2)
+    result = run_cli(
+        "score",
+        str(folder),
+        "--model",
+        str(published_model),
+        "--output",
+        str(tmp_path / "scores.csv"),
+        "--engine",
+        "ray",
+        "--no-progress",
+        env={**RAY_ENV, "TMPDIR": str(short_temporary_folder)},
+        timeout=170,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Ray's session folder is there: the cluster, and so its actors, used this TMPDIR.
+    assert (short_temporary_folder / "ray").is_dir()
+    left = sorted(path.name for path in short_temporary_folder.glob("imgclf-*"))
+    assert left == []
 
 
 @pytest.fixture(scope="module")
