@@ -6,13 +6,19 @@ scaling inside the graph, so serving never needs to know which architecture it r
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import urllib.error
+import warnings
 from pathlib import Path
 
 import keras
 from keras import layers, regularizers
 
 from serving.core.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
 
 BACKBONES = {
     "mobilenetv2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2),
@@ -151,7 +157,7 @@ def _backbone(constructor, arch: str, input_shape, weights: str) -> keras.Model:
         return constructor(weights=None, **kwargs)
     if weights == "imagenet":
         try:
-            return constructor(weights="imagenet", **kwargs)
+            return _imagenet_backbone(constructor, arch, kwargs)
         except (urllib.error.URLError, OSError, Exception) as error:
             if not _looks_like_download_failure(error):
                 raise
@@ -162,6 +168,25 @@ def _backbone(constructor, arch: str, input_shape, weights: str) -> keras.Model:
             ) from error
     backbone = constructor(weights=None, **kwargs)
     _load_weights(backbone, weights)
+    return backbone
+
+
+def _imagenet_backbone(constructor, arch: str, kwargs: dict) -> keras.Model:
+    """keras.applications' own download, without its chatter.
+
+    Offline, its "Downloading data from" line (stdout) and its input-size warning would come
+    before our one-line error; with ``include_top=False`` the 224x224 weights fit any input
+    size, so that warning says nothing. The download's output is held back and replaced by
+    one log line once the weights are in Keras' cache.
+    """
+    download_output = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(download_output):
+        warnings.filterwarnings(
+            "ignore", message=".*will be loaded as the default", category=UserWarning
+        )
+        backbone = constructor(weights="imagenet", **kwargs)
+    if "Downloading data from" in download_output.getvalue():
+        log.info("downloaded the ImageNet weights for %s into Keras' cache", arch)
     return backbone
 
 

@@ -138,7 +138,9 @@ def _prepare_run_dir(
     """Create the run directory; resume an interrupted run that has the same configuration.
 
     ``force`` replaces a finished run or one with another configuration, never a folder that
-    is not a run directory. Returns True when resuming.
+    is not a run directory. An earlier attempt that never finished an epoch (say, offline
+    ImageNet weights) is replaced without ``force``: it holds nothing to lose, and refusing
+    would block the very fix its error suggested. Returns True when resuming.
     """
     root = run.root
     if root.exists() and any(root.iterdir()):
@@ -157,17 +159,27 @@ def _prepare_run_dir(
                 raise ConfigError(
                     f"{root} already holds a finished run; choose another --output or pass --force"
                 )
-            changed = _diff(saved.model_dump(mode="json"), config.model_dump(mode="json"))
-            raise ConfigError(
-                f"{root} holds an interrupted run with a different config "
-                f"({', '.join(changed[:4])}); rerun with the same options to resume, "
-                "or pass --force to start over"
-            )
+            if _finished_an_epoch(run):
+                changed = _diff(saved.model_dump(mode="json"), config.model_dump(mode="json"))
+                raise ConfigError(
+                    f"{root} holds an interrupted run with a different config "
+                    f"({', '.join(changed[:4])}); rerun with the same options to resume, "
+                    "or pass --force to start over"
+                )
+            log.info("the earlier attempt in %s left nothing to resume; starting over there", root)
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     with atomic_write(run.config) as handle:
         handle.write(annotated_yaml(config, sources) if sources else config.to_yaml())
     return False
+
+
+def _finished_an_epoch(run: RunPaths) -> bool:
+    """Each of these is written only at the end of an epoch (CSVLogger writes its header with
+    the first row), so none of them means the run has nothing to resume."""
+    if run.best.exists() or run.backup.exists() or run.head_weights.exists():
+        return True
+    return run.history.exists() and run.history.stat().st_size > 0
 
 
 def _data_root(config: Config) -> Path:

@@ -154,6 +154,11 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert not (run_dir / "metrics.json").exists()
     done_before = len(history_rows(run_dir))
 
+    # Finished epochs are worth keeping: another config is refused, the folder left as it was.
+    other = run_cli(*[("11" if arg == "10" else arg) for arg in args])
+    assert_one_line_error(other, "interrupted run with a different config", "--force")
+    assert len(history_rows(run_dir)) == done_before
+
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     first_epoch = next(line for line in resumed.stdout.splitlines() if line.startswith("Epoch "))
@@ -204,8 +209,9 @@ def test_cli_user_mistakes_are_one_line(tmp_path, image_folder):
     )
 
 
-def test_imagenet_weights_offline_fail_with_one_clear_line(tmp_path, image_folder):
-    """The real keras.applications download path, with the network made unreachable."""
+def test_imagenet_offline_failure_is_one_line_and_its_fix_runs_there(tmp_path, image_folder):
+    """The real keras.applications download path, with the network made unreachable; the
+    ``--weights none`` the error suggests then runs in the same --output (no epoch ran)."""
     unreachable = "http://127.0.0.1:9"
     env = {
         "KERAS_HOME": str(tmp_path / "keras_home"),
@@ -227,6 +233,15 @@ def test_imagenet_weights_offline_fail_with_one_clear_line(tmp_path, image_folde
         "imagenet",
         "--image-size",
         "32",
+        "--epochs",
+        "1",
         env=env,
     )
     assert_one_line_error(result, "cannot download ImageNet weights for mobilenetv2", "--weights")
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # no Keras warning before it
+    assert "Downloading data from" not in result.stdout + result.stderr
+
+    fixed = run_cli(*[("none" if arg == "imagenet" else arg) for arg in result.args[1:]], env=env)
+    assert fixed.returncode in (0, 3), fixed.stderr[-2000:]  # trained (learning or not)
+    assert "left nothing to resume" in fixed.stderr
+    assert (tmp_path / "run" / "metrics.json").exists()
