@@ -226,8 +226,18 @@ def export(
         bool, typer.Option(help="Also import the model into BentoML's local model store.")
     ] = True,
     force: Annotated[bool, typer.Option(help="Replace an existing version.")] = False,
+    allow_unlearned: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unlearned",
+            help="Publish a run whose training said it did not learn (train's exit 3); "
+            "refused without it.",
+        ),
+    ] = False,
 ) -> None:
-    """Export the best checkpoint to SavedModel and ONNX, prove parity, publish a version."""
+    """Export the best checkpoint to SavedModel and ONNX, prove parity, publish a version.
+
+    A run that did not learn (imgclf train exited 3) is refused unless --allow-unlearned."""
     from serving.core.errors import ConfigError
 
     if int8_activations not in (None, "uint8", "int8"):
@@ -236,7 +246,9 @@ def export(
 
     read_run(run_dir)  # a mistyped run fails here, before TensorFlow is imported
     from serving.registry import store_versions
-    from training.publish import destination
+    from training.publish import check_learned, destination
+
+    check_learned(run_dir, allow_unlearned=allow_unlearned)  # so does one that did not learn
 
     # A version new in the store too: it outlives `make clean` of the repository.
     taken = store_versions if register else None
@@ -255,6 +267,7 @@ def export(
             force=force,
             max_batch_size=max_batch_size,
             taken_versions=taken,
+            allow_unlearned=allow_unlearned,
         )
     for runtime, summary in result.parity["summary"].items():
         typer.echo(
@@ -377,7 +390,13 @@ def _serve_signature() -> inspect.Signature:
     """``serve``'s own parameters, then one option per serving setting (ServingSettings)."""
     from serving.web.serve import flag, help_text, is_flag, metavar, option_fields
 
-    own = [p for p in inspect.signature(serve).parameters.values() if p.kind != p.VAR_KEYWORD]
+    # eval_str: this module's annotations are strings, and typer reads a __signature__ as
+    # it stands (a string loses its typer.Option, help text and all).
+    own = [
+        p
+        for p in inspect.signature(serve, eval_str=True).parameters.values()
+        if p.kind != p.VAR_KEYWORD
+    ]
     generated = []
     for name, field in option_fields().items():
         names = [f"{flag(name)}/--no-{flag(name)[2:]}"] if is_flag(field) else [flag(name)]
@@ -456,13 +475,24 @@ def score(
     """Score many images into CSV or Parquet; resumable; writes a drift report next to it.
 
     Exit status: 0 every image scored, 4 finished but some files could not be read,
-    130 interrupted (rerun the same command to resume), 1 a mistake in the command."""
+    130 interrupted (rerun the same command to resume), 1 a mistake in the command,
+    2 a usage error."""
+    from serving.batch.inputs import list_inputs
     from serving.batch.job import run_job
+    from serving.batch.writers import output_format_of
+    from serving.core.errors import ConfigError
     from serving.core.roles import version_dir
 
+    if precision not in ("fp32", "int8"):
+        raise ConfigError(f"--precision must be fp32 or int8, got {precision!r}")
+    model_dir = version_dir(model, version)
+    # A wrong output name or a mistyped input fails before the model loads, and with it
+    # ONNX Runtime's session line (the job checks both again).
+    output_format_of(output, output_format)
+    list_inputs(inputs)
     summary = run_job(
         inputs,
-        version_dir(model, version),
+        model_dir,
         output,
         output_format=output_format,
         batch_size=batch_size,
@@ -522,7 +552,11 @@ def drift(
     if fail_on not in ("never", "warning", "critical"):
         raise ConfigError(f"--fail-on must be never, warning or critical, got {fail_on!r}")
     from serving.batch.engine import split_cores
+    from serving.batch.inputs import list_inputs
 
+    # A mistyped input fails before the model loads, and with it ONNX Runtime's session
+    # line (the report lists the inputs again).
+    list_inputs(inputs)
     runtime = ClassifierRuntime(model, provider=provider, intra_op_threads=split_cores()[1])
     report = drift_report(runtime, inputs)
     write_json(output, report)
@@ -553,38 +587,60 @@ def versions(
     ] = True,
 ) -> None:
     """List a model's versions: role, test accuracy, created, whether it verifies, and with
-    --server the images each answered, its shadow agreement and its refusals."""
+    --server the images each answered, its shadow agreement and its refusals. Following the
+    newest, the live version is the newest that verifies, as servers serve it; why a version
+    does not verify is below the table."""
     from serving.core.roles import server_figures, version_rows
 
     rows = version_rows(model, verify=check)
     figures = server_figures(server) if server else None
-    header = f"{'version':>7}  {'role':<16} {'accuracy':>8}  {'created':<25} status"
+    header = f"{'version':>7}  {'role':<27} {'accuracy':>8}  {'created':<25} status"
     if figures:
-        header += "  | server: answered, shadow agreement, refused"
+        header += "  | server: answered, agreement, refused"
     typer.echo(header)
+    notes: list[str] = []
     for row in rows:
         accuracy = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "-"
+        status = row["status"]
+        if row["reason"]:
+            served = row["served"]
+            following = (
+                f"; servers following the newest refuse it and serve version {served}"
+                if served is not None
+                else ""
+            )
+            status += _note(notes, row["reason"] + following)
         line = (
-            f"{row['version']:>7}  {row['role'] or '-':<16} {accuracy:>8}  "
-            f"{row['created_at'] or '-':<25} {row['status']}"
+            f"{row['version']:>7}  {row['role'] or '-':<27} {accuracy:>8}  "
+            f"{row['created_at'] or '-':<25} {status}"
         )
         if figures:
-            line += "  | " + _server_line(row["version"], figures)
+            line += "  | " + _server_line(row["version"], figures, notes)
         typer.echo(line)
+    if notes:
+        typer.echo("")
+    for note in notes:
+        typer.echo(note)
     if figures and figures["metadata"].get("state_error"):
         typer.echo(f"server: {figures['metadata']['state_error']}")
 
 
-def _server_line(version: int, figures: dict) -> str:
+def _note(notes: list[str], text: str) -> str:
+    """Add ``text`` below the table, numbered; the mark that points to it, for a row."""
+    notes.append(f"[{len(notes) + 1}] {text}")
+    return f" [{len(notes)}]"
+
+
+def _server_line(version: int, figures: dict, notes: list[str]) -> str:
     found = figures["by_version"].get(version, {})
     compared = found.get("shadow_compared", 0)
     agreement = f"{found.get('shadow_agreed', 0) / compared:.4f} of {compared}" if compared else "-"
     refusal = figures["metadata"].get("refused", {}).get(str(version))
-    refused = (
-        f"refused: {refusal}"
-        if refusal
-        else (f"refused {found['refusals']}x" if found.get("refusals") else "-")
-    )
+    refused = f"refused {found['refusals']}x" if found.get("refusals") else "-"
+    if refusal:
+        refused = ("refused" if refused == "-" else refused) + _note(
+            notes, f"server refused version {version}: {refusal}"
+        )
     return f"{found.get('answered', 0)}, {agreement}, {refused}"
 
 
@@ -645,10 +701,12 @@ def pin(
     model: ModelFolder,
     version: Annotated[Optional[int], typer.Argument(help="The version to hold.")] = None,
     latest: Annotated[
-        bool, typer.Option("--latest", help="Follow the newest version again.")
+        bool,
+        typer.Option("--latest", help="Follow the newest version again (it must verify)."),
     ] = False,
 ) -> None:
-    """Hold a version live (stop following the newest), or --latest to follow it again."""
+    """Hold a version live (stop following the newest), or --latest to follow it again. The
+    version is checked first: one that does not verify is refused."""
     from serving.core.errors import ConfigError
     from serving.core.roles import current_live
     from serving.core.roles import pin as pin_version

@@ -48,6 +48,34 @@ def settings_page() -> str:
     )
 
 
+def exit_statuses() -> list[list]:
+    """What ``imgclf``'s exit statuses mean, from the code that chooses them."""
+    import click
+
+    from imgclf.cli import DID_NOT_LEARN
+
+    return [
+        [0, "done"],
+        [
+            1,
+            "a mistake the command finds itself (a missing folder, a taken version, a busy "
+            "port, a run that did not learn): one `error:` line naming it",
+        ],
+        [
+            click.UsageError.exit_code,
+            "a usage error, found before the command runs (an unknown option, a missing "
+            "argument, a value of the wrong type): the usage and the problem",
+        ],
+        [
+            DID_NOT_LEARN,
+            "`imgclf train`: trained, but the model did not learn; `imgclf drift`: the drift "
+            "reached `--fail-on`",
+        ],
+        [4, "`imgclf score`: finished, but some files could not be read (their rows say why)"],
+        [130, "interrupted (Ctrl-C); `imgclf score` resumes when run again"],
+    ]
+
+
 def cli_page() -> str:
     import typer
 
@@ -57,6 +85,8 @@ def cli_page() -> str:
     sections = [
         NOTE,
         "# Command line\n\n`imgclf --help` and `imgclf COMMAND --help` say the same.\n",
+        "\n## Exit status\n\n",
+        _table(["status", "meaning"], exit_statuses()),
     ]
     for name in sorted(group.commands):
         command = group.commands[name]

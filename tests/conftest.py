@@ -86,6 +86,19 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in errors[0], errors[0]
 
 
+def assert_refused_before_the_model_loads(result, *fragments: str) -> None:
+    """A mistake in the arguments found before an ONNX Runtime session was made: one
+    ``error:`` line, and no line of ONNX Runtime's (native) or ours about its session."""
+    assert_one_line_error(result, *fragments)
+    runtime_lines = [
+        line
+        for line in result.stderr.splitlines()
+        if not line.startswith("error:")
+        and ("onnxruntime" in line.lower() or "onnx runtime" in line.lower())
+    ]
+    assert not runtime_lines, result.stderr
+
+
 @pytest.fixture(scope="session")
 def small_dataset() -> Path:
     """Five digit classes, 40 real scans each, in every supported format (cached)."""

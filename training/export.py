@@ -43,7 +43,7 @@ from serving.core.model_dir import (
 )
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from training import datasets, parity, quantize
-from training.publish import destination, new_staging, publish
+from training.publish import check_learned, destination, new_staging, publish
 from training.train import BEST_MODEL
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,13 @@ def export(
     parity_images: int = 512,
     profile_images: int = 5000,
     taken_versions: Callable[[str], set[int]] | None = None,
+    allow_unlearned: bool = False,
 ) -> ExportResult:
-    """Convert, check and publish; raises ``ImgclfError`` (nothing published) on any failure."""
+    """Convert, check and publish; raises ``ImgclfError`` (nothing published) on any failure,
+    and for a run that did not learn unless ``allow_unlearned``."""
     run_dir = Path(run_dir)
     run_info = datasets.read_run(run_dir)
+    check_learned(run_dir, allow_unlearned=allow_unlearned)
     model = load_checkpoint(run_dir / BEST_MODEL)
     spec = PreprocessSpec.from_metadata(run_info["preprocessing"])
     classes = run_info["classes"]

@@ -1,17 +1,18 @@
 """Where an export goes: the model's name, its folder in the repository, its version (the
 next free one, or the one asked for) and the rename that publishes it. Kept apart from the
-exporter, which imports TensorFlow (7 to 8 s), so that ``imgclf export`` refuses a bad name
-or a taken version before it imports it."""
+exporter, which imports TensorFlow (7 to 8 s), so that ``imgclf export`` refuses a bad name,
+a taken version or a run that did not learn before it imports it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.core.errors import ConfigError
+from serving.core.errors import ConfigError, ModelError
 from serving.core.files import fsync_dir, fsync_tree
 from serving.core.model_dir import version_numbers
 from serving.registry import check_model_name
@@ -35,6 +36,27 @@ def destination(
     model_root = Path(repository) / name
     taken = taken_versions(name) if taken_versions is not None else set()
     return name, model_root, choose_version(model_root, version, force=force, taken=taken)
+
+
+def check_learned(run_dir: Path, *, allow_unlearned: bool = False) -> None:
+    """``ConfigError`` for a run whose training ended with "did not learn" (``imgclf train``
+    exit 3, ``learning`` in its metrics.json), unless ``allow_unlearned``: such a model is
+    published only when asked for. A run trained before that verdict existed passes."""
+    if allow_unlearned:
+        return
+    try:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {run_dir}/metrics.json ({error})") from None
+    learning = metrics.get("learning") or {}
+    if learning.get("learned", True):
+        return
+    raise ConfigError(
+        f"{run_dir} did not learn (best validation accuracy "
+        f"{learning['best_validation_accuracy']:.3f}, no better than chance or the largest "
+        f"class, {learning['baseline_accuracy']:.3f}); give --allow-unlearned to publish it "
+        "anyway"
+    )
 
 
 def default_name(run_dir: Path) -> str:

@@ -129,7 +129,15 @@ def published(model_root: Path, version: int) -> Path:
 
 
 def current_live(model_root: Path, state: RoleState | None = None) -> int:
+    """The version that answers: the pinned one, or the newest one that verifies, as servers
+    following the newest serve it (the newest, when none does)."""
     state = state if state is not None else read_state(model_root)
+    if state.live is None:
+        served = next(
+            (v for v in version_numbers(model_root)[::-1] if _verifies(model_root, v)), None
+        )
+        if served is not None:
+            return served
     return resolve_roles(model_root, state).live
 
 
@@ -148,14 +156,45 @@ def promote(model_root: Path, version: int) -> RoleState:
 
 
 def pin(model_root: Path, version: int | None) -> RoleState:
-    """Pin ``version`` (None: follow the newest again)."""
+    """Pin ``version`` (None: follow the newest again). Either is checked first: a newest
+    version that does not verify is refused, since servers following the newest would refuse
+    it too and serve an older one than the command said."""
     with changing(model_root) as root:
         state = read_state(root)
         before = current_live(root, state)
         if version is not None:
             check_version(root, version, classes_of=before)
+        else:
+            _check_newest(root, classes_of=before)
         history = state.history + ((before,) if version != before else ())
         return write_state(root, replace(state, live=version, history=history), "pin")
+
+
+def _check_newest(root: Path, *, classes_of: int) -> None:
+    """The newest version verifies, or a ``ModelError`` saying why not and which version
+    servers following the newest would serve instead (the newest one that verifies)."""
+    newest, *older = version_numbers(root)[::-1]
+    try:
+        check_version(root, newest, classes_of=classes_of)
+    except ModelError as error:
+        instead = next((v for v in older if _verifies(root, v, classes_of)), None)
+        served = (
+            f"serve version {instead} (the newest that verifies); pin {instead}, or fix "
+            f"version {newest} first"
+            if instead is not None
+            else f"serve none, since no version verifies; fix version {newest} first"
+        )
+        raise ModelError(
+            f"{error.message}; servers following the newest would refuse it and {served}"
+        ) from None
+
+
+def _verifies(root: Path, version: int, classes_of: int | None = None) -> bool:
+    try:
+        check_version(root, version, classes_of=classes_of)
+    except ModelError:
+        return False
+    return True
 
 
 def rollback(model_root: Path) -> tuple[int, int]:
@@ -191,14 +230,16 @@ def set_shadow(model_root: Path, version: int | None, fraction: float = 1.0) -> 
 
 
 def version_rows(model_root: Path, *, verify: bool = True) -> list[dict]:
-    """One row per published version: role, test accuracy, created time and whether it
-    verifies, for ``imgclf versions``."""
+    """One row per published version, for ``imgclf versions``: role, test accuracy, created
+    time, and whether it verifies (``status`` "ok", "does not verify" with the ``reason``, or
+    "not checked"). Following the newest, the live version is the newest that verifies, as
+    the servers serve it; each newer one that does not has role "refused" and ``served``,
+    the version servers serve instead."""
     root = model_root_of(model_root)
     state = read_state(root)
-    desired = resolve_roles(root, state)
     rows = []
     for version in version_numbers(root):
-        row: dict = {"version": version, "role": _role(version, desired, state)}
+        row: dict = {"version": version, "reason": None}
         try:
             metadata = (
                 check_version(root, version) if verify else load_metadata(root / str(version))
@@ -209,14 +250,27 @@ def version_rows(model_root: Path, *, verify: bool = True) -> list[dict]:
                 status="ok" if verify else "not checked",
             )
         except ModelError as error:
-            row.update(accuracy=None, created_at=None, status=error.message)
+            row.update(
+                accuracy=None, created_at=None, status="does not verify", reason=error.message
+            )
         rows.append(row)
+    failing = {row["version"] for row in rows if row["reason"]}
+    desired = resolve_roles(root, state, refused=failing)
+    for row in rows:
+        row["role"] = _role(row["version"], desired, state, failing)
+        refused = desired.following == "newest" and row["version"] > desired.live
+        row["served"] = desired.live if refused else None
     return rows
 
 
-def _role(version: int, desired: Desired, state: RoleState) -> str:
+def _role(version: int, desired: Desired, state: RoleState, failing: set[int]) -> str:
     if version == desired.live:
-        return "live" + (" (pinned)" if desired.following == "pinned" else " (newest)")
+        if desired.following == "pinned":
+            return "live (pinned)"
+        newer_refused = any(v > version for v in failing)
+        return "live (newest that verifies)" if newer_refused else "live (newest)"
+    if desired.following == "newest" and version > desired.live:
+        return "refused"
     if desired.shadow and version == desired.shadow.version:
         return f"shadow ({desired.shadow.fraction:g})"
     if state.history and version == state.history[-1]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import REPO, assert_one_line_error, run_cli
 
 COMMANDS = [
     "train", "export", "register", "serve", "score", "drift",
@@ -28,6 +28,40 @@ def test_every_command_has_help(command):
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout and "--help" in result.stdout
     assert "<bool>" not in result.stdout  # flags take no value
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """`imgclf serve --help` showed --model, --port and --host bare (issue 36)."""
+    from imgclf.cli import command
+
+    group = command()
+    bare = [
+        f"{name} {param.name}"
+        for name, each in group.commands.items()
+        for param in each.params
+        if param.name != "help" and not getattr(param, "help", None)
+    ]
+    assert not bare
+    shown = run_cli("serve", "--help", env={"COLUMNS": "200"}).stdout
+    for text in ("HTTP port.", "Interface to listen on.", "Published model directory"):
+        assert text in shown
+
+
+def test_usage_errors_exit_2_as_documented():
+    """click's usage errors (an unknown option, a missing argument, a value of the wrong
+    type) exit 2, a mistake the command finds itself 1; the docs say so (issue 36)."""
+    usage_errors = [
+        ("score", "images", "--model", "m", "--output", "x.csv", "--bogus"),
+        ("export",),
+        ("score", "images", "--model", "m", "--output", "x.csv", "--batch-size", "many"),
+    ]
+    for args in usage_errors:
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert "Usage:" in result.stderr and "Traceback" not in result.stderr
+    for page in ("docs/training.md", "docs/batch-scoring.md", "docs/reference/cli.md"):
+        text = (REPO / page).read_text()
+        assert "| 2 | a usage error" in text and "| 1 | a mistake" in text, page
 
 
 def test_the_cli_does_not_import_tensorflow_until_a_command_needs_it():

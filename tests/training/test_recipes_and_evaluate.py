@@ -65,6 +65,17 @@ def test_a_run_that_does_not_learn_says_so_and_exits_3(tmp_path):
     learning = json.loads((run_dir / "metrics.json").read_text())["learning"]
     assert learning["learned"] is False
     assert learning["baseline_accuracy"] == pytest.approx(1 / 3, abs=0.02)
+    # Not published by `imgclf export` without a word: refused in one line, unless asked.
+    repository = tmp_path / "repository"
+    export = ("export", str(run_dir), "--repository", str(repository), "--no-register")
+    refused = run_cli(*export)
+    assert_one_line_error(refused, "did not learn", "--allow-unlearned")
+    assert refused.returncode == 1
+    assert not (repository / "run" / "1").exists()
+    published = run_cli(*export, "--allow-unlearned")
+    assert published.returncode == 0, published.stderr[-2000:]
+    assert "published" in published.stdout
+    assert (repository / "run" / "1" / "model.onnx").is_file()
 
 
 #: TensorFlow's, absl's and the converters' start-up chatter, none of it ours.

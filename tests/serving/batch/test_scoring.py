@@ -18,7 +18,12 @@ import pytest
 from serving.batch.job import score
 from serving.batch.writers import COLUMNS, open_output
 from serving.core.runtime import ClassifierRuntime
-from tests.conftest import IMGCLF, assert_one_line_error, run_cli
+from tests.conftest import (
+    IMGCLF,
+    assert_one_line_error,
+    assert_refused_before_the_model_loads,
+    run_cli,
+)
 from tests.data import make_image_folder
 
 
@@ -299,3 +304,25 @@ def test_score_takes_the_live_version_of_a_model_folder_or_the_one_named(
         "--version", "9",
     )  # fmt: skip
     assert_one_line_error(missing, "no version 9", "published: 1, 2")
+
+
+def test_a_mistyped_input_or_precision_is_refused_before_the_model_loads(
+    tmp_path, images, published_model
+):
+    """`score` and `drift` check their arguments first: the one error line is all a user
+    sees, not ONNX Runtime's session line above it (issue 36)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    output = str(tmp_path / "scores.csv")
+    cases = [
+        (("score", str(tmp_path / "missing"), "--output", output), "is not a folder"),
+        (("score", str(empty), "--output", output), "holds no images"),
+        (("score", str(images), "--output", output, "--precision", "int4"), "--precision"),
+        (("drift", str(tmp_path / "missing")), "is not a folder"),
+        (("drift", str(tmp_path / "nothing*.png")), "holds no images"),
+    ]
+    for args, fragment in cases:
+        result = run_cli(*args, "--model", str(published_model), cwd=tmp_path)
+        assert_refused_before_the_model_loads(result, fragment)
+        assert result.returncode == 1, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]  # nothing written

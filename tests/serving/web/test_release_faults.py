@@ -68,14 +68,73 @@ def test_the_commands_refuse_a_version_whose_side_files_are_broken(model_folder)
             "version 3 does not verify",
             "calibration.json does not match its hash",
         )
-    rows = {
-        int(line.split()[0]): line
-        for line in cli_ok("versions", str(model_folder)).stdout.splitlines()[1:]
-    }
+    table, notes = cli_ok("versions", str(model_folder)).stdout.split("\n\n")
+    rows = {int(line.split()[0]): line for line in table.splitlines()[1:]}
     assert rows[1].endswith(" ok"), rows
-    assert "reference_profile.json is missing" in rows[2], rows
-    assert "calibration.json does not match its hash" in rows[3], rows
+    assert rows[2].endswith(" does not verify [1]") and rows[3].endswith(" [2]"), rows
+    assert "[1] version 2 does not verify" in notes, notes
+    assert "reference_profile.json is missing" in notes.splitlines()[0], notes
+    assert "calibration.json does not match its hash" in notes.splitlines()[1], notes
     assert state_path(model_folder).read_text() == pinned  # nothing was written
+
+
+def test_pin_latest_refuses_a_newest_version_that_does_not_verify(model_folder):
+    """Servers following the newest refuse version 3 and serve 2: ``pin 2`` changes
+    nothing that answers (no earlier version to roll back to), and ``pin --latest`` says in
+    one line why it is refused and writes nothing, as ``pin 3`` would."""
+    flip_a_byte(model_folder / "3" / "model.onnx")
+    cli_ok("pin", str(model_folder), "2")
+    assert read_state(model_folder).history == ()  # 2 answered already, not 3
+    pinned = state_path(model_folder).read_text()
+    refused = run_cli("pin", str(model_folder), "--latest")
+    assert_one_line_error(
+        refused,
+        "version 3 does not verify",
+        "model.onnx does not match its hash",
+        "servers following the newest would refuse it and serve version 2",
+    )
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert state_path(model_folder).read_text() == pinned  # nothing was written
+
+
+def test_versions_names_the_version_that_answers_when_the_newest_does_not_verify(
+    model_folder, monkeypatch
+):
+    """Following the newest (after ``pin 2`` then ``pin --latest``, as it was written before
+    ``pin --latest`` checked), with version 3 corrupt: version 2 answers, so it is the live
+    one, not "previous"; version 3 does not verify. Every row is short, the reasons below
+    the table, with a server's columns too."""
+    write_json(state_path(model_folder), {"live": None, "history": [2]})
+    flip_a_byte(model_folder / "3" / "model.onnx")
+    lines = cli_ok("versions", str(model_folder)).stdout.splitlines()
+    rows = {int(line.split()[0]): line for line in lines[1:4]}
+    assert set(rows) == {1, 2, 3}, lines
+    assert "live (newest that verifies)" in rows[2] and "previous" not in rows[2], rows
+    assert "live" not in rows[3] and "does not verify" in rows[3], rows
+    assert "live" not in rows[1], rows
+    assert all(len(line) <= 100 for line in lines[:4]), lines
+    notes = [line for line in lines[4:] if "version 3 does not verify" in line]
+    assert len(notes) == 1 and "model.onnx does not match its hash" in notes[0], lines
+    assert "servers following the newest refuse it and serve version 2" in notes[0], lines
+
+    # With --server: what a server following the folder reports (its long refusal below).
+    from typer.testing import CliRunner
+
+    import serving.core.roles
+    from imgclf.cli import app
+
+    reason = "3/model.onnx does not match its hash in metadata.json (expected " + "f" * 64
+    figures = {
+        "metadata": {"refused": {"3": reason}},
+        "by_version": {1: {"answered": 12}, 2: {"answered": 44}, 3: {"refusals": 2}},
+    }
+    monkeypatch.setattr(serving.core.roles, "server_figures", lambda url: figures)
+    result = CliRunner().invoke(app, ["versions", str(model_folder), "--server", "http://x"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= 120 for line in lines[:4]), lines
+    assert "44, -, -" in lines[2] and "refused 2x" in lines[3], lines
+    assert any(line.endswith(f"server refused version 3: {reason}") for line in lines[4:]), lines
 
 
 def test_workers_refuse_a_broken_newest_version_at_start_and_serve_it_once_fixed(

@@ -7,6 +7,7 @@ first one's metrics, and a start that failed on a busy port emptied them for goo
 from __future__ import annotations
 
 import re
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, assert_refused_before_the_model_loads, run_cli
 from tests.monitoring.test_live_monitoring import gauge, metrics_of
 from tests.serving.cases import good_images
 from tests.serving.conftest import Server
@@ -62,6 +63,17 @@ def requests_counted(url: str) -> float:
             counted
         ):
             return counted
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(published_model):
+    """The port is checked first: its one line is all a user sees (issue 36)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        failed = run_cli("serve", "--model", str(published_model), "--port", port)
+    assert_refused_before_the_model_loads(failed, f"cannot listen on 127.0.0.1:{port}")
+    assert failed.returncode == 1
 
 
 def test_each_server_counts_its_own_requests_and_labels(two_servers):

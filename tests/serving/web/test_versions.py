@@ -198,13 +198,15 @@ def test_shadow_agreement_is_what_the_two_models_say_and_a_corrupt_version_is_re
         assert np.allclose(np.reshape(named["outputs"][0]["data"], (2, -1)), shadow[:2], atol=1e-5)
         assert http.post("/v2/models/digits/versions/7/infer", json=infer).status_code == 404
 
-        # A corrupt version 3: the commands refuse it, and so does a server following the
-        # newest version; version 2 answers.
+        # Following the newest (2), then a corrupt version 3: the commands refuse it, and so
+        # does the server; version 2 answers.
+        cli_ok("pin", str(model_folder), "--latest")
+        converge([(server, 1)], "live", 2)
         tamper(publish_variant(model_folder / "1", 3))
         refused = run_cli("promote", str(model_folder), "3")
         assert_one_line_error(refused, "version 3 does not verify", "does not match its hash")
-        cli_ok("pin", str(model_folder), "--latest")
-        converge([(server, 1)], "live", 2)
+        refused = run_cli("pin", str(model_folder), "--latest")
+        assert_one_line_error(refused, "does not match its hash", "refuse it and serve version 2")
         deadline = time.monotonic() + 10
         while counter(server.url, "imgclf_version_refusals_total", version="3") < 1:
             assert time.monotonic() < deadline, "version 3 was never refused"
@@ -213,6 +215,11 @@ def test_shadow_agreement_is_what_the_two_models_say_and_a_corrupt_version_is_re
         assert after["model_version"] == 2
         listing = run_cli("versions", str(model_folder), "--server", server.url)
         assert listing.returncode == 0, listing.stderr
-        row = next(line for line in listing.stdout.splitlines() if line.strip().startswith("3 "))
-        assert "does not match its hash" in row and "refused:" in row
+        lines = listing.stdout.splitlines()
+        row = next(line for line in lines if line.strip().startswith("3 "))
+        assert "does not verify [1]" in row and "refused" in row and len(row) <= 120, row
+        assert any(
+            line.startswith("[2] server refused version 3:") and "does not match its hash" in line
+            for line in lines
+        ), lines
         assert "version 3 refused" in server.output()
