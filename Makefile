@@ -11,7 +11,7 @@ MODEL_NAME ?= digits
 PORT ?= 3000
 HOST ?= 127.0.0.1
 
-.PHONY: venv run train export serve image test test-fast test-container docs lint clean clean-test-cache
+.PHONY: venv run port-free train export serve image test test-fast test-container docs lint clean clean-test-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,16 +21,36 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-## run: build the environment, train on the built-in digits, export (the next version), serve
-## (make run PORT=3001 HOST=0.0.0.0 to choose where it listens)
-run: export
+# What a finished training run and its export leave behind: `make run` redoes neither while
+# they are newer than what made them (the environment, the training code).
+TRAINED := $(RUN_DIR)/metrics.json
+EXPORTED := $(REPOSITORY)/.make/$(MODEL_NAME).exported
+TRAINING_CODE := $(wildcard training/*.py)
+
+## run: build the environment, check the port, train on the built-in digits and export (the
+## next version) unless done already, serve (make run PORT=3001 HOST=0.0.0.0 to choose where)
+run: port-free $(EXPORTED)
 	$(BIN)/imgclf serve --model $(REPOSITORY)/$(MODEL_NAME) --port $(PORT) --host $(HOST)
 
+# One line and a non-zero exit, before minutes of training, when another server holds the port.
+port-free: $(STAMP)
+	@$(BIN)/python -m serving.web.serve $(HOST) $(PORT)
+
+$(TRAINED): $(STAMP) $(TRAINING_CODE)
+	$(BIN)/imgclf train --dataset digits --output $(RUN_DIR) --force
+
+$(EXPORTED): $(TRAINED)
+	$(BIN)/imgclf export $(RUN_DIR) --repository $(REPOSITORY) --name $(MODEL_NAME) --int8
+	@mkdir -p $(@D) && touch $@
+
+## train: train again, whatever is there
 train: $(STAMP)
 	$(BIN)/imgclf train --dataset digits --output $(RUN_DIR) --force
 
-export: train
+## export: publish the run as the next version (training it first if it never finished)
+export: $(TRAINED)
 	$(BIN)/imgclf export $(RUN_DIR) --repository $(REPOSITORY) --name $(MODEL_NAME) --int8
+	@mkdir -p $(dir $(EXPORTED)) && touch $(EXPORTED)
 
 ## serve: serve the newest published version without retraining
 serve: $(STAMP)

@@ -84,6 +84,7 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
     serve`` (through ``serving.web.launch``)."""
     import serving
 
+    check_port_free(host, port)  # first: a busy port's line is all the user sees
     if settings.model_dir is not None:
         directory = settings.model_dir
     else:
@@ -91,7 +92,6 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
 
         directory = stored_model_path(settings.bento_model)
     runtime = first_loadable(directory, settings)
-    check_port_free(host, port)
     base = f"http://{host}:{port}"
     example = Path(serving.__file__).resolve().parent.parent / "examples" / "digit-3.png"
     image = example if example.exists() else Path("digit.png")
@@ -167,3 +167,10 @@ def check_port_free(host: str, port: int) -> None:
                 f"cannot listen on {host}:{port} ({error.strerror or error}); another server "
                 "may hold it: choose another --port"
             ) from None
+
+
+if __name__ == "__main__":  # `make run` checks its port before minutes of training
+    try:
+        check_port_free(sys.argv[1], int(sys.argv[2]))
+    except ImgclfError as error:
+        sys.exit(f"error: {error.message}")
