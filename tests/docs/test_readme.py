@@ -1,29 +1,23 @@
-"""The README's "one command per task" block, run as written (a shorter training run, a free
-port instead of 3000) in a scratch folder, so that none of its commands rots."""
+"""The README's "one command per task" block, run as written (a shorter training run, free
+ports instead of 3000 and 3002) beside a running ``make run``, as the README says it may."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
-import shutil
-import subprocess
-import tempfile
 
+import httpx
 import pytest
 
-from tests.conftest import IMGCLF, REPO
-from tests.serving.conftest import free_port, wait_ready
+from tests.docs.runbook import Scratch, page_blocks
 
 pytestmark = pytest.mark.slow
 
 
 def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    block = text.split("<!-- readme-commands:start -->")[1].split("<!-- readme-commands:end -->")[0]
-    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
-    return [line for line in lines if line and not line.startswith("```")]
+    (block,) = page_blocks("README.md")
+    return block.commands()
 
 
 def test_the_block_covers_every_task():
@@ -33,43 +27,27 @@ def test_the_block_covers_every_task():
     ]  # fmt: skip
 
 
-def test_readme_commands_run_as_written(tmp_path, digits_home):
-    shutil.copytree(REPO / "examples", tmp_path / "examples")
-    port = str(free_port())
-    env = {
-        **os.environ,
-        "IMGCLF_DATA_HOME": str(digits_home),
-        "BENTOML_HOME": tempfile.mkdtemp(),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PATH": f"{os.path.dirname(IMGCLF)}:{os.environ['PATH']}",
-    }
-    server = None
+def test_readme_commands_run_as_written_beside_make_run(
+    tmp_path, digits_home, digits_run, digits_model
+):
+    scratch = Scratch.after_make_run(tmp_path, digits_home, digits_run, digits_model)
     outputs = {}
     try:
+        scratch.run("imgclf serve --model model_repository/digits --port 3000")  # make run's
         for line in readme_commands():
-            argv = shlex.split(line.replace("3000", port))
-            if argv[:2] == ["imgclf", "train"]:
-                argv += ["--epochs", "6"]  # the one change: a shorter run
-            if argv[:2] == ["imgclf", "serve"]:
-                log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
-                server = subprocess.Popen(
-                    argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
-                wait_ready(f"http://127.0.0.1:{port}", server, timeout=120)
-                continue
-            result = subprocess.run(
-                argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-            )
-            assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
-            outputs[argv[0] + " " + argv[-1]] = result.stdout
+            if line.startswith("imgclf train"):
+                line = line.split("  #")[0] + " --epochs 6"  # the one change: a shorter run
+            outputs[line.split("  #")[0].strip()] = scratch.run(line)
+        predicted = outputs["curl -F image=@examples/digit-3.png http://127.0.0.1:3002/predict"]
+        # What the README says: the export published version 2 beside make run's version 1,
+        # which make run's server (following the newest) switched to.
+        make_runs = httpx.get(scratch.url("3000") + "/metadata", timeout=10).json()
     finally:
-        if server is not None:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=60)
-    answer = json.loads(outputs[f"curl http://127.0.0.1:{port}/predict"])
-    assert answer["label"] == "3" and answer["model_version"] == 1  # as the README says
-    assert "imgclf_requests_total" in outputs[f"curl http://127.0.0.1:{port}/metrics"]
+        scratch.stop()
+    answer = json.loads(predicted)
+    assert answer["label"] == "3" and answer["model_version"] == 2
+    assert make_runs["versions"]["live"] == 2, make_runs["versions"]
+    assert "imgclf_requests_total" in outputs["curl http://127.0.0.1:3002/metrics"]
     with open(tmp_path / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(row["label"] for row in rows) == ["0", "3", "7"]
