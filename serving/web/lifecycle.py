@@ -12,6 +12,7 @@ manager still holds the listening socket (so new connections would hang, not eve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -140,6 +141,27 @@ def _closing(send):
     return send_closing
 
 
+#: Once the window is over and the worker accepts no more connections, the time a connection
+#: accepted just before has to deliver its request (it then counts as in flight).
+ACCEPTED_GRACE_S = 0.25
+
+
+def stop_accepting(stop_server: Callable, loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Close this worker's listening sockets (uvicorn's ``servers``, on the server's loop),
+    so that no new connection reaches a worker about to stop; its siblings, and the process
+    manager's socket, keep accepting. Without it, a client that reconnected in the last
+    instant (every answer in the window says ``Connection: close``) had its connection
+    accepted, then closed by uvicorn's shutdown before its request was read: an error with no
+    answer, which a restart under load showed about once in two. False where the handler is
+    not a uvicorn server's."""
+    listeners = getattr(getattr(stop_server, "__self__", None), "servers", None)
+    if loop is None or not listeners:
+        return False
+    for listener in listeners:
+        loop.call_soon_threadsafe(listener.close)
+    return True
+
+
 def drain_before_exit(lifecycle: Lifecycle, window_s: float, timeout_s: float) -> bool:
     """On SIGTERM: report ``draining`` at once and keep serving for ``window_s``; then pass
     the signal on to the server's own handler (uvicorn's, which stops accepting and waits for
@@ -157,6 +179,10 @@ def drain_before_exit(lifecycle: Lifecycle, window_s: float, timeout_s: float) -
     def on_sigterm(signum, frame) -> None:
         if lifecycle.draining:
             return  # the process manager repeats the signal; one drain is enough
+        try:
+            loop = asyncio.get_running_loop()  # the server's: a signal runs on its thread
+        except RuntimeError:
+            loop = None
         lifecycle.set(
             DRAINING,
             f"{signal.Signals(signum).name}; serving {window_s:g} s more, then finishing "
@@ -167,6 +193,8 @@ def drain_before_exit(lifecycle: Lifecycle, window_s: float, timeout_s: float) -
         def stop_after_window() -> None:
             started = time.monotonic()
             time.sleep(window_s)
+            if stop_accepting(stop_server, loop):
+                time.sleep(ACCEPTED_GRACE_S)
             log.info(
                 "drain window of %g s over: finishing %d request(s)", window_s, lifecycle.in_flight
             )
