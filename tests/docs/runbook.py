@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -159,12 +160,12 @@ class Scratch:
             said = EXPECTED_EXIT.search(command)
             expect = int(said.group(1)) if said else 0
         here = self.as_here(command)
-        words = here.split()
+        words = shlex.split(here, comments=True)
         program = [Path(words[0]).name, *words[1:]] if words else []
         if program[:2] == ["imgclf", "serve"] and expect == 0:
-            return self.serve(here)
+            return self.serve(shlex.join(words))
         if program[:1] == ["prometheus"]:
-            return self.prometheus(here)
+            return self.prometheus(shlex.join(words))
         if program[:5] == ["imgclf", "train", "--dataset", "digits", "--output"] and set(
             program[6:]
         ) <= {"--force"}:
@@ -242,3 +243,28 @@ class Scratch:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
         self.servers.clear()
+
+
+#: What ``make run`` ends with (the Makefile's ``serve`` line, at its defaults).
+MAKE_RUN_SERVES = "imgclf serve --model model_repository/digits --port 3000"
+
+
+def predict(scratch: Scratch, image: str = "examples/digit-3.png", port: str = "3000") -> dict:
+    with open(scratch.root / image, "rb") as handle:
+        answer = httpx.post(scratch.url(port) + "/predict", files={"image": handle}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def answered_by(scratch: Scratch, version: int, timeout: float = 20) -> dict:
+    """A /predict answer from ``version``, once the server has switched to it."""
+    deadline = time.monotonic() + timeout
+    while (answer := predict(scratch))["model_version"] != version:
+        assert time.monotonic() < deadline, f"still version {answer['model_version']}"
+        time.sleep(0.2)
+    return answer
+
+
+def row(versions_output: str, version: int) -> str:
+    (line,) = [line for line in versions_output.splitlines() if line.split()[:1] == [str(version)]]
+    return line

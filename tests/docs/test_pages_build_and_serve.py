@@ -1,0 +1,72 @@
+"""The pages of training, export, serving, releasing and the Open Inference Protocol, run as
+written from a clone after ``make run`` (its server on port 3000), with the outputs each page
+shows checked. (Two files of page tests, so that the suite's two processes share them.)"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.docs.runbook import MAKE_RUN_SERVES, answered_by, page_blocks, predict, row
+
+
+def test_training(scratch):
+    scratch.run_blocks(page_blocks("docs/training.md"))
+    on_labelled_folders = json.loads((scratch.root / "eval/evaluation.json").read_text())
+    on_the_test_split = json.loads((scratch.root / "eval-test/evaluation.json").read_text())
+    assert on_labelled_folders["count"] == 1797 and on_labelled_folders["accuracy"] > 0.9
+    assert on_the_test_split["accuracy"] > 0.9
+
+
+def test_export(scratch):
+    outputs = scratch.run_blocks(page_blocks("docs/export.md"))
+    published = scratch.root / "model_repository/digits/2"
+    assert (published / "model.int8.onnx").exists()  # "publishes 2"
+    assert "digits:1" in "".join(outputs.values())
+
+
+def test_serving(scratch):
+    scratch.run(MAKE_RUN_SERVES)
+    outputs = list(scratch.run_blocks(page_blocks("docs/serving.md")).values())
+    three, seven, batch, metadata, _live, ready, metrics, openapi = outputs
+    three, seven, batch = json.loads(three), json.loads(seven), json.loads(batch)
+    assert three["label"] == "3" and len(three["top_k"]) == 3
+    assert seven["label"] == "7"
+    assert [answer["label"] for answer in batch] == ["0", "7"]
+    assert json.loads(metadata)["name"] == "digits"
+    assert json.loads(ready)["workers"]["ready"] >= 1
+    assert "imgclf_requests_total" in metrics
+    assert "/predict" in json.loads(openapi)["paths"]
+
+
+def test_releasing(scratch):
+    scratch.run(MAKE_RUN_SERVES)
+    (block,) = page_blocks("docs/releasing.md")
+    train, pin, export, shadow, versions, promote, rollback, follow = block.commands()
+    for command in (train, pin, export, shadow):
+        scratch.run(command)
+    assert (scratch.root / "model_repository/digits/2/model.onnx").exists()  # "publishes 2"
+    for _ in range(20):  # traffic, so that the shadow has evidence
+        assert predict(scratch)["model_version"] == 1  # pinned while 2 is tried
+    evidence = scratch.run(versions)
+    assert "shadow" in row(evidence, 2) and "live" in row(evidence, 1), evidence
+    scratch.run(promote)
+    assert answered_by(scratch, 2)["label"] == "3"
+    scratch.run(rollback)
+    answered_by(scratch, 1)
+    scratch.run(follow)
+    answered_by(scratch, 2)
+
+
+def test_open_inference_protocol(scratch):
+    scratch.run(MAKE_RUN_SERVES)
+    client, raw = page_blocks("docs/open-inference-protocol.md")
+    assert client.language == "python"
+    (scratch.root / "client.py").write_text(scratch.as_here(client.text))
+    printed = scratch.run(".venv/bin/python client.py")
+    assert re.match(r"\[\[b'[0-9.]+:3:3'", printed), printed  # as the page shows
+    (command,) = raw.commands()
+    answer = json.loads(scratch.run(command))
+    (probabilities,) = answer["outputs"]
+    assert probabilities["shape"] == [1, 10]
+    assert max(range(10), key=probabilities["data"].__getitem__) == 3
