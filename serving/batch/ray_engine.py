@@ -58,8 +58,8 @@ def import_ray():
 
 def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     """Join the cluster at ``address`` (``auto``, ``host:port`` or ``ray://…``), or start a
-    local one-node cluster when none is given. Returns True if we started it (and so must
-    shut it down)."""
+    local one-node cluster of our own when none is given (never one found on the machine).
+    Returns True if we started it (and so must shut it down)."""
     ray = import_ray()
     if ray.is_initialized():
         return False
@@ -72,7 +72,9 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise ConfigError(f"cannot connect to the Ray cluster at {address}: {first}") from None
         return False
-    ray.init(num_cpus=num_cpus or os.cpu_count(), **options)
+    # "local": a cluster of our own even where `ray start` left one on this machine, which a
+    # bare ray.init() would join (and then refuse num_cpus, with a traceback).
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **options)
     return True
 
 

@@ -149,6 +149,23 @@ def test_a_ray_job_leaves_no_model_copy_in_the_temporary_folder(
     assert left == []
 
 
+def test_without_address_a_job_starts_its_own_cluster_beside_a_running_one(
+    tmp_path, published_model, cluster
+):
+    """With a cluster that `ray start` left on the machine, a bare ray.init() joined it and
+    refused our CPU count: a traceback, exit 1 (two tests at once met it)."""
+    folder = make_image_folder(tmp_path / "images", 2)
+    output = tmp_path / "scores.parquet"
+    result = run_cli(
+        *("score", str(folder), "--model", str(published_model), "--output", str(output)),
+        *("--engine", "ray", "--no-progress"),
+        env=RAY_ENV,
+        timeout=170,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(read_rows(output)) == len(list(folder.rglob("*.*")))
+
+
 @pytest.fixture(scope="module")
 def large_images() -> Path:
     """240 digit photos of 1200x1200 pixels: slow enough to decode to interrupt a job."""
