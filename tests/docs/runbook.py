@@ -26,6 +26,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -201,6 +202,9 @@ class Scratch:
         url = f"http://127.0.0.1:{port.group(1) if port else self.ports['3000']}"
         if not port:
             command += f" --port {self.ports['3000']}"  # the default port, made free
+        with socket.socket() as probe:  # an earlier server's port: this one cannot listen
+            taken = probe.connect_ex(("127.0.0.1", int(url.rsplit(":", 1)[1]))) == 0
+        assert not taken, f"{command}: its port is taken by a server the page started before"
         return self.background(command, url + "/readyz")
 
     def background(self, command: str, ready_url: str) -> str:
