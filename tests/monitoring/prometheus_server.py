@@ -18,10 +18,12 @@ from tests.serving.conftest import free_port
 MONITORING = REPO / "monitoring"
 
 
-def tool(name: str) -> str:
+def tool(name: str, package: str = "prometheus") -> str:
+    """The path of a Debian-packaged binary; a failure in CI (.ci/run installs it), a skip
+    elsewhere."""
     found = shutil.which(name)
     if found is None:
-        message = f"{name} is not installed (Debian package prometheus; .ci/run installs it)"
+        message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

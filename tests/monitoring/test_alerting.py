@@ -4,8 +4,6 @@ expect, ``amtool check-config`` on the Alertmanager configuration, and a real Al
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,20 +12,14 @@ import httpx
 import pytest
 import yaml
 
-from tests.monitoring.prometheus_server import MONITORING
+from tests.monitoring.prometheus_server import MONITORING, tool
 from tests.serving.conftest import free_port
 
 CONFIG = MONITORING / "alertmanager" / "alertmanager.yml"
 
 
 def alertmanager_tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        message = f"{name} is not installed (Debian package prometheus-alertmanager)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return tool(name, package="prometheus-alertmanager")
 
 
 def test_alert_texts_name_the_job_once():
