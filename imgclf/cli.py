@@ -477,22 +477,12 @@ def score(
     Exit status: 0 every image scored, 4 finished but some files could not be read,
     130 interrupted (rerun the same command to resume), 1 a mistake in the command,
     2 a usage error."""
-    from serving.batch.inputs import list_inputs
     from serving.batch.job import run_job
-    from serving.batch.writers import output_format_of
-    from serving.core.errors import ConfigError
     from serving.core.roles import version_dir
 
-    if precision not in ("fp32", "int8"):
-        raise ConfigError(f"--precision must be fp32 or int8, got {precision!r}")
-    model_dir = version_dir(model, version)
-    # A wrong output name or a mistyped input fails before the model loads, and with it
-    # ONNX Runtime's session line (the job checks both again).
-    output_format_of(output, output_format)
-    list_inputs(inputs)
     summary = run_job(
         inputs,
-        model_dir,
+        version_dir(model, version),
         output,
         output_format=output_format,
         batch_size=batch_size,
@@ -554,11 +544,10 @@ def drift(
     from serving.batch.engine import split_cores
     from serving.batch.inputs import list_inputs
 
-    # A mistyped input fails before the model loads, and with it ONNX Runtime's session
-    # line (the report lists the inputs again).
-    list_inputs(inputs)
+    # A mistyped input fails before the model loads, and with it ONNX Runtime's session line.
+    paths = list_inputs(inputs)
     runtime = ClassifierRuntime(model, provider=provider, intra_op_threads=split_cores()[1])
-    report = drift_report(runtime, inputs)
+    report = drift_report(runtime, inputs, paths=paths)
     write_json(output, report)
     typer.echo(format_report(report))
     typer.echo(f"report: {output}")

@@ -67,13 +67,20 @@ def score_paths(
             yield infer_decoded(runtime, [future.result() for future in pending])
 
 
-def drift_report(runtime: ClassifierRuntime, inputs: str | Path, *, chunk_size: int = 256) -> dict:
+def drift_report(
+    runtime: ClassifierRuntime,
+    inputs: str | Path,
+    *,
+    chunk_size: int = 256,
+    paths: list[str] | None = None,
+) -> dict:
     """``imgclf drift``: the service's drift computation over a folder or list of images,
-    for batch jobs and for investigating an alert."""
+    for batch jobs and for investigating an alert. ``paths``: ``inputs`` already listed
+    (``imgclf drift`` lists them before the model loads)."""
     profile = runtime.reference_profile()
     if profile is None:
         raise ModelError(f"{runtime.model_dir} has no reference_profile.json; re-export it")
-    paths = list_inputs(inputs)
+    paths = list_inputs(inputs) if paths is None else paths
     collector = SignalCollector(runtime.monitoring_references()[1])
     failed = []
     for chunk in score_paths(runtime, paths, chunk_size=chunk_size):

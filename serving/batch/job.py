@@ -64,8 +64,10 @@ def score(
     workers: int | None = None,
     progress: bool = True,
     engine: Engine | None = None,
+    paths: list[str] | None = None,
 ) -> Summary:
     """Score every image of ``inputs`` into ``output``; then write the drift report next to it.
+    ``paths``: ``inputs`` already listed (``run_job`` lists them before the model loads).
 
     ``engine`` turns the paths still to score into output rows, chunk by chunk; the default
     is this machine (``local_engine``), ``serving.batch.ray_engine`` spreads it over a Ray cluster.
@@ -74,7 +76,7 @@ def score(
     engine = engine or local_engine(runtime, top_k, chunk_size=chunk_size, workers=workers)
     writer = open_output(Path(output), output_format)
     writer.check_model(runtime.name, runtime.version)
-    paths = list_inputs(inputs)
+    paths = list_inputs(inputs) if paths is None else paths
     writer.drop_failed()  # a rerun tries the inputs that failed again
     done = writer.scored_paths()
     todo = [path for path in paths if path not in done]
@@ -184,6 +186,7 @@ def run_job(
     if (actors is not None and actors < 1) or gpus_per_actor < 0:
         raise ConfigError("--actors must be positive and --gpus-per-actor not negative")
     output_format_of(output, output_format)  # before the model loads: a wrong name is one line
+    paths = list_inputs(inputs)  # and a mistyped input
     decode_workers, ort_threads = split_cores(workers)
     runtime = ClassifierRuntime(
         model,
@@ -211,6 +214,7 @@ def run_job(
             workers=decode_workers,
             progress=progress,
             engine=scoring_engine,
+            paths=paths,
         )
     finally:
         if started_cluster:

@@ -41,6 +41,9 @@ from serving.core.sessions import (
     resolve_session_mode,
 )
 
+#: The model files a runtime can run: ``model.onnx`` and ``model.int8.onnx``.
+PRECISIONS = ("fp32", "int8")
+
 
 class ModelCard:
     """What a model directory says about itself: classes, input contract, limits. Enough to
@@ -104,6 +107,10 @@ class ClassifierRuntime(ModelCard):
         if session_mode not in SESSION_MODES:
             raise ConfigError(
                 f"session mode must be one of {', '.join(SESSION_MODES)}, got {session_mode!r}"
+            )
+        if precision not in PRECISIONS:  # anything else ran the fp32 model without a word
+            raise ConfigError(
+                f"precision (--precision) must be {' or '.join(PRECISIONS)}, got {precision!r}"
             )
         self.precision = precision
         self.max_batch_size = max_batch_size
