@@ -579,7 +579,7 @@ def versions(
     --server the images each answered, its shadow agreement and its refusals. Following the
     newest, the live version is the newest that verifies, as servers serve it; why a version
     does not verify is below the table."""
-    from serving.core.roles import server_figures, version_rows
+    from serving.core.version_report import server_figures, version_rows
 
     rows = version_rows(model, verify=check)
     figures = server_figures(server) if server else None

@@ -1,5 +1,6 @@
 """Changing which version of a model answers, and which one shadows it: the ``imgclf
-versions``, ``shadow``, ``promote``, ``rollback`` and ``pin`` commands. Each checks the
+shadow``, ``promote``, ``rollback`` and ``pin`` commands (``imgclf versions`` reports them:
+``serving.core.version_report``). Each checks the
 version as a server would load it, then rewrites the roles file atomically
 (``serving.core.model_dir``: ``repository/<name>/versions.json``); every worker of every
 server that mounts the folder acts on it within its poll interval (``serving.web.versions``).
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import getpass
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,7 +21,6 @@ from serving.core.files import LockTimeoutError, locked, write_json
 from serving.core.model_dir import (
     HISTORY_LIMIT,
     METADATA,
-    Desired,
     RoleState,
     Shadow,
     check_same_classes,
@@ -229,95 +228,9 @@ def set_shadow(model_root: Path, version: int | None, fraction: float = 1.0) -> 
         return write_state(root, replace(state, shadow=wanted), "shadow")
 
 
-def version_rows(model_root: Path, *, verify: bool = True) -> list[dict]:
-    """One row per published version, for ``imgclf versions``: role, test accuracy, created
-    time, and whether it verifies (``status`` "ok", "does not verify" with the ``reason``, or
-    "not checked"). Following the newest, the live version is the newest that verifies, as
-    the servers serve it; each newer one that does not has role "refused" and ``served``,
-    the version servers serve instead."""
-    root = model_root_of(model_root)
-    state = read_state(root)
-    rows = []
-    for version in version_numbers(root):
-        row: dict = {"version": version, "reason": None}
-        try:
-            metadata = (
-                check_version(root, version) if verify else load_metadata(root / str(version))
-            )
-            row.update(
-                accuracy=(metadata.get("metrics") or {}).get("accuracy"),
-                created_at=metadata.get("created_at"),
-                status="ok" if verify else "not checked",
-            )
-        except ModelError as error:
-            row.update(
-                accuracy=None, created_at=None, status="does not verify", reason=error.message
-            )
-        rows.append(row)
-    failing = {row["version"] for row in rows if row["reason"]}
-    desired = resolve_roles(root, state, refused=failing)
-    for row in rows:
-        row["role"] = _role(row["version"], desired, state, failing)
-        refused = desired.following == "newest" and row["version"] > desired.live
-        row["served"] = desired.live if refused else None
-    return rows
-
-
-def _role(version: int, desired: Desired, state: RoleState, failing: set[int]) -> str:
-    if version == desired.live:
-        if desired.following == "pinned":
-            return "live (pinned)"
-        newer_refused = any(v > version for v in failing)
-        return "live (newest that verifies)" if newer_refused else "live (newest)"
-    if desired.following == "newest" and version > desired.live:
-        return "refused"
-    if desired.shadow and version == desired.shadow.version:
-        return f"shadow ({desired.shadow.fraction:g})"
-    if state.history and version == state.history[-1]:
-        return "previous"
-    return ""
-
-
 def version_dir(model: Path, version: int | None) -> Path:
     """``model`` itself, or version ``version`` of the model folder ``model``."""
     return Path(model) if version is None else published(model_root_of(model), version)
-
-
-def server_figures(url: str, timeout_s: float = 5.0) -> dict:
-    """What a running server says about its versions: ``/metadata``'s ``versions`` (this
-    worker's view: live, shadow evidence, refusals) and, from ``/metrics`` (every worker),
-    the images each version answered, shadow comparisons and refusals by version."""
-    import urllib.error
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    base = url.rstrip("/")
-    try:
-        with urllib.request.urlopen(base + "/metadata", timeout=timeout_s) as answer:
-            metadata = json.loads(answer.read())
-        with urllib.request.urlopen(base + "/metrics", timeout=timeout_s) as answer:
-            text = answer.read().decode()
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read {base}/metadata and /metrics: {error}") from None
-    per_version: dict[int, dict] = {}
-    wanted = {
-        "imgclf_version_predictions": ("answered", None),
-        "imgclf_version_refusals": ("refusals", None),
-        "imgclf_shadow_images": ("shadow_", "outcome"),
-        "imgclf_shadow_agreements": ("shadow_agreed", None),
-    }
-    for family in text_string_to_metric_families(text):
-        if family.name not in wanted:
-            continue
-        key, by = wanted[family.name]
-        for sample in family.samples:
-            if not sample.name.endswith("_total") or "version" not in sample.labels:
-                continue
-            figures = per_version.setdefault(int(sample.labels["version"]), {})
-            name = key + sample.labels[by] if by else key
-            figures[name] = figures.get(name, 0) + int(sample.value)
-    return {"metadata": metadata.get("versions") or {}, "by_version": per_version}
 
 
 def _user() -> str:

@@ -120,7 +120,7 @@ def test_versions_names_the_version_that_answers_when_the_newest_does_not_verify
     # With --server: what a server following the folder reports (its long refusal below).
     from typer.testing import CliRunner
 
-    import serving.core.roles
+    import serving.core.version_report
     from imgclf.cli import app
 
     reason = "3/model.onnx does not match its hash in metadata.json (expected " + "f" * 64
@@ -128,7 +128,7 @@ def test_versions_names_the_version_that_answers_when_the_newest_does_not_verify
         "metadata": {"refused": {"3": reason}},
         "by_version": {1: {"answered": 12}, 2: {"answered": 44}, 3: {"refusals": 2}},
     }
-    monkeypatch.setattr(serving.core.roles, "server_figures", lambda url: figures)
+    monkeypatch.setattr(serving.core.version_report, "server_figures", lambda url: figures)
     result = CliRunner().invoke(app, ["versions", str(model_folder), "--server", "http://x"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
