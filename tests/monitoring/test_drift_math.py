@@ -20,7 +20,7 @@ from monitoring.drift import (
     quantize,
     saturating_edges,
 )
-from monitoring.thresholds import thresholds_at
+from monitoring.thresholds import calibrate, thresholds_at
 
 
 def test_psi_by_hand():
@@ -98,10 +98,12 @@ def test_reference_profile_and_comparison():
     assert darker["status"] == "critical"
 
 
-@pytest.mark.slow
 def test_monitor_window_is_a_ring_with_a_minimum():
     rng = np.random.default_rng(1)
-    profile = build_reference_profile(synthetic_signals(rng, 500), list("abcd"), source="test")
+    # The window's bookkeeping, not thresholds: no calibration (4 s of every export).
+    profile = build_reference_profile(
+        synthetic_signals(rng, 500), list("abcd"), source="test", calibrate=False
+    )
     monitor = DriftMonitor(profile, window=100, min_samples=60)
     monitor.add(synthetic_signals(rng, 50))
     assert monitor.samples == 50 and monitor.compute() is None  # below the minimum: no report
@@ -121,11 +123,12 @@ def test_monitor_window_is_a_ring_with_a_minimum():
         DriftMonitor(profile, window=10, min_samples=20)
 
 
-@pytest.mark.slow
 def test_no_drift_psi_matches_the_expected_noise_floor():
     """NOTES.md: undrifted PSI averages about (bins-1) * (1/window + 1/reference)."""
     rng = np.random.default_rng(2)
-    profile = build_reference_profile(synthetic_signals(rng, 2000), list("abcd"), source="t")
+    profile = build_reference_profile(
+        synthetic_signals(rng, 2000), list("abcd"), source="t", calibrate=False
+    )
     values = [
         compare(profile, synthetic_signals(rng, 500))["signals"]["brightness"]["psi"]
         for _ in range(30)
@@ -210,10 +213,13 @@ def test_thresholds_shrink_with_the_window_and_hold_at_the_ends():
     )
 
 
-@pytest.mark.slow
 def test_fixed_bands_as_a_setting_and_for_profiles_without_thresholds():
     rng = np.random.default_rng(6)
-    profile = build_reference_profile(synthetic_signals(rng, 1000), list("abcd"), source="t")
+    profile = build_reference_profile(
+        synthetic_signals(rng, 1000), list("abcd"), source="t", calibrate=False
+    )
+    # Calibrated thresholds for the setting to override: how many draws does not matter here.
+    profile["thresholds"] = calibrate(profile, replicates=500)
     window = synthetic_signals(rng, 500, shift=-15)
     fixed = compare(profile, window, mode="fixed")
     assert fixed["thresholds"] == "fixed"
