@@ -232,10 +232,12 @@ def test_a_read_only_repository_is_one_line(model_folder):
     assert_one_line_error(result, "cannot change the versions of tiny", "Read-only file system")
 
 
-def test_two_hundred_switches_under_load_keep_the_workers_memory_bounded(model_folder):
-    """A retired version's sessions are freed into the C heap, which glibc kept: worker RSS
-    grew from 147 to 332 MB over 200 switches under load (to 1 GB with the digits model),
-    with no Python object left over. Now it is handed back after each switch."""
+def test_sixty_switches_under_load_keep_the_workers_memory_bounded(model_folder):
+    """Every switch loads a version afresh and retires the one it replaces. A retired version
+    kept alive (by a reference, a batcher never closed) holds its sessions and buffers: with
+    the retiring step made to keep them, worker RSS grew from 234 to 625 MB over these 50
+    switches, where the bound below allows 58. (glibc keeping freed heap was the other half
+    of the growth first seen, 147 to 332 MB over 200 switches: see release_freed_memory.)"""
     write_json(model_folder / "versions.json", {"live": 1})
     image = encode(digit(2, 3), "PNG")
     env = {"IMGCLF_VERSION_POLL_S": "0.1", "IMGCLF_MAX_LATENCY_MS": "20000"}
@@ -248,7 +250,7 @@ def test_two_hundred_switches_under_load_keep_the_workers_memory_bounded(model_f
         assert len(workers) == 2
         after_ten = None
         with Load(server.url, [image], concurrency=16) as load:
-            for switch in range(1, 201):
+            for switch in range(1, 61):
                 target = 2 if switch % 2 else 1
                 write_json(model_folder / "versions.json", {"live": target})
                 converge([(server, 2)], "live", target)
@@ -256,8 +258,8 @@ def test_two_hundred_switches_under_load_keep_the_workers_memory_bounded(model_f
                     after_ten = [worker.memory_info().rss for worker in workers]
             after_all = [worker.memory_info().rss for worker in workers]
         assert {status for _, _, status, _ in load.answers} == {200}
-        for ten, two_hundred in zip(after_ten, after_all, strict=True):
-            assert two_hundred <= 1.25 * ten, (after_ten, after_all)
+        for ten, sixty in zip(after_ten, after_all, strict=True):
+            assert sixty <= 1.25 * ten, (after_ten, after_all)
 
 
 def test_an_empty_feedback_token_is_refused_at_start(published_model):
