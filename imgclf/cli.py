@@ -181,6 +181,9 @@ def train(
         from training.datasets import class_folders
 
         class_folders(resolved.data.data_dir)  # a mistyped folder fails before TensorFlow loads
+    from training.run_dir import RunPaths, check_run_dir
+
+    check_run_dir(RunPaths(output), resolved, force=force)  # and so does a wrong --output
     with quiet_native_logs():
         from training.train import train as run_training
 

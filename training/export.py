@@ -44,7 +44,7 @@ from serving.core.model_dir import (
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from training import datasets, parity, quantize
 from training.publish import check_learned, destination, new_staging, publish
-from training.train import BEST_MODEL
+from training.run_dir import BEST_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -19,36 +19,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from serving.core.errors import ConfigError
 from serving.core.files import atomic_write, write_json
 from training import datasets, evaluate, plots
 from training.augmentation import build_augmentation
 from training.callbacks import AtomicModelCheckpoint, read_best_state
-from training.config import Config, annotated_yaml
+from training.config import Config
 from training.models import build_model, unfreeze_top
 from training.pipeline import make_dataset, preprocess_spec
+from training.run_dir import RunPaths, prepare_run_dir
 
 log = logging.getLogger(__name__)
-
-BEST_MODEL = "best.keras"
-STATE_FILE = "train_state.json"
-HEAD_WEIGHTS = "head.weights.h5"
-
-
-class RunPaths:
-    """Where each artifact of a run directory lives."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.best = self.root / BEST_MODEL
-        self.history = self.root / "history.csv"
-        self.config = self.root / "config.yaml"
-        self.metrics = self.root / "metrics.json"
-        self.run = self.root / "run.json"
-        self.state = self.root / STATE_FILE
-        self.backup = self.root / "backup"
-        self.plots = self.root / "plots"
-        self.head_weights = self.root / HEAD_WEIGHTS
 
 
 def train(
@@ -64,7 +44,7 @@ def train(
     ``sources`` (where each config value came from) is written into the run's config.yaml."""
     started = time.time()
     run = RunPaths(Path(output_dir))
-    resuming = _prepare_run_dir(run, config, force=force, sources=sources)
+    resuming = prepare_run_dir(run, config, force=force, sources=sources)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -130,56 +110,6 @@ def train(
         leftover.unlink(missing_ok=True)
     shutil.rmtree(run.backup, ignore_errors=True)
     return metrics
-
-
-def _prepare_run_dir(
-    run: RunPaths, config: Config, *, force: bool, sources: dict[str, str] | None = None
-) -> bool:
-    """Create the run directory; resume an interrupted run that has the same configuration.
-
-    ``force`` replaces a finished run or one with another configuration, never a folder that
-    is not a run directory. An earlier attempt that never finished an epoch (say, offline
-    ImageNet weights) is replaced without ``force``: it holds nothing to lose, and refusing
-    would block the very fix its error suggested. Returns True when resuming.
-    """
-    root = run.root
-    if root.exists() and any(root.iterdir()):
-        if not run.config.exists():
-            raise ConfigError(
-                f"{root} is not empty and is not a run directory; choose another --output"
-            )
-        from training.config import load_config
-
-        saved = load_config(run.config)
-        if saved == config and not run.metrics.exists():
-            log.info("resuming the interrupted run in %s", root)
-            return True
-        if not force:
-            if run.metrics.exists():
-                raise ConfigError(
-                    f"{root} already holds a finished run; choose another --output or pass --force"
-                )
-            if _finished_an_epoch(run):
-                changed = _diff(saved.model_dump(mode="json"), config.model_dump(mode="json"))
-                raise ConfigError(
-                    f"{root} holds an interrupted run with a different config "
-                    f"({', '.join(changed[:4])}); rerun with the same options to resume, "
-                    "or pass --force to start over"
-                )
-            log.info("the earlier attempt in %s left nothing to resume; starting over there", root)
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with atomic_write(run.config) as handle:
-        handle.write(annotated_yaml(config, sources) if sources else config.to_yaml())
-    return False
-
-
-def _finished_an_epoch(run: RunPaths) -> bool:
-    """Each of these is written only at the end of an epoch (CSVLogger writes its header with
-    the first row), so none of them means the run has nothing to resume."""
-    if run.best.exists() or run.backup.exists() or run.head_weights.exists():
-        return True
-    return run.history.exists() and run.history.stat().st_size > 0
 
 
 def _data_root(config: Config) -> Path:
@@ -373,14 +303,3 @@ def _read_state(run: RunPaths) -> dict:
 
 def _update_state(run: RunPaths, **values) -> None:
     write_json(run.state, {**_read_state(run), **values})
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys

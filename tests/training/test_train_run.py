@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
-from tests.conftest import IMGCLF, assert_one_line_error, run_cli
+from tests.conftest import IMGCLF, TF_NATIVE_LINES, assert_one_line_error, run_cli
 from tests.data import make_image_folder
 from training import datasets
 from training.config import load_config
@@ -154,9 +154,16 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert not (run_dir / "metrics.json").exists()
     done_before = len(history_rows(run_dir))
 
-    # Finished epochs are worth keeping: another config is refused, the folder left as it was.
-    other = run_cli(*[("11" if arg == "10" else arg) for arg in args])
+    # Finished epochs are worth keeping: another config is refused, the folder left as it was,
+    # before TensorFlow loads (with --verbose at its default log level, an import would print
+    # TensorFlow's native start-up lines).
+    other = run_cli(
+        "--verbose",
+        *[("11" if arg == "10" else arg) for arg in args],
+        env={"TF_CPP_MIN_LOG_LEVEL": "0"},
+    )
     assert_one_line_error(other, "interrupted run with a different config", "--force")
+    assert not any(line in other.stderr for line in TF_NATIVE_LINES), other.stderr
     assert len(history_rows(run_dir)) == done_before
 
     resumed = run_cli(*args)
@@ -167,6 +174,11 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert epochs == list(range(10))
     assert json.loads((run_dir / "run.json").read_text())["resumed"] is True
     assert not (run_dir / "backup").exists()
+
+    # Finished: the same command is refused without --force, before TensorFlow loads too.
+    again = run_cli("--verbose", *args, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert_one_line_error(again, "already holds a finished run", "--force")
+    assert not any(line in again.stderr for line in TF_NATIVE_LINES), again.stderr
 
 
 def test_cli_user_mistakes_are_one_line(tmp_path, image_folder):
