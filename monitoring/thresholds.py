@@ -68,11 +68,9 @@ def _draw(rng: np.random.Generator, count: int, probabilities: np.ndarray, repli
     return rng.multinomial(count, probabilities / probabilities.sum(), size=replicates) / count
 
 
-def _draw_window(
-    rng: np.random.Generator, count: int, probabilities: np.ndarray, pool: int, replicates: int
-):
-    """Windows of ``count`` predictions repeating a pool of ``pool`` distinct images."""
-    pools = _draw(rng, pool, probabilities, replicates)
+def _draw_windows(rng: np.random.Generator, count: int, pools: np.ndarray) -> np.ndarray:
+    """Windows of ``count`` predictions, each repeating the images of its pool (one pool
+    per replicate: the fractions of a pool of distinct images drawn from the population)."""
     return rng.multinomial(count, pools) / count
 
 
@@ -138,20 +136,22 @@ def _signal_values(
     values = {stat: {level: [] for level in LEVELS} for stat in statistics}
     bins = distributions["bins"]
     references = _draw(rng, reference_size, bins, replicates)
+    # One pool per replicate serves every window size, as one reference does: each size's
+    # statistics keep their distribution, and the pools were half of the draws.
+    pools = _draw(rng, reference_size, bins, replicates)
     reference_cdfs = None
     if "ks" in distributions:
         groups = distributions["ks"]
         reference_cdfs = np.cumsum(_draw(rng, reference_size, groups, replicates), axis=1)
+        group_pools = _draw(rng, reference_size, groups, replicates)
     for size in window_sizes:
-        windows = _draw_window(rng, size, bins, reference_size, replicates)
+        windows = _draw_windows(rng, size, pools)
         drawn = {
             "psi": psi(references, windows),
             "js_distance": js_distance(references, windows),
         }
         if reference_cdfs is not None:
-            window_cdfs = np.cumsum(
-                _draw_window(rng, size, groups, reference_size, replicates), axis=1
-            )
+            window_cdfs = np.cumsum(_draw_windows(rng, size, group_pools), axis=1)
             drawn["ks"] = ks_from_cdfs(reference_cdfs, window_cdfs)
         for stat, statistic in drawn.items():
             for level, quantile in quantiles.items():
