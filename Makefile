@@ -11,7 +11,7 @@ MODEL_NAME ?= digits
 PORT ?= 3000
 HOST ?= 127.0.0.1
 
-.PHONY: venv run port-free train export serve image test test-fast test-container docs lint clean clean-test-cache
+.PHONY: venv run port-free train export serve image test test-durations test-fast test-container docs lint clean clean-test-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,13 +66,19 @@ image: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not container and not serial" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -m "not container and not serial" -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder
 	$(BIN)/python -m pytest -m "serial and not container"
 
 ## test-container: build the image with podman and test it as a deployer runs it (as root, with
 ## podman, runc and debootstrap; on machines like CI's: CONTAINERS_CONF=container/containers.conf)
 test-container: $(STAMP)
 	$(BIN)/python -m pytest -m container
+
+## test-durations: make test, then tests/durations.json (the order make test hands out files:
+## longest first) from what each file took
+test-durations:
+	IMGCLF_RECORD_DURATIONS=1 $(MAKE) test
 
 ## test-fast: the quick subset for day-to-day work (no training, no real servers)
 test-fast: $(STAMP)

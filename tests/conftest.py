@@ -16,6 +16,7 @@ os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="imgclf-bentoml-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 from tests.data import make_image_folder
+from tests.file_order import RECORD, DurationRecorder, longest_first
 from tests.model_cache import cached
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,12 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    longest_first(items)
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get(RECORD):
+        config.pluginmanager.register(DurationRecorder(), "imgclf-durations")
 
 
 @pytest.fixture
