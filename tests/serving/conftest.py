@@ -42,7 +42,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 90) -> list
             seen.append(status)
         if status == 200 and (workers is None or workers["ready"] == workers["of"]):
             return seen
-        time.sleep(0.02)
+        time.sleep(0.1)  # a start takes seconds; each poll costs the client and the server CPU
     raise TimeoutError(f"server not ready after {timeout}s")
 
 
