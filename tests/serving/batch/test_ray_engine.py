@@ -5,6 +5,7 @@ line when Ray is not installed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -31,10 +32,68 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+ADDRESS_FLAGS = ("--address=", "--gcs-address=")
+
+
+class RayCluster:
+    """A cluster that ``ray start --head`` left on this machine, told apart from any other
+    there (a job's own local cluster, the docs page's, run by the suite's other process): by
+    its session folder and its address in its processes' command lines, and the children of
+    those (its workers and actors). ``ray stop`` would stop every cluster on the machine, and
+    a kill by process name would reach another cluster's actors: both made the docs page's
+    Ray job fail when it ran beside these tests."""
+
+    def __init__(self, port: int) -> None:
+        self.address = f"127.0.0.1:{port}"
+        self.port = port
+        (gcs,) = [p for p in self._all() if f"--gcs_server_port={port}" in p.info["cmdline"]]
+        (session,) = [w for w in gcs.info["cmdline"] if w.startswith("--session-dir=")]
+        self.session = Path(session.split("=", 1)[1]).name
+
+    @staticmethod
+    def _all() -> list[psutil.Process]:
+        return list(psutil.process_iter(["cmdline"]))
+
+    def _started_by_it(self, words: list[str]) -> bool:
+        return any(
+            self.session in word
+            or (word.startswith(ADDRESS_FLAGS) and word.endswith(f":{self.port}"))
+            for word in words
+        )
+
+    def processes(self) -> list[psutil.Process]:
+        found = {}
+        for process in self._all():
+            if self._started_by_it(process.info["cmdline"] or []):
+                found[process.pid] = process
+                with contextlib.suppress(psutil.Error):
+                    found |= {child.pid: child for child in process.children(recursive=True)}
+        return list(found.values())
+
+    def actors(self, *names: str) -> list[psutil.Process]:
+        """Its actor processes whose title holds every one of ``names``."""
+        found = []
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if any(all(name in word for name in names) for word in process.cmdline()):
+                    found.append(process)
+        return found
+
+    def stop(self) -> None:
+        """As ``ray stop --force`` does, SIGKILL (some of Ray's processes outwait a SIGTERM
+        by 15 s), to this cluster's processes alone."""
+        processes = self.processes()
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        assert not alive, [process.pid for process in alive]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """``ray start --head`` with 4 logical CPUs (on 2 cores an actor pool that takes every
-    CPU would starve Ray Data's own tasks); stopped afterwards."""
+    CPU would starve Ray Data's own tasks); its processes, and only its, stopped afterwards."""
     port = free_port()
     env = {**os.environ, **RAY_ENV}
     started = subprocess.run(
@@ -45,8 +104,9 @@ def cluster():
         timeout=120,
     )
     assert started.returncode == 0, started.stderr[-2000:]
-    yield f"127.0.0.1:{port}"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    started = RayCluster(port)
+    yield started
+    started.stop()
 
 
 def read_rows(output: Path) -> list[dict]:
@@ -55,7 +115,7 @@ def read_rows(output: Path) -> list[dict]:
     return sorted(pq.read_table(output).to_pylist(), key=lambda row: row["path"])
 
 
-def score_with_ray(cluster: str, inputs: Path, model: Path, output: Path, *extra: str):
+def score_with_ray(cluster: RayCluster, inputs: Path, model: Path, output: Path, *extra: str):
     return run_cli(
         "score",
         str(inputs),
@@ -66,7 +126,7 @@ def score_with_ray(cluster: str, inputs: Path, model: Path, output: Path, *extra
         "--engine",
         "ray",
         "--address",
-        cluster,
+        cluster.address,
         "--no-progress",
         *extra,
         env=RAY_ENV,
@@ -173,11 +233,12 @@ def large_images() -> Path:
     return cached("large-photos", {"count_per_class": 80}, build) / "photos"
 
 
-def start_job(cluster, inputs, model, output) -> subprocess.Popen:
+def start_job(cluster: RayCluster, inputs, model, output) -> subprocess.Popen:
     return subprocess.Popen(
         [
             *(IMGCLF, "score", str(inputs), "--model", str(model), "--output", str(output)),
-            *("--engine", "ray", "--address", cluster, "--actors", "1", "--batch-size", "8"),
+            *("--engine", "ray", "--address", cluster.address),
+            *("--actors", "1", "--batch-size", "8"),
             "--no-progress",
         ],
         env={**os.environ, **RAY_ENV},
@@ -221,13 +282,7 @@ def test_an_actor_killed_mid_job_is_retried_and_nothing_is_lost(
     output = tmp_path / "scores.parquet"
     job = start_job(cluster, large_images, published_model, output)
     wait_for_parts(output, job, count=1)
-    actors = [
-        process
-        for process in psutil.process_iter(["cmdline"])
-        if any(
-            "MapWorker" in part and "ScoreBatch" in part for part in process.info["cmdline"] or []
-        )
-    ]
+    actors = cluster.actors("MapWorker", "ScoreBatch")
     assert actors, "no scoring actor found"
     for actor in actors:
         actor.kill()
