@@ -16,7 +16,8 @@ serve``, a foreground command, is started in the background until ready, and so 
 ``prometheus``, on a free port; and ``imgclf train --dataset digits --output RUN [--force]``
 is the session's cached digits run copied to RUN (that command itself runs as written, for
 minutes, in ``tests/docs/test_readme.py``). Servers poll their versions every 0.2 s rather than
-2, so that a page's release reaches them sooner.
+2, so that a page's release reaches them sooner, and run one worker with no drain window: no
+page shows either, and the suite is shorter by a worker's start and 5 s per server.
 """
 
 from __future__ import annotations
@@ -140,7 +141,12 @@ class Scratch:
             "HOME": str(home),
             "BENTOML_HOME": tempfile.mkdtemp(prefix="imgclf-docs-"),
             "TF_CPP_MIN_LOG_LEVEL": "3",
-            "IMGCLF_VERSION_POLL_S": "0.2",  # the page's switches land sooner; nothing else
+            "IMGCLF_VERSION_POLL_S": "0.2",  # the page's switches land sooner
+            # What the pages do not show, made cheaper: one worker per server (a worker's
+            # start is 3-4 s of CPU), and a stop without the drain window (5 s each; the
+            # drain has tests of its own, tests/serving/web/test_drain.py).
+            "IMGCLF_WORKERS": "1",
+            "IMGCLF_DRAIN_WINDOW_S": "0",
             "PATH": f"{root / '.venv' / 'bin'}:{os.environ['PATH']}",
         }
         return scratch
