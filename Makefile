@@ -13,10 +13,16 @@ HOST ?= 127.0.0.1
 
 .PHONY: venv run port-free train export serve image test test-durations test-fast test-container docs lint clean clean-test-cache
 
+# uv (pinned in constraints.txt: BentoML's build runs it too) installs the same environment as
+# pip from the same constraints, downloading and compiling in parallel: 41 s instead of pip's
+# 77 s on a clean 2-core machine (2026-12-06). Compiled at install, as pip does: where
+# PYTHONDONTWRITEBYTECODE is set, nothing compiles later, and TensorFlow's import took 12 s
+# from source instead of 5.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet "$$(grep '^uv==' constraints.txt)"
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c constraints.txt \
+		-e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -68,6 +74,9 @@ TEST_WORKERS ?= 2
 # they start already share the 2 cores, and OpenBLAS's spinning threads doubled the CPU of the
 # exports' small matrix work (calibration: 9.2 s of CPU instead of 4.3) without shortening it.
 test: export OPENBLAS_NUM_THREADS = 1
+# The project's own modules compiled once, not in each of the suite's few hundred processes
+# (0.12 s each), where the machine sets PYTHONDONTWRITEBYTECODE (empty is unset for Python).
+test: export PYTHONDONTWRITEBYTECODE =
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not container and not serial" -n $(TEST_WORKERS) --dist loadfile \

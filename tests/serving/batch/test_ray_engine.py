@@ -52,7 +52,11 @@ class RayCluster:
 
     @staticmethod
     def _all() -> list[psutil.Process]:
-        return list(psutil.process_iter(["cmdline"]))
+        """Every process, its command line as a list (empty where it cannot be read)."""
+        found = list(psutil.process_iter(["cmdline"]))
+        for process in found:
+            process.info["cmdline"] = process.info["cmdline"] or []
+        return found
 
     def _started_by_it(self, words: list[str]) -> bool:
         return any(
@@ -64,7 +68,7 @@ class RayCluster:
     def processes(self) -> list[psutil.Process]:
         found = {}
         for process in self._all():
-            if self._started_by_it(process.info["cmdline"] or []):
+            if self._started_by_it(process.info["cmdline"]):
                 found[process.pid] = process
                 with contextlib.suppress(psutil.Error):
                     found |= {child.pid: child for child in process.children(recursive=True)}
