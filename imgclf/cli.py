@@ -178,9 +178,11 @@ def train(
     )
 
     if resolved.data.data_dir is not None:
-        from training.datasets import class_folders
+        from training.datasets import discover
 
-        class_folders(resolved.data.data_dir)  # a mistyped folder fails before TensorFlow loads
+        # A mistyped folder, or a class without images, fails before TensorFlow loads (a
+        # listing: a second of a hundred thousand files, against 6 s of TensorFlow's import).
+        discover(resolved.data.data_dir)
     from training.run_dir import RunPaths, check_run_dir
 
     check_run_dir(RunPaths(output), resolved, force=force)  # and so does a wrong --output
