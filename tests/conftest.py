@@ -215,15 +215,20 @@ def digits_run(digits_home) -> Path:
     return cached_cli("digits-run", args, env={"IMGCLF_DATA_HOME": str(digits_home)}) / "run"
 
 
-@pytest.fixture(scope="session")
-def digits_model(digits_run) -> Path:
+def exported_digits(digits_run: Path, *flags: str) -> Path:
+    """``digits_run`` exported by the real CLI with ``flags`` (cached): its version 1."""
     args = [
         *("export", str(digits_run), "--repository", "{output}/repository"),
-        *("--name", "digits", "--no-register"),
+        *("--name", "digits", "--no-register", *flags),
     ]
     folder = cached_cli(
-        "digits-export",
+        "-".join(["digits-export", *(flag.strip("-") for flag in flags)]),
         args,
         valid=lambda folder: intact(folder / "repository" / "digits" / "1"),
     )
     return folder / "repository" / "digits" / "1"
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_run) -> Path:
+    return exported_digits(digits_run)

@@ -15,7 +15,9 @@ commands and in the scrape configuration, so that the tests can run side by side
 serve``, a foreground command, is started in the background until ready, and so is
 ``prometheus``, on a free port; and ``imgclf train --dataset digits --output RUN [--force]``
 is the session's cached digits run copied to RUN (that command itself runs as written, for
-minutes, in ``tests/docs/test_readme.py``). Servers poll their versions every 0.2 s rather than
+minutes, in ``tests/docs/test_readme.py``), and, in the page tests, ``imgclf export`` of such a
+copy is that run's export from the model cache published as the next version (the README's
+export runs as written). Servers poll their versions every 0.2 s rather than
 2, so that a page's release reaches them sooner, and run one worker with no drain window: no
 page shows either, and the suite is shorter by a worker's start and 5 s per server.
 """
@@ -31,6 +33,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +121,11 @@ class Scratch:
     digits_run: Path
     ports: dict[str, str] = field(default_factory=dict)
     servers: list[subprocess.Popen] = field(default_factory=list)
+    #: The folders here that hold a copy of the session's digits run.
+    digits_copies: set[Path] = field(default_factory=set)
+    #: The real export of the digits run, without and with ``--int8``, where a test hands
+    #: them over (the page tests; not the README's, whose export runs as written).
+    cached_exports: dict[bool, Callable[[], Path]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     prometheus_url: str = ""
 
@@ -132,6 +140,7 @@ class Scratch:
         (home / ".cache").mkdir(parents=True)
         (home / ".cache" / "imgclf").symlink_to(digits_home)
         scratch = cls(root, digits_run)
+        scratch.digits_copies.add(root / "runs" / "digits")
         scratch.ports = {port: str(free_port()) for port in DOCUMENTED_PORTS}
         # The port in the repository's files too: Prometheus's scrape target, for one.
         scrape = root / "monitoring" / "prometheus" / "prometheus.yml"
@@ -179,7 +188,12 @@ class Scratch:
             output = self.root / program[5]
             shutil.rmtree(output, ignore_errors=True)
             shutil.copytree(self.digits_run, output)
+            self.digits_copies.add(output)
             return ""
+        if program[:2] == ["imgclf", "export"] and expect == 0:
+            published = self.cached_export(program[2:])
+            if published is not None:
+                return published
         result = subprocess.run(
             ["bash", "-c", here],
             cwd=self.root,
@@ -193,6 +207,43 @@ class Scratch:
             f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         )
         return result.stdout
+
+    def cached_export(self, arguments: list[str]) -> str | None:
+        """``imgclf export RUN --repository R --name N [--int8] [--no-register]`` of a copy
+        of the digits run: the real export of that run (the session's model cache) published
+        as the next version of ``R/N``, as the command publishes, and registered by the real
+        ``imgclf register`` unless ``--no-register``. The arguments are parsed by the real
+        command's parser, so that a mistyped option still fails; None for any other export,
+        which runs as written."""
+        import typer.main
+
+        from imgclf.cli import app
+        from tests.serving.variants import publish_variant
+        from training.publish import choose_version
+
+        command = typer.main.get_command(app).commands["export"]
+        given = command.make_context("export", list(arguments)).params
+        defaults = command.make_context("export", ["RUN"]).params
+        handled = {"run_dir", "repository", "name", "int8", "register"}
+        run = self.root / given["run_dir"]
+        if (
+            any(given[key] != defaults[key] for key in defaults.keys() - handled)
+            or run not in self.digits_copies
+            or given["name"] is None
+            or not self.cached_exports
+        ):
+            return None
+        model_root = self.root / given["repository"] / given["name"]
+        version = choose_version(model_root, None, force=False)
+        published = publish_variant(
+            self.cached_exports[given["int8"]](), version, into=model_root,
+            name=given["name"], keep_int8=given["int8"],
+        )  # fmt: skip
+        where = published.relative_to(self.root)
+        said = f"published {where} (the digits run's export, from the model cache)\n"
+        if given["register"]:
+            said += self.run(f"imgclf register {where}")
+        return said
 
     def run_blocks(self, found: list[Block]) -> dict[str, str]:
         """Every command of ``found`` in order; each command's output by its text."""

@@ -18,14 +18,27 @@ from onnx import numpy_helper
 from serving.core.model_dir import INT8_MODEL, METADATA, ONNX_MODEL, file_hashes
 
 
-def publish_variant(source: Path, version: int, *, noise: float = 0.0, seed: int = 0) -> Path:
-    """``source`` (a version folder) published again as ``version`` of its model, with each
-    float weight tensor moved by ``noise`` times its own standard deviation."""
-    root = source.parent
+def publish_variant(
+    source: Path,
+    version: int,
+    *,
+    noise: float = 0.0,
+    seed: int = 0,
+    into: Path | None = None,
+    name: str | None = None,
+    keep_int8: bool = False,
+) -> Path:
+    """``source`` (a version folder) published again as ``version`` of its model (or of the
+    model folder ``into``, named ``name``), with each float weight tensor moved by ``noise``
+    times its own standard deviation, and its INT8 model dropped unless ``keep_int8``. (The
+    ONNX files' own metadata still name the source's version: nothing that serves reads it.)"""
+    root = into or source.parent
+    root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=root))
     staging.chmod(0o755)  # as imgclf export leaves it: readable by a container's user
     shutil.copytree(source, staging, dirs_exist_ok=True)
-    (staging / INT8_MODEL).unlink(missing_ok=True)
+    if not keep_int8:
+        (staging / INT8_MODEL).unlink(missing_ok=True)
     if noise:
         model = onnx.load(staging / ONNX_MODEL)
         rng = np.random.default_rng(seed)
@@ -37,7 +50,9 @@ def publish_variant(source: Path, version: int, *, noise: float = 0.0, seed: int
         onnx.save(model, staging / ONNX_MODEL)
     metadata = json.loads((staging / METADATA).read_text())
     metadata["version"] = version
-    metadata["int8"] = None
+    metadata["name"] = name or metadata["name"]
+    if not keep_int8:
+        metadata["int8"] = None
     metadata["files"] = file_hashes(staging)
     (staging / METADATA).write_text(json.dumps(metadata, indent=2))
     os.rename(staging, root / str(version))
