@@ -158,8 +158,10 @@ def test_workers_opening_a_new_store_at_the_same_moment_all_succeed(tmp_path):
     lock around the set-up, 8 processes opening a new store together failed with "database
     is locked" in about 1 round of 40 (SQLite does not wait for a concurrent switch to WAL):
     a worker that started without its store. Eight processes meet at a barrier for each of 100 new
-    stores (forked once: a fork per round cost 37 of this test's 40 s)."""
-    context = multiprocessing.get_context("fork")
+    stores (started once: a fork per round cost 37 of this test's 40 s). They start from a
+    fork server, not by forking pytest's process, which earlier tests may have left with
+    threads holding locks: one such child hung, and the barrier broke, on three processes."""
+    context = multiprocessing.get_context("forkserver")
     failures = context.Queue()
     barrier = context.Barrier(8)
     paths = [str(tmp_path / f"store-{round_}.sqlite3") for round_ in range(100)]
