@@ -250,6 +250,9 @@ def export(
     from training.datasets import read_run
 
     read_run(run_dir)  # a mistyped run fails here, before TensorFlow is imported
+    from training.run_dir import BEST_MODEL, check_checkpoint
+
+    check_checkpoint(run_dir / BEST_MODEL)  # and so does a run without its checkpoint
     from serving.registry import store_versions
     from training.publish import check_learned, destination
 

@@ -44,7 +44,7 @@ from serving.core.model_dir import (
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from training import datasets, parity, quantize
 from training.publish import check_learned, destination, new_staging, publish
-from training.run_dir import BEST_MODEL
+from training.run_dir import BEST_MODEL, check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,7 @@ def export(
 
 def load_checkpoint(path: Path) -> keras.Model:
     """Load ``best.keras`` with safe_mode on; a missing or corrupt file is one clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path} does not exist; is {path.parent} a finished training run?")
+    path = check_checkpoint(path)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as error:

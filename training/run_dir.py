@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from serving.core.errors import ConfigError
+from serving.core.errors import ConfigError, ModelError
 from serving.core.files import atomic_write
 from training.config import Config, annotated_yaml, load_config
 
@@ -38,6 +38,15 @@ class RunPaths:
         self.backup = self.root / "backup"
         self.plots = self.root / "plots"
         self.head_weights = self.root / HEAD_WEIGHTS
+
+
+def check_checkpoint(path: Path) -> Path:
+    """``path``, a run's checkpoint, if it is a file; a missing one is one clear error (the
+    export command calls it before TensorFlow loads)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist; is {path.parent} a finished training run?")
+    return path
 
 
 def check_run_dir(

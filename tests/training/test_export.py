@@ -265,10 +265,12 @@ def test_missing_or_corrupt_checkpoint_is_one_line(tmp_path, trained_run):
     broken.mkdir()
     for name in ("run.json", "metrics.json", "manifest.csv", "config.yaml"):
         (broken / name).write_bytes((trained_run / name).read_bytes())
-    assert_one_line_error(
-        run_cli("export", str(broken), "--repository", str(tmp_path / "r")),
-        "best.keras does not exist",
+    missing = run_cli(
+        *("--verbose", "export", str(broken), "--repository", str(tmp_path / "r")),
+        env={"TF_CPP_MIN_LOG_LEVEL": "0"},
     )
+    assert_one_line_error(missing, "best.keras does not exist")
+    assert not any(line in missing.stderr for line in TF_NATIVE_LINES)  # before TF loads
     (broken / "best.keras").write_bytes(b"PK\x03\x04 this is not a keras archive")
     # With --verbose and TensorFlow's log level at its default: still one error line, and
     # TensorFlow's native start-up lines shown (hidden without --verbose; the oneDNN line

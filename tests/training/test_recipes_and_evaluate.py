@@ -14,6 +14,7 @@ from PIL import Image
 pytest.importorskip("tensorflow")
 
 from tests.conftest import TF_NATIVE_LINES, assert_one_line_error, cli_ok, run_cli
+from tests.serving.variants import publish_variant
 from training.config import Config, annotated_yaml, resolve_config
 
 
@@ -137,15 +138,19 @@ def test_evaluate_refuses_unknown_classes_and_skips_corrupt_files(
     )
 
 
-def test_make_clean_then_export_again_against_the_same_store(trained_run, tmp_path):
-    """`make clean` removes model_repository/ but not BentoML's store: the second export must
-    pick a version new in both, and both must succeed."""
+def test_make_clean_then_export_again_against_the_same_store(
+    trained_run, published_model, tmp_path
+):
+    """`make clean` removes model_repository/ but not BentoML's store: the export after it
+    must pick a version new in both. What the first export leaves, version 1 in both, is
+    the cached export of the same run published as ``again`` and registered by the real
+    ``imgclf register`` (one export per behaviour: this one's is the second)."""
     repository = tmp_path / "model_repository"
-    arguments = ("export", str(trained_run), "--repository", str(repository), "--name", "again")
-    first = run_cli(*arguments)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "registered BentoML model again:1" in first.stdout
+    first = publish_variant(published_model, 1, into=repository / "again", name="again")
+    registered = run_cli("register", str(first))
+    assert registered.returncode == 0 and "again:1" in registered.stdout, registered.stderr
     shutil.rmtree(repository)  # make clean
+    arguments = ("export", str(trained_run), "--repository", str(repository), "--name", "again")
     second = run_cli(*arguments)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "registered BentoML model again:2" in second.stdout
