@@ -93,6 +93,15 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in errors[0], errors[0]
 
 
+def assert_refused_before_tensorflow_loads(args: list[str], *fragments: str) -> None:
+    """``imgclf --verbose *args`` at TensorFlow's default native log level, where importing
+    TensorFlow prints its start-up lines: one ``error:`` line naming ``fragments``, and none
+    of those lines (the mistake was found before TensorFlow loaded)."""
+    result = run_cli("--verbose", *args, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert_one_line_error(result, *fragments)
+    assert not any(line in result.stderr for line in TF_NATIVE_LINES), result.stderr
+
+
 def assert_refused_before_the_model_loads(result, *fragments: str) -> None:
     """A mistake in the arguments found before an ONNX Runtime session was made: one
     ``error:`` line, and no line of ONNX Runtime's (native) or ours about its session."""

@@ -1,14 +1,12 @@
 """New versions of a published model without TensorFlow: a copy whose ONNX weights carry
 some noise (a real, different model: its answers differ from the original's on some
-images), published into the same model folder the way ``imgclf export`` publishes (staged,
-then renamed into place), or a tampered copy whose bytes no longer match its hashes."""
+images), published into a model folder by ``imgclf export``'s own staging and publishing
+(staged, then renamed into place), or a tampered copy whose bytes no longer match its hashes."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from serving.core.model_dir import INT8_MODEL, METADATA, ONNX_MODEL, file_hashes
+from training.publish import new_staging, publish
 
 
 def publish_variant(
@@ -33,9 +32,7 @@ def publish_variant(
     times its own standard deviation, and its INT8 model dropped unless ``keep_int8``. (The
     ONNX files' own metadata still name the source's version: nothing that serves reads it.)"""
     root = into or source.parent
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=root))
-    staging.chmod(0o755)  # as imgclf export leaves it: readable by a container's user
+    staging = new_staging(root, version)
     shutil.copytree(source, staging, dirs_exist_ok=True)
     if not keep_int8:
         (staging / INT8_MODEL).unlink(missing_ok=True)
@@ -55,8 +52,7 @@ def publish_variant(
         metadata["int8"] = None
     metadata["files"] = file_hashes(staging)
     (staging / METADATA).write_text(json.dumps(metadata, indent=2))
-    os.rename(staging, root / str(version))
-    return root / str(version)
+    return publish(staging, root, version, force=False)
 
 
 def tamper(version_dir: Path) -> None:

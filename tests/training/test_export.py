@@ -17,7 +17,14 @@ import onnxruntime as ort  # noqa: E402
 
 from serving.core.errors import ConfigError, ModelError  # noqa: E402
 from serving.core.model_dir import load_metadata, verify_files, version_numbers  # noqa: E402
-from tests.conftest import IMGCLF, REPO, TF_NATIVE_LINES, assert_one_line_error, run_cli  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    IMGCLF,
+    REPO,
+    TF_NATIVE_LINES,
+    assert_one_line_error,
+    assert_refused_before_tensorflow_loads,
+    run_cli,
+)
 from training import export as export_module  # noqa: E402
 from training import parity  # noqa: E402
 from training.datasets import read_manifest  # noqa: E402
@@ -265,12 +272,9 @@ def test_missing_or_corrupt_checkpoint_is_one_line(tmp_path, trained_run):
     broken.mkdir()
     for name in ("run.json", "metrics.json", "manifest.csv", "config.yaml"):
         (broken / name).write_bytes((trained_run / name).read_bytes())
-    missing = run_cli(
-        *("--verbose", "export", str(broken), "--repository", str(tmp_path / "r")),
-        env={"TF_CPP_MIN_LOG_LEVEL": "0"},
+    assert_refused_before_tensorflow_loads(
+        ["export", str(broken), "--repository", str(tmp_path / "r")], "best.keras does not exist"
     )
-    assert_one_line_error(missing, "best.keras does not exist")
-    assert not any(line in missing.stderr for line in TF_NATIVE_LINES)  # before TF loads
     (broken / "best.keras").write_bytes(b"PK\x03\x04 this is not a keras archive")
     # With --verbose and TensorFlow's log level at its default: still one error line, and
     # TensorFlow's native start-up lines shown (hidden without --verbose; the oneDNN line

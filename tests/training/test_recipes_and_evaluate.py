@@ -13,7 +13,13 @@ from PIL import Image
 
 pytest.importorskip("tensorflow")
 
-from tests.conftest import TF_NATIVE_LINES, assert_one_line_error, cli_ok, run_cli
+from tests.conftest import (
+    TF_NATIVE_LINES,
+    assert_one_line_error,
+    assert_refused_before_tensorflow_loads,
+    cli_ok,
+    run_cli,
+)
 from tests.serving.variants import publish_variant
 from training.config import Config, annotated_yaml, resolve_config
 
@@ -155,9 +161,7 @@ def test_make_clean_then_export_again_against_the_same_store(
     assert second.returncode == 0, second.stderr[-2000:]
     assert "registered BentoML model again:2" in second.stdout
     assert sorted(p.name for p in (repository / "again").iterdir()) == ["2"]
-    # Refused before TensorFlow is imported: with --verbose at TensorFlow's default log
-    # level, an import would print its native start-up lines.
-    clash = run_cli("--verbose", *arguments, "--version", "1", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
-    assert_one_line_error(clash, "already in BentoML's model store")
-    assert not any(line in clash.stderr for line in TF_NATIVE_LINES)
+    assert_refused_before_tensorflow_loads(
+        [*arguments, "--version", "1"], "already in BentoML's model store"
+    )
     assert not (repository / "again" / "1").exists()

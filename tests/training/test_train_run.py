@@ -14,7 +14,12 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
-from tests.conftest import IMGCLF, TF_NATIVE_LINES, assert_one_line_error, run_cli
+from tests.conftest import (
+    IMGCLF,
+    assert_one_line_error,
+    assert_refused_before_tensorflow_loads,
+    run_cli,
+)
 from tests.data import make_image_folder
 from training import datasets
 from training.config import load_config
@@ -157,13 +162,11 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     # Finished epochs are worth keeping: another config is refused, the folder left as it was,
     # before TensorFlow loads (with --verbose at its default log level, an import would print
     # TensorFlow's native start-up lines).
-    other = run_cli(
-        "--verbose",
-        *[("11" if arg == "10" else arg) for arg in args],
-        env={"TF_CPP_MIN_LOG_LEVEL": "0"},
+    assert_refused_before_tensorflow_loads(
+        [("11" if arg == "10" else arg) for arg in args],
+        "interrupted run with a different config",
+        "--force",
     )
-    assert_one_line_error(other, "interrupted run with a different config", "--force")
-    assert not any(line in other.stderr for line in TF_NATIVE_LINES), other.stderr
     assert len(history_rows(run_dir)) == done_before
 
     resumed = run_cli(*args)
@@ -176,9 +179,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert not (run_dir / "backup").exists()
 
     # Finished: the same command is refused without --force, before TensorFlow loads too.
-    again = run_cli("--verbose", *args, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
-    assert_one_line_error(again, "already holds a finished run", "--force")
-    assert not any(line in again.stderr for line in TF_NATIVE_LINES), again.stderr
+    assert_refused_before_tensorflow_loads(args, "already holds a finished run", "--force")
 
 
 def test_cli_user_mistakes_are_one_line(tmp_path, image_folder):
@@ -188,14 +189,9 @@ def test_cli_user_mistakes_are_one_line(tmp_path, image_folder):
     empty = tmp_path / "empty_class"
     make_image_folder(empty, 3, classes=(1, 2))
     (empty / "9").mkdir()
-    # Both before TensorFlow loads: at its default native log level, an import prints lines.
-    empty_class = run_cli(
-        "--verbose",
-        *("train", "--data", str(empty), "--output", str(tmp_path / "b")),
-        env={"TF_CPP_MIN_LOG_LEVEL": "0"},
+    assert_refused_before_tensorflow_loads(
+        ["train", "--data", str(empty), "--output", str(tmp_path / "b")], "9", "no images"
     )
-    assert_one_line_error(empty_class, "9", "no images")
-    assert not any(line in empty_class.stderr for line in TF_NATIVE_LINES), empty_class.stderr
     # Neither failure left a run folder behind that would refuse the corrected command as
     # "an interrupted run with a different config".
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -108,9 +108,9 @@ def cluster():
         timeout=120,
     )
     assert started.returncode == 0, started.stderr[-2000:]
-    started = RayCluster(port)
-    yield started
-    started.stop()
+    running = RayCluster(port)
+    yield running
+    running.stop()
 
 
 def read_rows(output: Path) -> list[dict]:
