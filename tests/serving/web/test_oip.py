@@ -300,10 +300,18 @@ def test_the_triton_client_refuses_with_the_servers_message(client):
 
 
 def test_async_infer_at_concurrency_16_is_batched(server, http, reference):
+    """Rounds of 16 concurrent calls, at least 4, until one was batched (at most 16): on a
+    machine the suite's other process keeps busy, the client can send a round's calls more
+    slowly than the one worker answers them, and 4 rounds once all ran alone. Calls that
+    bypassed the batcher would never be batched, however many rounds."""
     import asyncio
 
     images = reference.preprocess(GOOD["png"][0])[None]
     before = batch_size_totals(http)
+
+    def counted() -> tuple[float, float]:
+        now = batch_size_totals(http)
+        return now[0] - before[0], now[1] - before[1]
 
     async def run() -> list[np.ndarray]:
         async with triton_aio.InferenceServerClient(server.url.removeprefix("http://")) as aio:
@@ -314,17 +322,19 @@ def test_async_infer_at_concurrency_16_is_batched(server, http, reference):
                 return (await aio.infer(MODEL, [tensor])).as_numpy("probabilities")
 
             answers = []
-            for _ in range(4):  # 4 rounds of 16 concurrent calls
+            for round_ in range(16):
                 answers += await asyncio.gather(*(one(i) for i in range(16)))
+                images_run, batches_run = counted()
+                if round_ >= 3 and batches_run < images_run:
+                    break
             return answers
 
     answers = asyncio.run(run())
-    assert len(answers) == 64
     for answer in answers:
         np.testing.assert_allclose(answer, reference.predict(images), rtol=1e-5, atol=1e-6)
-    images_run, batches_run = (a - b for a, b in zip(batch_size_totals(http), before, strict=True))
-    assert images_run == 64
-    assert batches_run < 64, "the Open Inference Protocol calls were never batched"
+    images_run, batches_run = counted()
+    assert images_run == len(answers) >= 64
+    assert batches_run < images_run, "the Open Inference Protocol calls were never batched"
 
 
 def test_v2_routes_are_counted_by_route_template(http):
