@@ -40,7 +40,7 @@ run: port-free $(EXPORTED)
 
 # One line and a non-zero exit, before minutes of training, when another server holds the port.
 port-free: $(STAMP)
-	@$(BIN)/python -m serving.web.serve $(HOST) $(PORT)
+	@$(BIN)/python -m serving.web.serve_command $(HOST) $(PORT)
 
 $(TRAINED): $(STAMP) $(TRAINING_CODE)
 	$(BIN)/imgclf train --dataset digits --output $(RUN_DIR) --force

@@ -53,10 +53,10 @@ from benchmarks.common import (  # noqa: E402
     table,
     time_mixed,
 )
-from serving.core.model_dir import resolve_model_dir  # noqa: E402
+from serving.core.roles import resolve_model_dir  # noqa: E402
 from serving.core.runtime import ClassifierRuntime  # noqa: E402
 from serving.core.sessions import CUDA, CudaOptions  # noqa: E402
-from serving.web.settings import default_decode_threads, default_workers  # noqa: E402
+from serving.web.sizing import default_decode_threads, default_workers  # noqa: E402
 
 PROVIDERS = ("cpu", "cuda")
 SESSION_MODES = ("shared", "per-bucket")

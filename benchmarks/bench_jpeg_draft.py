@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import contract_copy, machine, phone_photos, table  # noqa: E402
-from serving.core.model_dir import resolve_model_dir  # noqa: E402
 from serving.core.preprocessing import PreprocessSpec, preprocess_bytes  # noqa: E402
+from serving.core.roles import resolve_model_dir  # noqa: E402
 from serving.core.runtime import ClassifierRuntime  # noqa: E402
 from training.datasets import discover, write_digits  # noqa: E402
 

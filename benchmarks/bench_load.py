@@ -29,7 +29,7 @@ from benchmarks.bench_service import (
     wrk_script,
 )
 from benchmarks.common import machine, table
-from serving.core.model_dir import resolve_model_dir
+from serving.core.roles import resolve_model_dir
 
 STATUS_COUNTING = """
 threads = {}

@@ -35,7 +35,7 @@ from benchmarks.bench_service import (
     wrk_script,
 )
 from benchmarks.common import table
-from serving.core.model_dir import resolve_model_dir
+from serving.core.roles import resolve_model_dir
 
 MODES = {
     "on (metrics, drift, feedback store)": {"IMGCLF_MONITORING": "true"},

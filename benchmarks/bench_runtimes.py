@@ -32,9 +32,9 @@ from serving.core.model_dir import (
     ONNX_MODEL,
     SAVED_MODEL,
     load_metadata,
-    resolve_model_dir,
 )
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
+from serving.core.roles import resolve_model_dir
 from serving.core.runtime import ClassifierRuntime
 from training import datasets, export, quantize
 from training.models import seed_cnn

@@ -49,7 +49,7 @@ from benchmarks.common import (  # noqa: E402
     phone_photos,
     table,
 )
-from serving.core.model_dir import resolve_model_dir  # noqa: E402
+from serving.core.roles import resolve_model_dir  # noqa: E402
 from serving.core.runtime import ClassifierRuntime  # noqa: E402
 from training.datasets import discover, write_digits  # noqa: E402
 

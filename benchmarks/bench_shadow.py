@@ -36,8 +36,9 @@ from benchmarks.bench_service import (
     wrk_script,
 )
 from benchmarks.common import table
-from serving.core.model_dir import METADATA, resolve_model_dir
-from serving.core.roles import pin, set_shadow
+from serving.core.model_dir import METADATA
+from serving.core.releases import pin, set_shadow
+from serving.core.roles import resolve_model_dir
 
 BASELINE = "model folder, no shadow"
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import encode, table
 from monitoring.drift import DriftMonitor, image_signals
+from monitoring.estimate import monitoring_references
 from monitoring.thresholds import FAMILY_WISE
 from serving.core.runtime import ClassifierRuntime
 from training.datasets import read_manifest
@@ -44,7 +45,7 @@ class Judge:
     def __init__(self, model: Path) -> None:
         self.runtime = ClassifierRuntime(model)
         self.profile = self.runtime.reference_profile()
-        self.estimator, self.embedding = self.runtime.monitoring_references()
+        self.estimator, self.embedding = monitoring_references(self.runtime.monitoring_files())
 
     def score(self, images: list[Image.Image]) -> dict:
         pixels = np.stack([self.runtime.preprocess(encode(image, "PNG")) for image in images])

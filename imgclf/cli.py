@@ -323,7 +323,7 @@ def evaluate(
 ) -> None:
     """Evaluate a published model on labelled images, through the serving runtime."""
     from serving.core.errors import ConfigError
-    from serving.core.model_dir import resolve_model_dir
+    from serving.core.roles import resolve_model_dir
 
     if (data is None) == (run is None):
         raise ConfigError("give either --data FOLDER or --run RUN_DIR --split test")
@@ -359,7 +359,7 @@ def register_command(
     force: Annotated[bool, typer.Option(help="Replace a store entry with other files.")] = False,
 ) -> None:
     """Import a published model directory into BentoML's local model store."""
-    from serving.core.model_dir import resolve_model_dir
+    from serving.core.roles import resolve_model_dir
     from serving.registry import register as register_model
 
     typer.echo(
@@ -383,9 +383,9 @@ def serve(
     """Serve a model over HTTP with BentoML on ONNX Runtime (wraps `bentoml serve`).
 
     Every serving setting is an option here and an IMGCLF_* variable; an option wins."""
-    from serving.core.model_dir import resolve_model_dir
-    from serving.web.serve import serve as run_server
-    from serving.web.serve import settings_from
+    from serving.core.roles import resolve_model_dir
+    from serving.web.serve_command import serve as run_server
+    from serving.web.serve_command import settings_from
 
     if model is not None:
         # A model folder stays a folder: each worker follows its versions file.
@@ -396,7 +396,7 @@ def serve(
 
 def _serve_signature() -> inspect.Signature:
     """``serve``'s own parameters, then one option per serving setting (ServingSettings)."""
-    from serving.web.serve import flag, help_text, is_flag, metavar, option_fields
+    from serving.web.serve_command import flag, help_text, is_flag, metavar, option_fields
 
     # eval_str: this module's annotations are strings, and typer reads a __signature__ as
     # it stands (a string loses its typer.Option, help text and all).
@@ -486,7 +486,7 @@ def score(
     130 interrupted (rerun the same command to resume), 1 a mistake in the command,
     2 a usage error."""
     from serving.batch.job import run_job
-    from serving.core.roles import version_dir
+    from serving.core.releases import version_dir
 
     summary = run_job(
         inputs,
@@ -656,7 +656,7 @@ def shadow(
     """Send a copy of a fraction of live requests to another version; its answers are
     compared with the live ones (metrics, /metadata) and never returned."""
     from serving.core.errors import ConfigError
-    from serving.core.roles import set_shadow
+    from serving.core.releases import set_shadow
 
     if off == (version is not None):
         raise ConfigError("give a VERSION to shadow, or --off to stop shadowing")
@@ -675,7 +675,7 @@ def shadow(
 def promote(model: ModelFolder, version: VersionNumber) -> None:
     """Make a version live (checked first); the live one it replaces stays on disk, for
     imgclf rollback."""
-    from serving.core.roles import promote as promote_version
+    from serving.core.releases import promote as promote_version
 
     state = promote_version(model, version)
     earlier = f" (was {state.history[-1]})" if state.history else ""
@@ -686,7 +686,7 @@ def promote(model: ModelFolder, version: VersionNumber) -> None:
 @user_errors
 def rollback(model: ModelFolder) -> None:
     """Back to the version that was live before the last promote, pin or rollback."""
-    from serving.core.roles import rollback as roll_back
+    from serving.core.releases import rollback as roll_back
 
     before, after = roll_back(model)
     typer.echo(f"version {after} is live again for {model} (was {before}); pinned")
@@ -705,8 +705,8 @@ def pin(
     """Hold a version live (stop following the newest), or --latest to follow it again. The
     version is checked first: one that does not verify is refused."""
     from serving.core.errors import ConfigError
-    from serving.core.roles import current_live
-    from serving.core.roles import pin as pin_version
+    from serving.core.releases import current_live
+    from serving.core.releases import pin as pin_version
 
     if latest == (version is not None):
         raise ConfigError("give a VERSION to pin, or --latest to follow the newest")

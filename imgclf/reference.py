@@ -27,7 +27,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def settings_page() -> str:
-    from serving.web.serve import NOT_OPTIONS, flag, metavar
+    from serving.web.serve_command import NOT_OPTIONS, flag, metavar
     from serving.web.settings import ENV_PREFIX, ServingSettings
 
     rows = []

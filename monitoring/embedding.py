@@ -26,7 +26,6 @@ from statistics import NormalDist
 
 import numpy as np
 
-EMBEDDING_REFERENCE = "embedding_reference.npz"
 MAX_COMPONENTS = 64
 #: Reference rows kept: the classifier's and the nearest-neighbour cost grow with them.
 MAX_REFERENCE = 2000
@@ -103,14 +102,21 @@ class EmbeddingReference:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EmbeddingReference:
+        """What ``save`` wrote."""
         with np.load(io.BytesIO(data), allow_pickle=False) as found:
-            return cls(
-                found["mean"],
-                found["scale"],
-                found["components"],
-                found["reference"].astype(np.float64),
-                float(found["support_radius"]),
-            )
+            return cls.from_arrays({name: found[name] for name in found.files})
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> EmbeddingReference:
+        """From what ``save`` wrote, as the model directory reads it
+        (``serving.core.model_dir.read_monitoring_files``)."""
+        return cls(
+            arrays["mean"],
+            arrays["scale"],
+            arrays["components"],
+            arrays["reference"].astype(np.float64),
+            float(arrays["support_radius"]),
+        )
 
 
 def nearest_distances(

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-CALIBRATION = "calibration.json"
+from monitoring.embedding import EmbeddingReference
+
 #: Temperatures searched (log-spaced), then refined around the best.
 TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 241))
 
@@ -102,6 +103,19 @@ class LabelFreeEstimator:
         """The calibrated probability of each answer (the raw top-1 class)."""
         predicted = np.asarray(probabilities).argmax(axis=1)
         return calibrated[np.arange(len(predicted)), predicted]
+
+
+def monitoring_references(files) -> tuple[LabelFreeEstimator | None, EmbeddingReference | None]:
+    """The label-free estimator and the embedding reference of a version, from its
+    ``serving.core.model_dir.MonitoringFiles`` (``ClassifierRuntime.monitoring_files()``);
+    None for what the version lacks."""
+    embedding = (
+        EmbeddingReference.from_arrays(files.embedding) if files.embedding is not None else None
+    )
+    estimator = (
+        LabelFreeEstimator(files.calibration, embedding) if files.calibration is not None else None
+    )
+    return estimator, embedding
 
 
 def fit_calibration(labels: np.ndarray, probabilities: np.ndarray, *, source: str) -> dict:

@@ -7,24 +7,11 @@ directory, so the service verifies the same hashes wherever it runs.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 from serving.core.errors import ConfigError, ModelError
-from serving.core.model_dir import load_metadata, verify_files
-
-#: BentoML's tag rule, applied to model names when they are published.
-NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
-
-
-def check_model_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
-        raise ConfigError(
-            f"model name {name!r} must be lowercase letters, digits, '.', '_' or '-' "
-            "(at most 63, starting and ending with a letter or digit)"
-        )
-    return name
+from serving.core.model_dir import check_model_name, load_metadata, verify_files
 
 
 def register(model_dir: Path, *, replace: bool = False) -> str:

@@ -13,7 +13,6 @@ TensorFlow anywhere on this path."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import bentoml
@@ -27,13 +26,14 @@ from serving.core.errors import ImgclfError
 from serving.core.sessions import expected_provider
 from serving.web import http_limits
 from serving.web.context import current_worker, handle, predict_uploads, service_method
-from serving.web.labels import feedback_routes
+from serving.web.feedback import feedback_routes
 from serving.web.lifecycle import Lifecycle, LifecycleMiddleware
 from serving.web.middleware import MergeOpenAPIPaths, PlainErrorsAsJSON, build_app
 from serving.web.oip import oip_routes
 from serving.web.requests import REQUEST_ID_HEADER, parse_top_k, read_uploads, request_id
-from serving.web.serve import check_servable
-from serving.web.settings import ServingSettings, default_decode_threads, default_workers
+from serving.web.serve_command import check_servable
+from serving.web.settings import ServingSettings
+from serving.web.sizing import default_decode_threads, default_ort_threads, default_workers
 from serving.web.supervision import replace_dead_workers
 from serving.web.worker import start_worker
 
@@ -42,7 +42,7 @@ PROVIDER = expected_provider(SETTINGS.provider)
 WORKERS = SETTINGS.workers or default_workers(PROVIDER)
 DECODE_THREADS = SETTINGS.decode_threads or default_decode_threads(PROVIDER, WORKERS)
 #: ONNX Runtime threads per worker: the cores shared out, unless set.
-ORT_THREADS = SETTINGS.intra_op_threads or max(1, (os.cpu_count() or 1) // WORKERS)
+ORT_THREADS = SETTINGS.intra_op_threads or default_ort_threads(WORKERS)
 WORKER_METRICS = WorkerObserver() if SETTINGS.monitoring else None
 #: The model store's model, which ``bentoml build`` packages (a class attribute below).
 STORED_MODEL = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
@@ -139,7 +139,8 @@ class ImageClassifier:
 
 def served_model() -> tuple[str | None, int | None]:
     worker = current_worker()
-    return (worker.card.name, worker.card.version) if worker else (None, None)
+    runtime = worker.live_runtime if worker else None
+    return (runtime.name, runtime.version) if runtime else (None, None)
 
 
 ROUTES = [

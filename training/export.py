@@ -25,12 +25,14 @@ import training.augmentation
 import training.models  # noqa: F401  (registers BackbonePreprocess for load_model)
 from monitoring import embedding as embedding_drift
 from monitoring.drift import build_reference_profile, image_signals
-from monitoring.estimate import CALIBRATION, fit_calibration
+from monitoring.estimate import fit_calibration
 from monitoring.performance import held_out_performance
 from serving.core.errors import ModelError
 from serving.core.files import write_json
 from serving.core.model_dir import (
+    CALIBRATION,
     EMBEDDING_NAME,
+    EMBEDDING_REFERENCE,
     INPUT_NAME,
     INT8_MODEL,
     METADATA,
@@ -221,9 +223,9 @@ def write_monitoring_reference(staging, splits, classes, spec, run_dir, limit: i
         performance=held_out_performance(labels, probabilities),
     )
     reference = embedding_drift.EmbeddingReference.fit(embeddings)
-    reference.save(staging / embedding_drift.EMBEDDING_REFERENCE)
+    reference.save(staging / EMBEDDING_REFERENCE)
     profile["embedding"] = {
-        "file": embedding_drift.EMBEDDING_REFERENCE,
+        "file": EMBEDDING_REFERENCE,
         "samples": len(reference.reference),
         "features": int(embeddings.shape[1]),
         "components": int(reference.components.shape[0]),

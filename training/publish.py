@@ -14,8 +14,7 @@ from pathlib import Path
 
 from serving.core.errors import ConfigError, ModelError
 from serving.core.files import fsync_dir, fsync_tree
-from serving.core.model_dir import version_numbers
-from serving.registry import check_model_name
+from serving.core.model_dir import check_model_name, version_numbers
 
 #: Hidden folders an export builds in, next to its destination (same file system).
 STAGING_PREFIX = ".staging-"

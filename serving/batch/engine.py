@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from monitoring.drift import image_signals
+from monitoring.estimate import monitoring_references
 from monitoring.offline import SignalCollector
 from serving.batch.inputs import list_inputs, read_input
 from serving.core.errors import InvalidImageError, ModelError
@@ -81,7 +82,7 @@ def drift_report(
     if profile is None:
         raise ModelError(f"{runtime.model_dir} has no reference_profile.json; re-export it")
     paths = list_inputs(inputs) if paths is None else paths
-    collector = SignalCollector(runtime.monitoring_references()[1])
+    collector = SignalCollector(monitoring_references(runtime.monitoring_files())[1])
     failed = []
     for chunk in score_paths(runtime, paths, chunk_size=chunk_size):
         good = [item for item in chunk if item.error is None]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from monitoring.embedding import MAX_WINDOW
+from monitoring.estimate import monitoring_references
 from monitoring.offline import SignalCollector
 from serving.batch import ray_engine
 from serving.batch.engine import Engine, embeddings_of, local_engine, score_paths, split_cores
@@ -107,7 +108,7 @@ def write_drift_report(runtime: ClassifierRuntime, writer) -> tuple[Path | None,
     if profile is None:
         log.warning("%s has no reference_profile.json: no drift report", runtime.model_dir)
         return None, None
-    collector = SignalCollector(runtime.monitoring_references()[1])
+    collector = SignalCollector(monitoring_references(runtime.monitoring_files())[1])
     index = {label: i for i, label in enumerate(runtime.classes)}
     scored_paths: list[str] = []
     for rows in writer.read_rows():

@@ -7,14 +7,15 @@ batch scoring and drift reports. It describes itself through ``metadata.json``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from monitoring.embedding import EMBEDDING_REFERENCE
-from monitoring.estimate import CALIBRATION
-from serving.core.errors import ModelError
+import numpy as np
+
+from serving.core.errors import ConfigError, ModelError
 from serving.core.files import sha256_file
 
 METADATA = "metadata.json"
@@ -23,6 +24,11 @@ INT8_MODEL = "model.int8.onnx"
 PARITY = "parity.json"
 REFERENCE_PROFILE = "reference_profile.json"
 SAVED_MODEL = "saved_model"
+#: The label-free accuracy estimate's calibration (``monitoring.estimate``).
+CALIBRATION = "calibration.json"
+#: The embedding reduction and reference (``monitoring.embedding``): the arrays it holds.
+EMBEDDING_REFERENCE = "embedding_reference.npz"
+EMBEDDING_ARRAYS = ("mean", "scale", "components", "reference", "support_radius")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 #: The optional second output: the penultimate features, for embedding drift.
@@ -61,7 +67,18 @@ METADATA_FIELDS = {
     "files": "sha256 of every other file; a mismatch refuses the model.",
 }
 REQUIRED_KEYS = ("name", "version", "classes", "input", "preprocessing", "files")
-STATE_FILE = "versions.json"
+#: A model's name: BentoML's tag rule, so that every published model can be registered in
+#: its model store, checked when a model is published.
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+
+def check_model_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(
+            f"model name {name!r} must be lowercase letters, digits, '.', '_' or '-' "
+            "(at most 63, starting and ending with a letter or digit)"
+        )
+    return name
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -82,151 +99,10 @@ def version_numbers(model_root: Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def resolve_model_dir(path: Path) -> Path:
-    """Accept ``repository/<name>/<version>`` or ``repository/<name>`` (its live version:
-    the one ``versions.json`` pins, else the newest)."""
-    path = Path(path)
-    if (path / METADATA).is_file():
-        return path
-    if version_numbers(path):
-        return path / str(resolve_roles(path, read_state(path)).live)
-    if not path.exists():
-        raise ModelError(f"model directory {path} does not exist")
-    raise ModelError(f"{path} is not a model directory (no {METADATA}, no numbered versions)")
-
-
-# -- roles: which version answers and which one shadows it -----------------------------------
-# One small file in ``repository/<name>/``, written atomically by the ``imgclf`` commands
-# (``serving.core.roles``) and read by every worker of every server that mounts the folder:
-#
-#     {"live": 2, "shadow": {"version": 3, "fraction": 0.5}, "history": [1], ...}
-#
-# ``live: null`` (or no file at all) follows the newest published version, TF Serving's
-# "latest" policy: ``imgclf export`` of a new version is served with no other command. A
-# number pins that version. ``history`` holds the earlier live versions, newest last, for
-# ``imgclf rollback``.
-
-#: Earlier live versions kept for rollback.
-HISTORY_LIMIT = 20
-
-
-@dataclass(frozen=True)
-class Shadow:
-    version: int
-    fraction: float
-
-    def __post_init__(self) -> None:
-        # What the command refuses, the workers refuse too (a hand-edited file).
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"a shadow's fraction must be in (0, 1], got {self.fraction:g}")
-        if self.version < 1:
-            raise ValueError(f"versions are numbered from 1, got {self.version}")
-
-
-@dataclass(frozen=True)
-class RoleState:
-    """The roles the repository asks for. ``live`` None: the newest version."""
-
-    live: int | None = None
-    shadow: Shadow | None = None
-    history: tuple[int, ...] = ()
-    updated_at: str | None = None
-    updated_by: str | None = None
-
-    @property
-    def follows_newest(self) -> bool:
-        return self.live is None
-
-    def to_json(self) -> dict:
-        return {
-            "live": self.live,
-            "shadow": asdict(self.shadow) if self.shadow else None,
-            "history": list(self.history),
-            "updated_at": self.updated_at,
-            "updated_by": self.updated_by,
-        }
-
-
-@dataclass(frozen=True)
-class Desired:
-    """What a worker should serve now: resolved version numbers."""
-
-    live: int
-    shadow: Shadow | None = None
-    following: str = "newest"
-
-
-def state_path(model_root: Path) -> Path:
-    return Path(model_root) / STATE_FILE
-
-
 def is_model_root(path: Path) -> bool:
     """``repository/<name>``: a folder of numbered versions, not a version itself."""
     path = Path(path)
     return path.is_dir() and not (path / METADATA).is_file() and bool(version_numbers(path))
-
-
-def read_state(model_root: Path) -> RoleState:
-    """The state file, or the default (follow the newest) when there is none."""
-    path = state_path(model_root)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        return RoleState()
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot read {path}: {error}") from None
-    try:
-        shadow = raw.get("shadow")
-        return RoleState(
-            live=_optional_int(raw.get("live")),
-            shadow=Shadow(int(shadow["version"]), float(shadow["fraction"])) if shadow else None,
-            history=tuple(int(v) for v in raw.get("history") or ()),
-            updated_at=raw.get("updated_at"),
-            updated_by=raw.get("updated_by"),
-        )
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        raise ModelError(
-            f"{path} is not a versions file ({type(error).__name__}: {error})"
-        ) from None
-
-
-def state_signature(model_root: Path) -> tuple:
-    """Changes whenever the state file or the set of published versions changes: what a
-    worker compares between two polls (a stat and a directory listing)."""
-    try:
-        stat = state_path(model_root).stat()
-        file_sig = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-    except FileNotFoundError:
-        file_sig = None
-    return file_sig, tuple(version_numbers(model_root))
-
-
-def resolve_roles(model_root: Path, state: RoleState, refused=frozenset()) -> Desired:
-    """The versions to serve: the pinned live version, or the newest one not ``refused``."""
-    published = version_numbers(model_root)
-    if not published:
-        raise ModelError(f"{model_root} holds no published version")
-    if state.live is not None:
-        live, following = state.live, "pinned"
-    else:
-        live, following = ([v for v in published if v not in refused] or published)[-1], "newest"
-    shadow = state.shadow if state.shadow and state.shadow.version != live else None
-    return Desired(live, shadow, following)
-
-
-def load_live(model_root: Path, state: RoleState, load: Callable, on_refused: Callable):
-    """``load(folder)`` of the version to start on: the pinned one, or the newest one that
-    loads (each newer one that does not is passed to ``on_refused(version, reason)`` and the
-    one before it tried). The last one tried fails as ``load`` fails."""
-    candidates = [state.live] if state.live is not None else version_numbers(model_root)[::-1]
-    for version in candidates[:-1]:
-        try:
-            return load(Path(model_root) / str(version))
-        except ModelError as error:
-            on_refused(version, error.message)
-        except Exception as error:  # ONNX Runtime's own load errors
-            on_refused(version, f"{type(error).__name__}: {error}")
-    return load(Path(model_root) / str(candidates[-1]))
 
 
 def check_same_classes(version: int, classes: list[str], reference: int, expected) -> None:
@@ -236,10 +112,6 @@ def check_same_classes(version: int, classes: list[str], reference: int, expecte
             f"version {version}'s classes differ from version {reference}'s (a different "
             "label set is a different model: publish it under another name)"
         )
-
-
-def _optional_int(value) -> int | None:
-    return None if value is None else int(value)
 
 
 def load_metadata(model_dir: Path) -> dict:
@@ -275,6 +147,54 @@ def read_verified(model_dir: Path, metadata: dict, name: str, *, missing_hint: s
     data = _existing(model_dir / name, missing_hint).read_bytes()
     _check_hash(model_dir, metadata, name, hashlib.sha256(data).hexdigest())
     return data
+
+
+@dataclass(frozen=True)
+class MonitoringFiles:
+    """A version's monitoring references as its directory holds them, read, hash-checked and
+    parsed; None for what it lacks (exported before they existed). ``monitoring`` makes its
+    objects of them (``monitoring.estimate.monitoring_references``)."""
+
+    #: ``reference_profile.json``: what "no drift" looks like.
+    profile: dict | None = None
+    #: ``calibration.json``: the label-free estimate's temperature.
+    calibration: dict | None = None
+    #: ``embedding_reference.npz``'s arrays (``EMBEDDING_ARRAYS``).
+    embedding: dict[str, np.ndarray] | None = None
+
+
+def read_monitoring_files(model_dir: Path, metadata: dict, *, embedding: bool) -> MonitoringFiles:
+    """The monitoring references of a version (the embedding reference only if its graph has
+    the ``embedding`` output), or a ``ModelError``: a version whose references cannot be read
+    is refused where it is loaded, like one whose model cannot."""
+    files = metadata["files"]
+
+    def verified(name: str) -> bytes | None:
+        return read_verified(model_dir, metadata, name) if name in files else None
+
+    try:
+        profile, calibration = verified(REFERENCE_PROFILE), verified(CALIBRATION)
+        arrays = verified(EMBEDDING_REFERENCE) if embedding else None
+        found = MonitoringFiles(
+            json.loads(profile) if profile is not None else None,
+            json.loads(calibration) if calibration is not None else None,
+            _arrays(arrays) if arrays is not None else None,
+        )
+        if found.calibration is not None:
+            float(found.calibration["temperature"])
+    except ModelError:
+        raise
+    except Exception as error:  # hashed, yet unreadable: written so by a bad export
+        raise ModelError(
+            f"{model_dir}: its monitoring references cannot be read "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    return found
+
+
+def _arrays(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as found:
+        return {name: found[name] for name in EMBEDDING_ARRAYS}
 
 
 def _existing(path: Path, hint: str = "") -> Path:

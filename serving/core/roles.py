@@ -1,9 +1,15 @@
-"""Changing which version of a model answers, and which one shadows it: the ``imgclf
-shadow``, ``promote``, ``rollback`` and ``pin`` commands (``imgclf versions`` reports them:
-``serving.core.version_report``). Each checks the
-version as a server would load it, then rewrites the roles file atomically
-(``serving.core.model_dir``: ``repository/<name>/versions.json``); every worker of every
-server that mounts the folder acts on it within its poll interval (``serving.web.versions``).
+"""The roles file: which version of a model answers and which one shadows it.
+
+One small file in ``repository/<name>/``, written atomically by the ``imgclf`` commands
+(``serving.core.releases``) under a lock, and read by every worker of every server that
+mounts the folder (``serving.web.versions``) and by ``imgclf versions``:
+
+    {"live": 2, "shadow": {"version": 3, "fraction": 0.5}, "history": [1], ...}
+
+``live: null`` (or no file at all) follows the newest published version, TF Serving's
+"latest" policy: ``imgclf export`` of a new version is served with no other command. A
+number pins that version. ``history`` holds the earlier live versions, newest last, for
+``imgclf rollback``.
 """
 
 from __future__ import annotations
@@ -11,26 +17,149 @@ from __future__ import annotations
 import contextlib
 import datetime
 import getpass
-import logging
-from collections.abc import Iterator
-from dataclasses import replace
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from serving.core.errors import ConfigError, ModelError
 from serving.core.files import LockTimeoutError, locked, write_json
-from serving.core.model_dir import (
-    HISTORY_LIMIT,
-    METADATA,
-    RoleState,
-    Shadow,
-    check_same_classes,
-    is_model_root,
-    load_metadata,
-    read_state,
-    resolve_roles,
-    state_path,
-    version_numbers,
-)
+from serving.core.model_dir import METADATA, is_model_root, version_numbers
+
+STATE_FILE = "versions.json"
+#: Earlier live versions kept for rollback.
+HISTORY_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class Shadow:
+    version: int
+    fraction: float
+
+    def __post_init__(self) -> None:
+        # What the command refuses, the workers refuse too (a hand-edited file).
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"a shadow's fraction must be in (0, 1], got {self.fraction:g}")
+        if self.version < 1:
+            raise ValueError(f"versions are numbered from 1, got {self.version}")
+
+
+@dataclass(frozen=True)
+class RoleState:
+    """The roles the repository asks for. ``live`` None: the newest version."""
+
+    live: int | None = None
+    shadow: Shadow | None = None
+    history: tuple[int, ...] = ()
+    updated_at: str | None = None
+    updated_by: str | None = None
+
+    @property
+    def follows_newest(self) -> bool:
+        return self.live is None
+
+    def to_json(self) -> dict:
+        return {
+            "live": self.live,
+            "shadow": asdict(self.shadow) if self.shadow else None,
+            "history": list(self.history),
+            "updated_at": self.updated_at,
+            "updated_by": self.updated_by,
+        }
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What a worker should serve now: resolved version numbers."""
+
+    live: int
+    shadow: Shadow | None = None
+    following: str = "newest"
+
+
+def state_path(model_root: Path) -> Path:
+    return Path(model_root) / STATE_FILE
+
+
+def read_state(model_root: Path) -> RoleState:
+    """The state file, or the default (follow the newest) when there is none."""
+    path = state_path(model_root)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return RoleState()
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {path}: {error}") from None
+    try:
+        shadow = raw.get("shadow")
+        return RoleState(
+            live=_optional_int(raw.get("live")),
+            shadow=Shadow(int(shadow["version"]), float(shadow["fraction"])) if shadow else None,
+            history=tuple(int(v) for v in raw.get("history") or ()),
+            updated_at=raw.get("updated_at"),
+            updated_by=raw.get("updated_by"),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ModelError(
+            f"{path} is not a versions file ({type(error).__name__}: {error})"
+        ) from None
+
+
+def state_signature(model_root: Path) -> tuple:
+    """Changes whenever the state file or the set of published versions changes: what a
+    worker compares between two polls (a stat and a directory listing)."""
+    try:
+        stat = state_path(model_root).stat()
+        file_sig = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except FileNotFoundError:
+        file_sig = None
+    return file_sig, tuple(version_numbers(model_root))
+
+
+def resolve_roles(model_root: Path, state: RoleState, refused=frozenset()) -> Desired:
+    """The versions to serve: the pinned live version, or the newest one not ``refused``."""
+    published = version_numbers(model_root)
+    if not published:
+        raise ModelError(f"{model_root} holds no published version")
+    if state.live is not None:
+        live, following = state.live, "pinned"
+    else:
+        live, following = ([v for v in published if v not in refused] or published)[-1], "newest"
+    shadow = state.shadow if state.shadow and state.shadow.version != live else None
+    return Desired(live, shadow, following)
+
+
+def load_live(model_root: Path, state: RoleState, load: Callable, on_refused: Callable):
+    """``load(folder)`` of the version to start on: the pinned one, or the newest one that
+    loads (each newer one that does not is passed to ``on_refused(version, reason)`` and the
+    one before it tried). The last one tried fails as ``load`` fails."""
+    candidates = [state.live] if state.live is not None else version_numbers(model_root)[::-1]
+    for version in candidates[:-1]:
+        try:
+            return load(Path(model_root) / str(version))
+        except ModelError as error:
+            on_refused(version, error.message)
+        except Exception as error:  # ONNX Runtime's own load errors
+            on_refused(version, f"{type(error).__name__}: {error}")
+    return load(Path(model_root) / str(candidates[-1]))
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """Accept ``repository/<name>/<version>`` or ``repository/<name>`` (its live version:
+    the one ``versions.json`` pins, else the newest)."""
+    path = Path(path)
+    if (path / METADATA).is_file():
+        return path
+    if version_numbers(path):
+        return path / str(resolve_roles(path, read_state(path)).live)
+    if not path.exists():
+        raise ModelError(f"model directory {path} does not exist")
+    raise ModelError(f"{path} is not a model directory (no {METADATA}, no numbered versions)")
+
 
 #: Held by a command from reading the roles to writing them, in the model's folder.
 LOCK_FILE = ".versions.lock"
@@ -76,9 +205,6 @@ def write_state(model_root: Path, state: RoleState, command: str) -> RoleState:
     return stamped
 
 
-# -- the commands ------------------------------------------------------------------------
-
-
 def model_root_of(path: Path) -> Path:
     path = Path(path)
     if (path / METADATA).is_file():
@@ -89,148 +215,6 @@ def model_root_of(path: Path) -> Path:
     if not is_model_root(path):
         raise ConfigError(f"{path} is not a model folder (no numbered versions in it)")
     return path
-
-
-def check_version(model_root: Path, version: int, *, classes_of: int | None = None) -> dict:
-    """Load ``version`` as a server would (every hashed file, the graph against metadata,
-    the monitoring references, one batch) and check that it has the same classes as version
-    ``classes_of``; its metadata, or a ``ModelError`` saying why not."""
-    from serving.core.runtime import ClassifierRuntime
-
-    logging.getLogger("serving.core.sessions").setLevel(logging.WARNING)  # one line per command
-    folder = published(model_root, version)
-    try:
-        runtime = ClassifierRuntime(
-            folder, provider="cpu", session_mode="shared", max_batch_size=1, buckets=(1,)
-        ).verify()
-        runtime.warm_up((1,))
-    except ModelError as error:
-        raise ModelError(f"version {version} does not verify: {error.message}") from None
-    except Exception as error:  # ONNX Runtime's own load errors
-        raise ModelError(
-            f"version {version} does not load: {type(error).__name__}: {error}"
-        ) from None
-    if classes_of is not None and classes_of != version:
-        expected = load_metadata(Path(model_root) / str(classes_of))["classes"]
-        check_same_classes(version, runtime.classes, classes_of, expected)
-    return runtime.metadata
-
-
-def published(model_root: Path, version: int) -> Path:
-    """The folder of ``version``, or a ``ModelError`` naming the versions there are."""
-    numbers = version_numbers(model_root)
-    if version not in numbers:
-        raise ModelError(
-            f"no version {version} in {model_root} (published: "
-            f"{', '.join(map(str, numbers)) or 'none'})"
-        )
-    return Path(model_root) / str(version)
-
-
-def current_live(model_root: Path, state: RoleState | None = None) -> int:
-    """The version that answers: the pinned one, or the newest one that verifies, as servers
-    following the newest serve it (the newest, when none does)."""
-    state = state if state is not None else read_state(model_root)
-    if state.live is None:
-        served = next(
-            (v for v in version_numbers(model_root)[::-1] if _verifies(model_root, v)), None
-        )
-        if served is not None:
-            return served
-    return resolve_roles(model_root, state).live
-
-
-def promote(model_root: Path, version: int) -> RoleState:
-    """``version`` answers from now on (pinned); the live version it replaces can be rolled
-    back to; a shadow of the same version stops shadowing."""
-    with changing(model_root) as root:
-        state = read_state(root)
-        before = current_live(root, state)
-        check_version(root, version, classes_of=before)
-        shadow = None if state.shadow and state.shadow.version == version else state.shadow
-        history = state.history + ((before,) if before != version else ())
-        return write_state(
-            root, replace(state, live=version, shadow=shadow, history=history), "promote"
-        )
-
-
-def pin(model_root: Path, version: int | None) -> RoleState:
-    """Pin ``version`` (None: follow the newest again). Either is checked first: a newest
-    version that does not verify is refused, since servers following the newest would refuse
-    it too and serve an older one than the command said."""
-    with changing(model_root) as root:
-        state = read_state(root)
-        before = current_live(root, state)
-        if version is not None:
-            check_version(root, version, classes_of=before)
-        else:
-            _check_newest(root, classes_of=before)
-        history = state.history + ((before,) if version != before else ())
-        return write_state(root, replace(state, live=version, history=history), "pin")
-
-
-def _check_newest(root: Path, *, classes_of: int) -> None:
-    """The newest version verifies, or a ``ModelError`` saying why not and which version
-    servers following the newest would serve instead (the newest one that verifies)."""
-    newest, *older = version_numbers(root)[::-1]
-    try:
-        check_version(root, newest, classes_of=classes_of)
-    except ModelError as error:
-        instead = next((v for v in older if _verifies(root, v, classes_of)), None)
-        served = (
-            f"serve version {instead} (the newest that verifies); pin {instead}, or fix "
-            f"version {newest} first"
-            if instead is not None
-            else f"serve none, since no version verifies; fix version {newest} first"
-        )
-        raise ModelError(
-            f"{error.message}; servers following the newest would refuse it and {served}"
-        ) from None
-
-
-def _verifies(root: Path, version: int, classes_of: int | None = None) -> bool:
-    try:
-        check_version(root, version, classes_of=classes_of)
-    except ModelError:
-        return False
-    return True
-
-
-def rollback(model_root: Path) -> tuple[int, int]:
-    """Back to the previous live version: (from, to)."""
-    with changing(model_root) as root:
-        state = read_state(root)
-        if not state.history:
-            raise ModelError(f"no earlier live version of {root.name} to roll back to")
-        before = current_live(root, state)
-        target = state.history[-1]
-        check_version(root, target)
-        write_state(root, replace(state, live=target, history=state.history[:-1]), "rollback")
-        return before, target
-
-
-def set_shadow(model_root: Path, version: int | None, fraction: float = 1.0) -> RoleState:
-    """Send a copy of ``fraction`` of live requests to ``version`` (None: no shadow)."""
-    try:
-        wanted = None if version is None else Shadow(version, fraction)
-    except ValueError as error:  # the rules the workers apply to the file too
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"--fraction must be in (0, 1], got {fraction:g}") from None
-        raise ConfigError(str(error)) from None
-    with changing(model_root) as root:
-        state = read_state(root)
-        if wanted is None:
-            return write_state(root, replace(state, shadow=None), "shadow")
-        live = current_live(root, state)
-        if version == live:
-            raise ConfigError(f"version {version} is live; a shadow must be another version")
-        check_version(root, version, classes_of=live)
-        return write_state(root, replace(state, shadow=wanted), "shadow")
-
-
-def version_dir(model: Path, version: int | None) -> Path:
-    """``model`` itself, or version ``version`` of the model folder ``model``."""
-    return Path(model) if version is None else published(model_root_of(model), version)
 
 
 def _user() -> str:

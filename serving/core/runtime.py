@@ -6,8 +6,6 @@ engine, so there is one inference path and one set of batch shapes. No TensorFlo
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import threading
 import time
 from collections import Counter
@@ -16,23 +14,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from monitoring.embedding import EMBEDDING_REFERENCE, EmbeddingReference
-from monitoring.estimate import CALIBRATION, LabelFreeEstimator
 from serving.core.buckets import normalise_buckets, pad_to_bucket
 from serving.core.errors import ConfigError, ModelError
+from serving.core.model_card import ModelCard
 from serving.core.model_dir import (
     EMBEDDING_NAME,
     INPUT_NAME,
     INT8_MODEL,
     ONNX_MODEL,
     OUTPUT_NAME,
-    REFERENCE_PROFILE,
-    load_metadata,
+    MonitoringFiles,
+    read_monitoring_files,
     read_verified,
-    resolve_model_dir,
     verify_files,
 )
-from serving.core.preprocessing import PreprocessSpec, preprocess_bytes
 from serving.core.sessions import (
     CUDA,
     SESSION_MODES,
@@ -43,37 +38,6 @@ from serving.core.sessions import (
 
 #: The model files a runtime can run: ``model.onnx`` and ``model.int8.onnx``.
 PRECISIONS = ("fp32", "int8")
-
-
-class ModelCard:
-    """What a model directory says about itself: classes, input contract, limits. Enough to
-    validate and decode requests and to format answers, without an inference session."""
-
-    def __init__(
-        self,
-        model_dir: Path,
-        *,
-        max_image_bytes: int | None = None,
-        max_image_pixels: int | None = None,
-    ) -> None:
-        self.model_dir = resolve_model_dir(model_dir)
-        self.metadata = load_metadata(self.model_dir)
-        self.classes: list[str] = list(self.metadata["classes"])
-        self.name: str = self.metadata["name"]
-        self.version: int = self.metadata["version"]
-        self.spec = _spec(self.metadata, max_image_bytes, max_image_pixels)
-
-    def preprocess(self, data: bytes) -> np.ndarray:
-        return preprocess_bytes(data, self.spec)
-
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[list[dict]]:
-        """Per row, the k most probable classes, best first, as ``{"label", "score"}``."""
-        k = min(k, len(self.classes))
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        return [
-            [{"label": self.classes[i], "score": float(row[i])} for i in indices]
-            for row, indices in zip(probabilities, order, strict=True)
-        ]
 
 
 class ClassifierRuntime(ModelCard):
@@ -134,7 +98,7 @@ class ClassifierRuntime(ModelCard):
             self._session_for(self.buckets[-1])  # proves a fixed-shape session loads here
         else:
             self._shared = session
-        self._references: tuple | None = None
+        self._references: MonitoringFiles | None = None
         self.load_seconds = time.perf_counter() - started
         self.warmed_batch_sizes: list[int] = []
         self.warm_up_seconds: float | None = None
@@ -267,44 +231,19 @@ class ClassifierRuntime(ModelCard):
         commands, at start-up, by the watcher), never later in a worker that has already
         switched. ``ModelError`` says why not."""
         verify_files(self.model_dir, self.metadata)
-        self._monitoring()
+        self.monitoring_files()
         return self
 
     def reference_profile(self) -> dict | None:
         """The drift reference written at export time (hash-checked), or None if absent."""
-        return self._monitoring()[0]
+        return self.monitoring_files().profile
 
-    def monitoring_references(self) -> tuple[LabelFreeEstimator | None, EmbeddingReference | None]:
-        """The label-free estimator and the embedding reference written at export
-        (hash-checked); None for what this version lacks (exported before they existed)."""
-        return self._monitoring()[1:]
-
-    def _monitoring(self) -> tuple:
-        """(profile, estimator, embedding), read once."""
+    def monitoring_files(self) -> MonitoringFiles:
+        """The monitoring references written at export (hash-checked and parsed), read once."""
         if self._references is None:
-            files = self.metadata["files"]
-
-            def verified(name: str) -> bytes:
-                return read_verified(self.model_dir, self.metadata, name)
-
-            try:
-                profile = (
-                    json.loads(verified(REFERENCE_PROFILE)) if REFERENCE_PROFILE in files else None
-                )
-                embedding = None
-                if EMBEDDING_REFERENCE in files and self.has_embedding:
-                    embedding = EmbeddingReference.from_bytes(verified(EMBEDDING_REFERENCE))
-                estimator = None
-                if CALIBRATION in files:
-                    estimator = LabelFreeEstimator(json.loads(verified(CALIBRATION)), embedding)
-            except ModelError:
-                raise
-            except Exception as error:  # hashed, yet unreadable: written so by a bad export
-                raise ModelError(
-                    f"{self.model_dir}: its monitoring references cannot be read "
-                    f"({type(error).__name__}: {error})"
-                ) from None
-            self._references = (profile, estimator, embedding)
+            self._references = read_monitoring_files(
+                self.model_dir, self.metadata, embedding=self.has_embedding
+            )
         return self._references
 
     def describe(self) -> dict:
@@ -359,9 +298,3 @@ class ClassifierRuntime(ModelCard):
                 f"{self.model_dir}: metadata.json lists {len(self.classes)} classes but the "
                 f"graph outputs {width}"
             )
-
-
-def _spec(metadata: dict, max_bytes: int | None, max_pixels: int | None) -> PreprocessSpec:
-    spec = PreprocessSpec.from_metadata(metadata["preprocessing"])
-    limits = {"max_bytes": max_bytes, "max_pixels": max_pixels}
-    return dataclasses.replace(spec, **{k: v for k, v in limits.items() if v is not None})

@@ -1,6 +1,6 @@
 """What ``imgclf versions`` reports: each published version's role as the servers serve it,
 whether it verifies, and, with ``--server``, what a running server says of each version.
-Reading only; the commands that change the roles are ``serving.core.roles``."""
+Reading only; the commands that change the roles are ``serving.core.releases``."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import json
 from pathlib import Path
 
 from serving.core.errors import ConfigError, ModelError
-from serving.core.model_dir import (
-    Desired,
-    RoleState,
-    load_metadata,
-    read_state,
-    resolve_roles,
-    version_numbers,
-)
-from serving.core.roles import check_version, model_root_of
+from serving.core.model_dir import load_metadata, version_numbers
+from serving.core.releases import check_version
+from serving.core.roles import Desired, RoleState, model_root_of, read_state, resolve_roles
 
 
 def version_rows(model_root: Path, *, verify: bool = True) -> list[dict]:

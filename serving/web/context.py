@@ -1,6 +1,8 @@
-"""The worker context: what every route of one worker process needs (the model card, the
-batcher, the decode pool, limits, observers, feedback), how a prediction request is decoded
-and classified, and ``handle``, which turns every outcome into an answer and counts it.
+"""The worker context: what every route of one worker process needs (the versions served,
+the decode pool, limits, observers, feedback), the stages of a prediction (decode on the
+pool, classify in a batch, copy to the shadow, name each answer for feedback) that
+``/predict`` and ``/v2 infer`` share, and ``handle``, which turns every outcome into an
+answer and counts it.
 
 Each worker process holds one service instance (``serving/service.py``), whose ``worker``
 attribute is this context; routes find it through ``bentoml.get_current_service()``.
@@ -21,15 +23,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serving.core.errors import ImgclfError, InvalidImageError
+from serving.core.model_card import ModelCard
+from serving.core.runtime import ClassifierRuntime
 from serving.web.requests import Limits, Upload, safe_text
+from serving.web.served import Answers, ServedVersion
 
 log = logging.getLogger(__name__)
 
 
 class WorkerContext:
-    """What the routes need from their worker: a card to decode and format answers, a thread
-    pool to decode on, the batcher to classify with, and what ``/metadata`` says. Built by
-    ``serving.web.worker.start_worker``."""
+    """What the routes need from their worker: the versions to lease (each with its runtime
+    to decode and format answers and its batcher to classify with), a thread pool to decode
+    on, and what ``/metadata`` says. Built by ``serving.web.worker.start_worker``."""
 
     def __init__(
         self,
@@ -46,7 +51,7 @@ class WorkerContext:
         self.versions = versions
         #: Stops the worker's threads and closes its stores (the service's shutdown hook).
         self.close = close
-        #: The worker's ``serving.web.labels.Feedback`` (store and metrics), or None when off.
+        #: The worker's ``serving.web.feedback.Feedback`` (store and metrics), or None when off.
         self.feedback = feedback
         self.is_ready = is_ready
         self.limits = limits
@@ -55,18 +60,18 @@ class WorkerContext:
         self.observer = observer
 
     @property
-    def card(self):
-        """The live version's card, for what is not one request's (metadata, OpenAPI)."""
-        return self.versions.live.card
+    def live_runtime(self) -> ClassifierRuntime:
+        """The live version's runtime, for what is not one request's (metadata, OpenAPI)."""
+        return self.versions.live.runtime
 
-    async def decode_all(self, uploads: list[Upload], card) -> np.ndarray:
+    async def decode_all(self, uploads: list[Upload], runtime: ModelCard) -> np.ndarray:
         """Decode every image side by side; the first bad one fails the request, named by its
         index (and file name) when there are several."""
         if len(uploads) == 1:
-            decoded = [await self.decode(uploads[0], card)]
+            decoded = [await self.decode(uploads[0], runtime)]
         else:
             decoded = await asyncio.gather(
-                *(self.decode(upload, card) for upload in uploads), return_exceptions=True
+                *(self.decode(upload, runtime) for upload in uploads), return_exceptions=True
             )
         for index, (upload, result) in enumerate(zip(uploads, decoded, strict=True)):
             if isinstance(result, InvalidImageError) and len(uploads) > 1:
@@ -76,18 +81,18 @@ class WorkerContext:
                 raise result
         return np.stack(decoded)
 
-    async def decode(self, upload: Upload, card) -> np.ndarray:
-        """Decode and preprocess one image for ``card``'s version on the decode pool
+    async def decode(self, upload: Upload, runtime: ModelCard) -> np.ndarray:
+        """Decode and preprocess one image for ``runtime``'s version on the decode pool
         (Pillow releases the GIL)."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        array = await loop.run_in_executor(self.decoder, card.preprocess, upload.data)
+        array = await loop.run_in_executor(self.decoder, runtime.preprocess, upload.data)
         if self.observer is not None:
             self.observer.decoded(time.perf_counter() - started)
         return array
 
 
-def prediction_ids(worker: WorkerContext, rid: str, answered, version: int) -> list[str]:
+def prediction_ids(worker: WorkerContext, rid: str, answered: Answers, version: int) -> list[str]:
     """One id per image (the request's own for one image, ``id/index`` for several), each
     kept with its predicted class, the version that predicted it and the label-free
     estimate's expected correctness (``Assessed`` answers) for ``POST /feedback``."""
@@ -105,19 +110,27 @@ def prediction_ids(worker: WorkerContext, rid: str, answered, version: int) -> l
     return ids
 
 
+async def classify(
+    worker: WorkerContext, served: ServedVersion, images: np.ndarray, blobs, rid: str
+) -> tuple[np.ndarray, list[str]]:
+    """The stages after decoding, as ``/predict`` and ``/v2 infer`` both run them: classify
+    ``images`` in one batch with whatever else is queued on the leased version, offer a copy
+    to the shadow version (if there is one) once the answer is known, and name each answer
+    for ``POST /feedback``: (probabilities, one id per image)."""
+    answered = await served.classify(images)
+    probabilities = np.asarray(answered)
+    worker.versions.offer_shadow(served, images, blobs, probabilities)
+    return probabilities, prediction_ids(worker, rid, answered, served.version)
+
+
 async def predict_uploads(worker: WorkerContext, uploads: list[Upload], top_k: int, rid: str):
-    """Decode every image (a bad one fails this request alone), then classify them in one
-    batch with whatever else is queued, all on the live version leased for this request; a
-    copy goes to the shadow version, if there is one, once the answer is known."""
+    """Decode every image (a bad one fails this request alone), then classify them, all on
+    the live version leased for this request."""
     with worker.versions.lease() as served:
-        card = served.card
-        images = await worker.decode_all(uploads, card)
-        answered = await served.classify(images)
-        probabilities = np.asarray(answered)
-        worker.versions.offer_shadow(
-            served, images, [upload.data for upload in uploads], probabilities
-        )
-        ids = prediction_ids(worker, rid, answered, served.version)
+        runtime = served.runtime
+        images = await worker.decode_all(uploads, runtime)
+        blobs = [upload.data for upload in uploads]
+        probabilities, ids = await classify(worker, served, images, blobs, rid)
         return [
             {
                 "label": best[0]["label"],
@@ -126,7 +139,7 @@ async def predict_uploads(worker: WorkerContext, uploads: list[Upload], top_k: i
                 "model_version": served.version,
                 "request_id": image_id,
             }
-            for best, image_id in zip(card.top_k(probabilities, top_k), ids, strict=True)
+            for best, image_id in zip(runtime.top_k(probabilities, top_k), ids, strict=True)
         ]
 
 

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from serving import __version__
 from serving.core.errors import ImgclfError, NotFoundError
 from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
-from serving.web.context import WorkerContext, handle, prediction_ids
+from serving.web.context import WorkerContext, classify, handle
 from serving.web.oip_tensors import (
     HEADER_LENGTH,
     build_response,
@@ -92,10 +92,10 @@ def _ready(worker: WorkerContext) -> dict:
 async def model_metadata(request: Request) -> Response:
     async def work(worker: WorkerContext):
         with _leased(request, worker) as served:
-            card = served.card
-        height, width, channels = card.spec.input_shape
+            runtime = served.runtime
+        height, width, channels = runtime.spec.input_shape
         return {
-            "name": card.name,
+            "name": runtime.name,
             # Live first, then the shadow: both answer /versions/{v}/infer.
             "versions": [
                 str(v) for v in sorted(worker.versions.versions, key=lambda v: v != served.version)
@@ -105,7 +105,7 @@ async def model_metadata(request: Request) -> Response:
                 {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, height, width, channels]}
             ],
             "outputs": [
-                {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(card.classes)]}
+                {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(runtime.classes)]}
             ],
             "parameters": {
                 "input_datatypes": ["FP32", "UINT8", "BYTES"],
@@ -121,13 +121,13 @@ async def model_config(request: Request) -> Response:
 
     async def work(worker: WorkerContext):
         with _leased(request, worker) as served:
-            card = served.card
+            runtime = served.runtime
         batching = worker.describe().get("batching", {})
         # A request may hold up to max_images_per_request images: that is the batch size a
         # Triton client may send (the server batches requests together beyond it).
-        height, width, channels = card.spec.input_shape
+        height, width, channels = runtime.spec.input_shape
         return {
-            "name": card.name,
+            "name": runtime.name,
             "platform": "onnxruntime_onnx",
             "backend": "onnxruntime",
             "version_policy": {"specific": {"versions": list(map(str, worker.versions.versions))}},
@@ -144,8 +144,8 @@ async def model_config(request: Request) -> Response:
                 {
                     "name": OUTPUT_NAME,
                     "data_type": "TYPE_FP32",
-                    "dims": [len(card.classes)],
-                    "labels": card.classes,
+                    "dims": [len(runtime.classes)],
+                    "labels": runtime.classes,
                 }
             ],
             "dynamic_batching": {
@@ -160,22 +160,19 @@ async def model_config(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     async def work(worker: WorkerContext):
         with _leased(request, worker) as served:
-            card = served.card
+            runtime = served.runtime
             body = await read_body(request, worker.limits.max_request_bytes)
             header, binary = split_request(
                 request.headers.get(HEADER_LENGTH),
                 body,
                 max_images=worker.limits.max_images_per_request,
-                pixels_per_image=int(np.prod(card.spec.input_shape)),
+                pixels_per_image=int(np.prod(runtime.spec.input_shape)),
             )
-            outputs = requested_outputs(header, len(card.classes))
-            images, blobs = await input_images(worker, card, header, binary)
-            answered = await served.classify(images)
-            probabilities = np.asarray(answered)
-            worker.versions.offer_shadow(served, images, blobs, probabilities)
+            outputs = requested_outputs(header, len(runtime.classes))
+            images, blobs = await input_images(worker, runtime, header, binary)
             rid = request_id(request, header.get("id"))
-            prediction_ids(worker, rid, answered, served.version)
-            response = build_response(card, header, outputs, probabilities)
+            probabilities, _ = await classify(worker, served, images, blobs, rid)
+            response = build_response(runtime, header, outputs, probabilities)
             response.headers[REQUEST_ID_HEADER] = rid
             return response
 
@@ -185,17 +182,17 @@ async def infer(request: Request) -> Response:
 def _leased(request: Request, worker: WorkerContext):
     """The version a ``/v2/models/{name}[/versions/{version}]`` route names, leased for the
     request: the live one without a version, else any loaded one (live or shadow)."""
-    card = worker.card
+    runtime = worker.live_runtime
     name = request.path_params["name"]
     version = request.path_params.get("version")
-    if name != card.name:
-        raise NotFoundError(f"unknown model {quoted(name)}; this server serves {card.name!r}")
+    if name != runtime.name:
+        raise NotFoundError(f"unknown model {quoted(name)}; this server serves {runtime.name!r}")
     if version in (None, ""):
         return worker.versions.lease()
     loaded = worker.versions.versions
     if not version.isdigit() or int(version) not in loaded:
         raise NotFoundError(
-            f"unknown version {quoted(version)} of model {card.name!r}; this server serves "
+            f"unknown version {quoted(version)} of model {runtime.name!r}; this server serves "
             f"version{'s' if len(loaded) > 1 else ''} {', '.join(map(str, loaded))}"
         )
     return worker.versions.lease(int(version))

@@ -12,8 +12,8 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from serving.core.errors import ImgclfError, InvalidImageError
+from serving.core.model_card import ModelCard
 from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
-from serving.core.runtime import ModelCard
 from serving.web.context import WorkerContext
 from serving.web.requests import Upload, parse_json, safe_text
 
@@ -75,9 +75,9 @@ def check_value_count(header: bytes, max_images: int, pixels_per_image: int) -> 
 
 
 async def input_images(
-    worker: WorkerContext, card, header: dict, binary: bytes
+    worker: WorkerContext, runtime: ModelCard, header: dict, binary: bytes
 ) -> tuple[np.ndarray, list[bytes] | None]:
-    """The request's one input as a float32 NHWC batch for ``card``'s version, within the
+    """The request's one input as a float32 NHWC batch for ``runtime``'s version, within the
     request limits, and the encoded images it was decoded from (None for pixels)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -98,9 +98,9 @@ async def input_images(
             reason="too_many_images",
         )
     if datatype == "BYTES":
-        return await _encoded_images(worker, card, tensor, shape, raw)
+        return await _encoded_images(worker, runtime, tensor, shape, raw)
     if datatype in PIXEL_TYPES:
-        expected = [shape[0], *card.spec.input_shape]
+        expected = [shape[0], *runtime.spec.input_shape]
         if shape != expected:
             raise ImgclfError(f"a {datatype} input must have shape {expected}, got {shape}")
         return _pixels(tensor, datatype, shape, raw), None
@@ -145,7 +145,7 @@ def _pixels(tensor: dict, datatype: str, shape: list[int], raw: bytes | None) ->
 
 
 async def _encoded_images(
-    worker: WorkerContext, card, tensor: dict, shape: list[int], raw: bytes | None
+    worker: WorkerContext, runtime: ModelCard, tensor: dict, shape: list[int], raw: bytes | None
 ) -> tuple[np.ndarray, list[bytes]]:
     if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
         raise ImgclfError(f"a BYTES input must have shape [N, 1] or [N], got {shape}")
@@ -161,7 +161,7 @@ async def _encoded_images(
         blobs = [item.encode("utf-8") for item in flat]
     if len(blobs) != shape[0]:
         raise ImgclfError(f"{len(blobs)} BYTES elements do not fill shape {shape}")
-    return await worker.decode_all([Upload(blob, None) for blob in blobs], card), blobs
+    return await worker.decode_all([Upload(blob, None) for blob in blobs], runtime), blobs
 
 
 def _deserialize_bytes(raw: bytes, most: int) -> list[bytes]:

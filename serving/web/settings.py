@@ -1,8 +1,8 @@
 """Serving settings: one typed object, read from ``IMGCLF_*`` environment variables once.
 
 ``imgclf serve`` and the bentofile set these variables; the service reads them when its
-module is loaded by ``bentoml serve`` (each worker process loads it the same way).
-"""
+module is loaded by ``bentoml serve`` (each worker process loads it the same way). What the
+machine decides when a setting is left open is ``serving.web.sizing``'s."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from serving.core.buckets import normalise_buckets
 from serving.core.errors import ConfigError, validation_message
 
 ENV_PREFIX = "IMGCLF_"
+#: Settings whose variable, set but empty, means "not set".
+OPTIONAL = ("model_dir", "workers", "max_concurrency", "decode_threads", "feedback_store_path")
 
 
 class ServingSettings(BaseModel):
@@ -226,14 +228,7 @@ class ServingSettings(BaseModel):
         "falls this far below its held-out value.",
     )
 
-    @field_validator(
-        "model_dir",
-        "workers",
-        "max_concurrency",
-        "decode_threads",
-        "feedback_store_path",
-        mode="before",
-    )
+    @field_validator(*OPTIONAL, mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         return None if value in ("", None) else value
@@ -253,13 +248,8 @@ class ServingSettings(BaseModel):
                     "is set but empty (an unset secret?); unset the variable to run "
                     "/feedback without authentication, or give a token"
                 )
-        return value
-
-    @field_validator("feedback_token")
-    @classmethod
-    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 16:
-            raise ValueError("a token needs at least 16 characters (try: openssl rand -hex 32)")
+            if len(value) < 16:
+                raise ValueError("a token needs at least 16 characters (try: openssl rand -hex 32)")
         return value
 
     @field_validator("batch_buckets", mode="before")
@@ -302,8 +292,7 @@ class ServingSettings(BaseModel):
         return normalise_buckets(self.batch_buckets, self.max_batch_size)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
-        environ = os.environ if environ is None else environ
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingSettings:
         values = {
             name: environ[ENV_PREFIX + name.upper()]
             for name in cls.model_fields
@@ -321,42 +310,11 @@ class ServingSettings(BaseModel):
         env = {}
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
-                env[ENV_PREFIX + name.upper()] = value.get_secret_value()
+                value = value.get_secret_value()
             elif isinstance(value, bool):
-                env[ENV_PREFIX + name.upper()] = str(value).lower()
+                value = str(value).lower()
             elif isinstance(value, tuple):
-                env[ENV_PREFIX + name.upper()] = ",".join(str(v) for v in value)
-            elif value is not None:
+                value = ",".join(str(v) for v in value)
+            if value is not None:
                 env[ENV_PREFIX + name.upper()] = str(value)
         return env
-
-
-def default_workers(provider: str, cores: int | None = None) -> int:
-    """Worker processes when ``--workers`` is not given.
-
-    CPU: one per core, each with a one-thread ONNX Runtime session, so that decoding, HTTP
-    handling and inference of different requests run on every core without oversubscription.
-    CUDA: the GPU classifies far faster than the CPU decodes (an H200 ran MobileNetV2@224 at
-    10,170 images/s; 16 cores decoded about 1,870 photos/s), so the workers' job is HTTP and
-    decoding: one worker per two cores, at most eight, each with a CUDA context (a few
-    hundred MB of GPU memory) and its sessions. Fewer workers also keep batches larger.
-    """
-    cores = cores or os.cpu_count() or 1
-    if provider == "cpu":
-        return cores
-    return max(1, min(8, cores // 2))
-
-
-def default_decode_threads(provider: str, workers: int, cores: int | None = None) -> int:
-    """Decode threads per worker when ``decode_threads`` is not set.
-
-    CPU: 2 (a worker per core already fills the cores; on 2 cores, medians of three
-    alternating rounds, 2 threads per worker served 904 small uploads/s against 816 with 4, and
-    57.9 phone photos/s against 56.3: more threads only contend). CUDA: the cores shared
-    out among the workers, at least 2, so that decoding, the GPU host's bottleneck, can use
-    every core.
-    """
-    cores = cores or os.cpu_count() or 1
-    if provider == "cpu":
-        return 2
-    return max(2, cores // max(1, workers))

@@ -12,28 +12,25 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 from monitoring.buffer import BUFFER
 from monitoring.feedback import FeedbackStore
 from monitoring.observers import (
     FeedbackObserver,
-    PredictionObserver,
     RequestObserver,
-    ShadowObserver,
     VersionObserver,
     WorkerObserver,
 )
 from serving.core.runtime import ClassifierRuntime
-from serving.web.batcher import AdaptiveBatcher
 from serving.web.context import WorkerContext
-from serving.web.labels import Feedback
+from serving.web.feedback import Feedback
 from serving.web.lifecycle import FAILED, READY, WARMING, Lifecycle, drain_before_exit
 from serving.web.requests import Limits
 from serving.web.settings import ServingSettings
 from serving.web.supervision import WorkerRoll, die_with_server
-from serving.web.versions import ModelSet, ServedVersion
+from serving.web.version_builder import VersionBuilder
+from serving.web.versions import ModelSet
 
 log = logging.getLogger(__name__)
 
@@ -66,50 +63,10 @@ def start_worker(
             # on cores that ONNX Runtime and the decoders already use (the per-batch estimate
             # took 0.47 ms with two threads, 0.21 ms with one).
             threadpool_limits(1, user_api="blas")
-        feedback: Feedback | None = None
-
-        def load(path: Path) -> ClassifierRuntime:
-            return ClassifierRuntime.from_settings(path, settings, intra_op_threads=ort_threads)
-
-        def serve(runtime: ClassifierRuntime) -> ServedVersion:
-            """``runtime`` as the live version: its batcher, and its predictions observed
-            against its own reference profile."""
-            profile = runtime.reference_profile() if settings.monitoring else None
-            predictions = (
-                prediction_observer(runtime, profile, settings) if settings.monitoring else None
-            )
-            if feedback is not None:
-                feedback.reference = predictions.reference_performance
-            batcher = AdaptiveBatcher(
-                monitored_inference(runtime, predictions),
-                max_batch_size=runtime.max_batch_size,
-                max_wait_s=settings.batch_wait_ms / 1000,
-                max_latency_s=settings.max_latency_ms / 1000,
-                max_queue_size=settings.max_queue_size,
-                on_batch=predictions.record if predictions else None,
-                on_queue=metrics.queued if metrics else None,
-                on_wait=metrics.waited if metrics else None,
-            )
-            return ServedVersion(runtime, batcher, predictions)
-
-        def shadow_observer(runtime: ClassifierRuntime) -> ShadowObserver:
-            return ShadowObserver(
-                runtime.version,
-                runtime.reference_profile() if settings.monitoring else None,
-                window=settings.drift_window,
-                min_samples=settings.drift_min_samples,
-                mode=settings.drift_thresholds,
-            )
-
         versions = ModelSet(
             model_dir,
-            load=load,
-            serve=serve,
-            shadow_observer=shadow_observer,
+            builder=VersionBuilder(settings, ort_threads=ort_threads, metrics=metrics),
             poll_s=settings.version_poll_s,
-            max_pending_shadow_images=settings.shadow_queue_images,
-            shadow_nice=settings.shadow_nice,
-            drift_interval_s=settings.drift_interval_s,
             retire_after_s=settings.timeout_s + 1,
             observer=VersionObserver() if settings.monitoring else None,
         )
@@ -120,9 +77,11 @@ def start_worker(
             workers,
             decode_threads,
         )
-        if settings.monitoring and settings.feedback_store_size:
-            feedback = open_feedback(runtime, settings)
-            feedback.reference = versions.live.predictions.reference_performance
+        feedback = (
+            open_feedback(runtime, settings)
+            if settings.monitoring and settings.feedback_store_size
+            else None
+        )
 
         def describe() -> dict:
             live = versions.live
@@ -246,38 +205,6 @@ def warm_up(versions: ModelSet, lifecycle: Lifecycle, metrics) -> None:
     versions.start_watching()
 
 
-def monitored_inference(runtime: ClassifierRuntime, predictions: PredictionObserver | None):
-    """What the live batcher runs: the model alone, or, with the label-free estimate, the
-    model's probabilities and embeddings assessed right after the run (``Assessed``)."""
-    if predictions is None or predictions.estimator is None:
-        return runtime.predict
-
-    def infer(images: np.ndarray):
-        return predictions.assess(*runtime.predict_with_embeddings(images))
-
-    return infer
-
-
-def prediction_observer(
-    runtime: ClassifierRuntime, profile: dict | None, settings: ServingSettings
-) -> PredictionObserver:
-    estimator, embedding = runtime.monitoring_references() if profile else (None, None)
-    return PredictionObserver(
-        estimator=estimator,
-        embedding=embedding,
-        classes=runtime.classes,
-        name=runtime.name,
-        version=runtime.version,
-        provider=runtime.provider,
-        precision=runtime.precision,
-        profile=profile,
-        window=settings.drift_window,
-        min_samples=settings.drift_min_samples,
-        interval=settings.drift_interval_s,
-        thresholds=settings.drift_thresholds,
-    )
-
-
 def open_feedback(runtime: ClassifierRuntime, settings: ServingSettings) -> Feedback:
     """The store every worker of this server shares: in the server's own runtime folder
     (``serving.web.launch``), a private folder when the service runs alone, or the file
@@ -300,7 +227,7 @@ def open_feedback(runtime: ClassifierRuntime, settings: ServingSettings) -> Feed
         on_error=observer.failed,
     )
     token = settings.feedback_token.get_secret_value() if settings.feedback_token else None
-    return Feedback(store, observer, None, token)
+    return Feedback(store, observer, token)
 
 
 def feedback_settings(feedback: Feedback | None, settings: ServingSettings) -> dict | None:

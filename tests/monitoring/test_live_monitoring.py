@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageEnhance
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitoring.estimate import monitoring_references
 from serving.core.runtime import ClassifierRuntime
 from tests.serving.cases import encode
 from tests.serving.conftest import Server
@@ -291,7 +292,7 @@ def test_labels_for_500_predictions_give_their_accuracy(feedback_server, test_sp
     # The estimate's audit: each answer's expected correctness, computed here offline by
     # the same runtime and estimator, against the same labels.
     runtime = ClassifierRuntime(digits_model)
-    estimator, embedding = runtime.monitoring_references()
+    estimator, embedding = monitoring_references(runtime.monitoring_files())
     pixels = np.stack([runtime.preprocess(encode(image, "PNG")) for image, _ in images])
     probabilities, embeddings = runtime.predict_with_embeddings(pixels)
     calibrated, _ = estimator.calibrate(probabilities, embedding.reduce(embeddings))

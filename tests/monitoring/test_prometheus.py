@@ -21,7 +21,7 @@ import yaml
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram
 
 from monitoring import metrics, scrape
-from serving.core.roles import set_shadow
+from serving.core.releases import set_shadow
 from tests.monitoring.prometheus_server import MONITORING, is_ready, query, start_prometheus, tool
 from tests.serving.conftest import Server
 from tests.serving.variants import publish_variant, tamper

@@ -284,7 +284,7 @@ def test_a_rerun_retries_failed_rows_and_resumes_however_the_folder_is_named(
 def test_score_takes_the_live_version_of_a_model_folder_or_the_one_named(
     tmp_path, images, published_model
 ):
-    from serving.core.roles import pin
+    from serving.core.releases import pin
     from tests.serving.variants import publish_variant
 
     folder = tmp_path / "repository" / published_model.parent.name

@@ -13,8 +13,9 @@ import onnxruntime as ort
 import pytest
 
 from serving.core.errors import ConfigError, ModelError
+from serving.core.model_card import ModelCard
 from serving.core.preprocessing import preprocess_file
-from serving.core.runtime import ClassifierRuntime, ModelCard
+from serving.core.runtime import ClassifierRuntime
 from serving.core.sessions import CPU, CUDA, resolve_session_mode
 from training.datasets import read_manifest
 

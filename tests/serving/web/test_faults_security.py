@@ -16,7 +16,7 @@ from monitoring.feedback import STORE_OPERATIONS
 from monitoring.metrics import ENDPOINTS
 from monitoring.store_file import REASONS as STORE_REASONS
 from serving.core.errors import ERROR_REASONS
-from serving.core.model_dir import resolve_model_dir
+from serving.core.roles import resolve_model_dir
 from serving.core.runtime import ClassifierRuntime
 from tests.conftest import REPO, assert_one_line_error, run_cli
 

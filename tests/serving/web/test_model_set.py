@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.observers import ShadowObserver
 from serving.core.model_dir import METADATA
-from serving.core.roles import pin, promote, set_shadow
-from serving.core.runtime import ClassifierRuntime
-from serving.web.batcher import AdaptiveBatcher
-from serving.web.versions import ModelSet, ServedVersion
+from serving.core.releases import pin, promote, set_shadow
+from serving.web.served import ServedVersion
+from serving.web.settings import ServingSettings
+from serving.web.version_builder import VersionBuilder
+from serving.web.versions import ModelSet
 from tests.serving.variants import publish_variant, tamper
 
 
@@ -32,28 +32,25 @@ def folder(published_model, tmp_path) -> Path:
 
 
 def model_set(root: Path, max_pending_shadow_images: int = 256) -> ModelSet:
-    def load(path: Path) -> ClassifierRuntime:
-        return ClassifierRuntime(path, provider="cpu", max_batch_size=8)
-
-    def serve(runtime: ClassifierRuntime) -> ServedVersion:
-        return ServedVersion(runtime, AdaptiveBatcher(runtime.predict, max_batch_size=8))
-
+    settings = ServingSettings(
+        provider="cpu",
+        max_batch_size=8,
+        monitoring=False,
+        drift_window=100,
+        drift_min_samples=10,
+        drift_interval_s=60,
+        shadow_queue_images=max_pending_shadow_images,
+    )
     return ModelSet(
         root,
-        load=load,
-        serve=serve,
-        shadow_observer=lambda runtime: ShadowObserver(
-            runtime.version, None, window=100, min_samples=10, mode="calibrated"
-        ),
+        builder=VersionBuilder(settings),
         poll_s=0,  # no watcher thread: the test calls refresh()
-        max_pending_shadow_images=max_pending_shadow_images,
-        drift_interval_s=60,
         retire_after_s=30,
     )
 
 
 def images(served: ServedVersion, count: int = 2) -> np.ndarray:
-    return np.full((count, *served.card.spec.input_shape), 128, dtype=np.float32)
+    return np.full((count, *served.runtime.spec.input_shape), 128, dtype=np.float32)
 
 
 def test_a_request_keeps_its_version_across_a_switch_and_the_old_one_is_freed(folder):

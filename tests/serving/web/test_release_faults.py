@@ -20,7 +20,7 @@ import pytest
 
 from serving.core.errors import ModelError
 from serving.core.files import write_json
-from serving.core.model_dir import read_state, state_path
+from serving.core.roles import read_state, state_path
 from tests.conftest import IMGCLF, assert_one_line_error, cli_ok, run_cli
 from tests.serving.cases import digit, encode
 from tests.serving.conftest import Server

@@ -117,7 +117,8 @@ def first_loadable(directory: Path, settings: ServingSettings):
     """The runtime the workers will start on, loaded as they will load it: a model folder
     that follows its newest version skips a newest version that does not load (with one
     line), as its workers do; anything else must load."""
-    from serving.core.model_dir import is_model_root, load_live, read_state
+    from serving.core.model_dir import is_model_root
+    from serving.core.roles import load_live, read_state
     from serving.core.runtime import ClassifierRuntime
 
     def load(path: Path) -> ClassifierRuntime:

@@ -35,11 +35,10 @@ MAX_BODY_BYTES = 1024 * 1024
 
 @dataclass
 class Feedback:
-    """A worker's view of the shared store, its metrics and the held-out figures."""
+    """A worker's view of the shared store and its metrics."""
 
     store: FeedbackStore
     observer: FeedbackObserver
-    reference: dict | None = None
     #: The bearer token both methods need (``IMGCLF_FEEDBACK_TOKEN``), or None: anyone.
     token: str | None = None
 
@@ -127,7 +126,7 @@ async def post_feedback(request: Request):
         feedback = _enabled(worker, request)
         items = parse_items(await read_body(request, MAX_BODY_BYTES))
         result = await _in_thread(feedback.store.label, items)
-        summary = await _in_thread(feedback.store.summary, worker.card.version)
+        summary = await _in_thread(feedback.store.summary, worker.versions.live.version)
         feedback.observer.labelled(result["outcomes"], summary)
         return {
             "accepted": result["accepted"],
@@ -142,12 +141,14 @@ async def post_feedback(request: Request):
 async def get_feedback(request: Request):
     async def work(worker: WorkerContext):
         feedback = _enabled(worker, request)
-        summary = await _in_thread(feedback.store.summary, worker.card.version)
+        live = worker.versions.live
+        summary = await _in_thread(feedback.store.summary, live.version)
         return {
             "labelled": summary.pop("count"),
             **summary,
             "min_samples": feedback.observer.min_samples,
-            "reference": feedback.reference,
+            # The held-out figures of the version answering now.
+            "reference": live.predictions.reference_performance if live.predictions else None,
         }
 
     return await handle(request, "feedback_report", work)
