@@ -52,7 +52,7 @@ def exit_statuses() -> list[list]:
     """What ``imgclf``'s exit statuses mean, from the code that chooses them."""
     import click
 
-    from imgclf.cli import DID_NOT_LEARN
+    from imgclf.training_commands import DID_NOT_LEARN
 
     return [
         [0, "done"],

@@ -161,7 +161,7 @@ def test_ray_and_local_engines_write_the_same_rows(tmp_path, published_model, cl
     assert (tmp_path / "ray.parquet.drift.json").is_file()
 
 
-#: A line of imgclf's own logging (``imgclf/cli.py``); a Ray logger's line, propagated to the
+#: A line of imgclf's own logging (``imgclf/app.py``); a Ray logger's line, propagated to the
 #: root logger, names a ``ray`` logger and is not one.
 IMGCLF_LOG_LINE = re.compile(r"\d\d:\d\d:\d\d [A-Z]+ (?!ray\b)[\w.]+: ")
 
