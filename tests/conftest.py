@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # A private BentoML store for the whole session, set before anything imports bentoml.
@@ -241,3 +242,17 @@ def exported_digits(digits_run: Path, *flags: str) -> Path:
 @pytest.fixture(scope="session")
 def digits_model(digits_run) -> Path:
     return exported_digits(digits_run)
+
+
+@pytest.fixture(scope="session")
+def test_split(digits_run) -> list[tuple[Image.Image, str]]:
+    """``digits_run``'s test images (held out from training and never seen by it) as
+    grayscale images, with their labels. A test that sends them as files encodes them
+    (``tests.serving.cases.encode``)."""
+    from training.datasets import read_manifest
+
+    found = []
+    for sample in read_manifest(digits_run)["test"]:
+        with Image.open(sample.path) as image:
+            found.append((image.convert("L").copy(), sample.label))
+    return found

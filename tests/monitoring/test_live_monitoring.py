@@ -18,20 +18,9 @@ from monitoring.estimate import monitoring_references
 from serving.core.runtime import ClassifierRuntime
 from tests.serving.cases import encode
 from tests.serving.conftest import Server
-from training.datasets import read_manifest
 
 PREDICTIONS = 1200
 PER_REQUEST = 32
-
-
-@pytest.fixture(scope="module")
-def test_split(digits_run) -> list[tuple[Image.Image, str]]:
-    """The run's test images (held out from training and never seen by it) and labels."""
-    found = []
-    for sample in read_manifest(digits_run)["test"]:
-        with Image.open(sample.path) as image:
-            found.append((image.convert("L").copy(), sample.label))
-    return found
 
 
 def draw_labelled(split, seed: int, size: int = PREDICTIONS, keep=lambda label: True):

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from tests.code.test_preprocessing import png_bomb
 from tests.data import digit_images
+from tests.serving.core.test_preprocessing import png_bomb
 
 #: Limits the test servers run with, small enough to test without huge bodies.
 TEST_ENV = {

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.core.runtime import ClassifierRuntime
@@ -23,7 +22,6 @@ from tests.serving.cases import encode
 from tests.serving.conftest import Server
 from tests.serving.load import Load
 from tests.serving.variants import publish_variant, tamper
-from training.datasets import read_manifest
 
 POLL_S = 0.5
 #: How long a switch may take to reach every worker: the poll interval, then loading,
@@ -38,13 +36,9 @@ ENV = {
 
 
 @pytest.fixture(scope="module")
-def test_split(digits_run) -> list[tuple[bytes, str]]:
-    """The run's held-out test images, as PNG files, with their labels."""
-    found = []
-    for sample in read_manifest(digits_run)["test"]:
-        with Image.open(sample.path) as image:
-            found.append((encode(image.convert("L"), "PNG"), sample.label))
-    return found
+def held_out_pngs(test_split) -> list[bytes]:
+    """The run's held-out test images (``test_split``), as PNG files."""
+    return [encode(image, "PNG") for image, _ in test_split]
 
 
 @pytest.fixture
@@ -93,9 +87,9 @@ def converge(servers: list[tuple[Server, int]], role: str, version: int) -> floa
 
 
 def test_a_release_under_load_answers_every_request_from_the_version_named(
-    model_folder, test_split
+    model_folder, held_out_pngs
 ):
-    images = [image for image, _ in test_split]
+    images = held_out_pngs
     cli_ok("pin", str(model_folder), "1")  # hold version 1 while version 2 is released
     with (
         Server(model_folder, env=ENV, args=("--workers", "2")) as first,
@@ -146,11 +140,11 @@ def test_a_release_under_load_answers_every_request_from_the_version_named(
 
 
 def test_shadow_agreement_is_what_the_two_models_say_and_a_corrupt_version_is_refused(
-    model_folder, test_split
+    model_folder, held_out_pngs
 ):
     version_two = publish_variant(model_folder / "1", 2, noise=0.6, seed=3)
     cli_ok("pin", str(model_folder), "1")
-    images = [image for image, _ in test_split]
+    images = held_out_pngs
     with Server(model_folder, env=ENV, args=("--workers", "1")) as server, server.client() as http:
         cli_ok("shadow", str(model_folder), "2")
         converge([(server, 1)], "shadow", 2)
