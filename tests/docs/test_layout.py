@@ -97,5 +97,5 @@ def test_the_layout_table_is_read_in_each_of_its_forms():
 
 def test_every_module_is_found_under_the_packages():
     found = package_modules()
-    assert {"serving/service.py", "serving/web/serve.py", "imgclf/cli.py"} <= found
+    assert {"serving/service.py", "serving/web/serve_command.py", "imgclf/cli.py"} <= found
     assert not any(Path(name).name == "__init__.py" for name in found)
