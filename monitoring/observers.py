@@ -22,7 +22,7 @@ from monitoring.drift import (
     output_signals,
     pixel_signals,
 )
-from monitoring.feedback import STORE_OPERATIONS
+from monitoring.feedback_errors import STORE_OPERATIONS
 from monitoring.store_file import REASONS as STORE_REASONS
 
 log = logging.getLogger(__name__)
