@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from monitoring.observers import ShadowObserver, VersionObserver
+from monitoring.observers import VersionObserver
+from monitoring.shadow import ShadowObserver
 from serving.core.errors import ModelError, NotFoundError
 from serving.core.model_dir import (
     Desired,

@@ -19,12 +19,12 @@ from monitoring.buffer import BUFFER
 from monitoring.feedback import FeedbackStore
 from monitoring.observers import (
     FeedbackObserver,
-    PredictionObserver,
     RequestObserver,
-    ShadowObserver,
     VersionObserver,
     WorkerObserver,
 )
+from monitoring.predictions import PredictionObserver
+from monitoring.shadow import ShadowObserver
 from serving.core.runtime import ClassifierRuntime
 from serving.web.batcher import AdaptiveBatcher
 from serving.web.context import WorkerContext

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.observers import ShadowObserver
+from monitoring.shadow import ShadowObserver
 from serving.core.model_dir import METADATA
 from serving.core.roles import pin, promote, set_shadow
 from serving.core.runtime import ClassifierRuntime
