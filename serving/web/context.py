@@ -20,6 +20,7 @@ from bentoml.exceptions import BentoMLException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from monitoring.assessment import Answers
 from serving.core.errors import ImgclfError, InvalidImageError
 from serving.web.requests import Limits, Upload, safe_text
 
@@ -87,7 +88,7 @@ class WorkerContext:
         return array
 
 
-def prediction_ids(worker: WorkerContext, rid: str, answered, version: int) -> list[str]:
+def prediction_ids(worker: WorkerContext, rid: str, answered: Answers, version: int) -> list[str]:
     """One id per image (the request's own for one image, ``id/index`` for several), each
     kept with its predicted class, the version that predicted it and the label-free
     estimate's expected correctness (``Assessed`` answers) for ``POST /feedback``."""

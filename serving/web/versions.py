@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monitoring.assessment import Answers
 from monitoring.observers import VersionObserver
 from monitoring.shadow import ShadowObserver
 from serving.core.errors import ModelError, NotFoundError
@@ -72,7 +73,7 @@ class ServedVersion:
     def version(self) -> int:
         return self.runtime.version
 
-    async def classify(self, images: np.ndarray) -> np.ndarray:
+    async def classify(self, images: np.ndarray) -> Answers:
         return await self.batcher.submit(images)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from monitoring.assessment import Answers
 from monitoring.buffer import BUFFER
 from monitoring.feedback import FeedbackStore
 from monitoring.observers import (
@@ -252,7 +253,7 @@ def monitored_inference(runtime: ClassifierRuntime, predictions: PredictionObser
     if predictions is None or predictions.estimator is None:
         return runtime.predict
 
-    def infer(images: np.ndarray):
+    def infer(images: np.ndarray) -> Answers:
         return predictions.assess(*runtime.predict_with_embeddings(images))
 
     return infer
