@@ -10,6 +10,11 @@ under it, and can be labelled once, for as long as the store keeps that predicti
 worker buffers its predictions and writes them in one transaction every
 ``flush_interval_s``, off the request path; a label for an id that is not found yet is
 looked up again for up to four intervals, while the other workers write theirs.
+
+This module is the store: remembering predictions, matching labels, keeping its bounds. Its
+tables are ``monitoring.feedback_tables``; its file, kept healthy, ``monitoring.store_file``;
+how it refuses feedback, ``monitoring.feedback_errors``; the figures of its labelled window,
+``monitoring.performance``.
 """
 
 from __future__ import annotations
@@ -22,58 +27,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from monitoring.performance import confusion, scores
+from monitoring.feedback_errors import FeedbackError, refusal, unavailable
+from monitoring.feedback_tables import Transaction, set_up
+from monitoring.performance import labelled_figures
 from monitoring.store_file import StoreFile, reason_of
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    seq INTEGER PRIMARY KEY,
-    request_id TEXT NOT NULL UNIQUE,
-    predicted INTEGER NOT NULL,
-    created REAL NOT NULL,
-    labelled INTEGER NOT NULL DEFAULT 0,
-    version INTEGER NOT NULL DEFAULT 0,
-    expected REAL
-);
-CREATE TABLE IF NOT EXISTS outcomes (
-    seq INTEGER PRIMARY KEY,
-    label INTEGER NOT NULL,
-    predicted INTEGER NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
-    expected REAL
-);
-"""
-#: Why feedback is refused: a label that is not a class, an id the store does not hold (never
-#: stored, evicted or expired), an id that was labelled before, a store that cannot be read or
-#: written now (a full disk, a corrupt file: see ``monitoring.store_file``).
-REASONS = ("unknown_label", "unknown_request_id", "duplicate_feedback", "store_unavailable")
-#: What the store was doing when its file failed (``imgclf_feedback_store_errors_total``).
-STORE_OPERATIONS = ("open", "write", "read", "label")
 #: How often a worker forgets expired predictions and re-counts the store.
 PRUNE_INTERVAL_S = 10.0
 #: For this long after the store failed to write predictions, a label for an id it does not
 #: hold is 503 (perhaps it was never written), not 404.
 WRITE_FAILURE_MEMORY_S = 300.0
-
-
-@dataclass
-class FeedbackError(Exception):
-    """Feedback that was not applied, and why, item by item; nothing of the call counted.
-    ``reason`` is one of ``REASONS``; the service maps it to an HTTP status."""
-
-    reason: str
-    message: str
-    problems: list[dict] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class FeedbackStore:
@@ -111,7 +78,7 @@ class FeedbackStore:
         self._buffer: deque[tuple[Sequence[str], Sequence[int], int, float]] = deque()
         self._db_lock = threading.Lock()
         self._file = StoreFile(
-            self.path, _set_up, on_set_aside=lambda reason: self._count_error("open", reason)
+            self.path, set_up, on_set_aside=lambda reason: self._count_error("open", reason)
         )
         #: When writing last failed (``time.monotonic``), and why: see
         #: ``WRITE_FAILURE_MEMORY_S``.
@@ -242,7 +209,7 @@ class FeedbackStore:
                 yield
             except sqlite3.Error as error:
                 reason = self._failed(operation, error)
-                raise _unavailable(reason) from None
+                raise unavailable(reason) from None
 
     # -- labels ------------------------------------------------------------------------
 
@@ -274,9 +241,9 @@ class FeedbackStore:
                 and any(p["reason"] == "unknown_request_id" for p in problems)
             ):
                 # Not known to be unknown: perhaps answered while writing failed.
-                raise _unavailable(failed[1])
+                raise unavailable(failed[1])
             if problems:
-                raise _refusal(problems)
+                raise refusal(problems)
             self._db.executemany(
                 "UPDATE predictions SET labelled = 1 WHERE seq = ?",
                 [(seq,) for seq, *_ in outcomes],
@@ -348,27 +315,10 @@ class FeedbackStore:
             rows = self._db.execute(
                 "SELECT label, predicted, version, expected FROM outcomes"
             ).fetchall()
-        triples = np.asarray([row[:3] for row in rows], dtype=np.int64).reshape(-1, 3)
-        expected = np.asarray(
-            [np.nan if row[3] is None else row[3] for row in rows], dtype=np.float64
-        )
-        by_version = {
-            str(v): {
-                "labelled": int((triples[:, 2] == v).sum()),
-                "correct": int(((triples[:, 2] == v) & (triples[:, 0] == triples[:, 1])).sum()),
-            }
-            for v in sorted(set(triples[:, 2].tolist()))
-        }
-        if version is not None:
-            chosen = triples[:, 2] == version
-            triples, expected = triples[chosen], expected[chosen]
-        matrix = confusion(triples[:, 0], triples[:, 1], len(self.classes))
         return {
             "window": self.window,
             "version": version,
-            **scores(matrix, self.classes),
-            "estimate": estimate_audit(triples, expected),
-            "by_version": by_version,
+            **labelled_figures(rows, self.classes, version),
             "store": {
                 "predictions": predictions,
                 "capacity": self.capacity,
@@ -389,7 +339,7 @@ class FeedbackStore:
     # -- plumbing ----------------------------------------------------------------------
 
     def _transaction(self):
-        return _Transaction(self._db)
+        return Transaction(self._db)
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
@@ -406,69 +356,7 @@ class FeedbackStore:
             self._file.close()
 
 
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK``. Every transaction here writes, so
-    each takes the write lock at the start (waiting up to the connection's timeout) instead of
-    failing at once when it would upgrade a read lock another worker is writing past."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, kind, error, trace) -> None:
-        self.db.execute("ROLLBACK" if kind else "COMMIT")
-
-
 def _expected(expected, ids: Sequence[str]) -> Sequence[float | None]:
     if expected is None:
         return [None] * len(ids)
     return expected() if callable(expected) else expected
-
-
-def estimate_audit(triples: np.ndarray, expected: np.ndarray) -> dict:
-    """The label-free estimate against the labels, over the labelled predictions that were
-    answered with an estimate: mean expected correctness, realised accuracy, their gap."""
-    known = ~np.isnan(expected)
-    count = int(known.sum())
-    if count == 0:
-        return {"count": 0, "estimated_accuracy": None, "accuracy": None, "gap": None}
-    estimated = float(expected[known].mean())
-    realised = float((triples[known, 0] == triples[known, 1]).mean())
-    return {
-        "count": count,
-        "estimated_accuracy": estimated,
-        "accuracy": realised,
-        "gap": abs(estimated - realised),
-    }
-
-
-def _set_up(db: sqlite3.Connection) -> None:
-    """The tables, and the columns a store kept by an older release lacks."""
-    db.executescript(SCHEMA)
-    added = {"version": "INTEGER NOT NULL DEFAULT 0", "expected": "REAL"}
-    for table in ("predictions", "outcomes"):
-        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        for column, kind in added.items():
-            if column not in columns:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-
-
-def _unavailable(reason: str) -> FeedbackError:
-    return FeedbackError(
-        "store_unavailable",
-        f"the feedback store cannot be used now ({reason.replace('_', ' ')}); nothing was "
-        "counted: send the labels again later",
-    )
-
-
-def _refusal(problems: list[dict]) -> FeedbackError:
-    first = problems[0]
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return FeedbackError(
-        first["reason"],
-        f"request id {first['request_id']!r}: {first['error']}{more}; nothing was counted",
-        [{k: v for k, v in p.items() if k != "reason"} for p in problems],
-    )

@@ -1,7 +1,7 @@
 """Offline drift reports: the signals of a whole batch job, compared with the reference.
 
-Fed by the caller (``serving.batch.drift_report``, batch scoring): monitoring never imports
-serving."""
+Fed by its callers (``serving.batch.engine.drift_report`` for ``imgclf drift``,
+``serving.batch.job`` for batch scoring): monitoring never imports serving."""
 
 from __future__ import annotations
 

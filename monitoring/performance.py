@@ -1,8 +1,10 @@
 """Model performance figures from labels and probabilities: accuracy, per-class precision,
-recall and F1 from a confusion matrix, and calibration (expected calibration error).
+recall and F1 from a confusion matrix, calibration (expected calibration error), and the
+label-free estimate audited against the labels.
 
 Plain numpy: ``imgclf evaluate``, the export step (held-out performance in the reference
-profile) and the service's delayed-label feedback all compute them here.
+profile) and the service's delayed-label feedback (the figures of its labelled window,
+``labelled_figures``) all compute them here.
 """
 
 from __future__ import annotations
@@ -106,4 +108,46 @@ def held_out_performance(true_labels: np.ndarray, probabilities: np.ndarray) -> 
             f"{CALIBRATION_TOLERANCE}: mean confidence is not a reliable accuracy estimate for "
             "this model; rely on labelled feedback"
         ),
+    }
+
+
+def labelled_figures(rows: list[tuple], classes: list[str], version: int | None = None) -> dict:
+    """The delayed-label feedback's figures of labelled predictions, each row (true class,
+    predicted class, version that predicted, the label-free estimate's expected correctness
+    or None): ``scores`` and the estimate's audit of ``version``'s rows (of all, when None),
+    and the labelled and correct predictions of every version."""
+    triples = np.asarray([row[:3] for row in rows], dtype=np.int64).reshape(-1, 3)
+    expected = np.asarray([np.nan if row[3] is None else row[3] for row in rows], dtype=np.float64)
+    by_version = {
+        str(v): {
+            "labelled": int((triples[:, 2] == v).sum()),
+            "correct": int(((triples[:, 2] == v) & (triples[:, 0] == triples[:, 1])).sum()),
+        }
+        for v in sorted(set(triples[:, 2].tolist()))
+    }
+    if version is not None:
+        chosen = triples[:, 2] == version
+        triples, expected = triples[chosen], expected[chosen]
+    matrix = confusion(triples[:, 0], triples[:, 1], len(classes))
+    return {
+        **scores(matrix, classes),
+        "estimate": estimate_audit(triples, expected),
+        "by_version": by_version,
+    }
+
+
+def estimate_audit(triples: np.ndarray, expected: np.ndarray) -> dict:
+    """The label-free estimate against the labels, over the labelled predictions that were
+    answered with an estimate: mean expected correctness, realised accuracy, their gap."""
+    known = ~np.isnan(expected)
+    count = int(known.sum())
+    if count == 0:
+        return {"count": 0, "estimated_accuracy": None, "accuracy": None, "gap": None}
+    estimated = float(expected[known].mean())
+    realised = float((triples[known, 0] == triples[known, 1]).mean())
+    return {
+        "count": count,
+        "estimated_accuracy": estimated,
+        "accuracy": realised,
+        "gap": abs(estimated - realised),
     }

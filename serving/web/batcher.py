@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from monitoring.assessment import Answers
 from serving.core.errors import ImgclfError
 
 
@@ -50,13 +51,13 @@ class AdaptiveBatcher:
 
     def __init__(
         self,
-        infer: Callable[[np.ndarray], np.ndarray],
+        infer: Callable[[np.ndarray], Answers],
         *,
         max_batch_size: int,
         max_wait_s: float = 0.0,
         max_latency_s: float = 1.0,
         max_queue_size: int = 512,
-        on_batch: Callable[[np.ndarray, np.ndarray, float], None] | None = None,
+        on_batch: Callable[[np.ndarray, Answers, float], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -78,7 +79,7 @@ class AdaptiveBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
+    async def submit(self, images: np.ndarray) -> Answers:
         """``infer``'s answer for ``images`` (one request's rows of it: probabilities, or
         ``Assessed`` answers), computed in a shared batch."""
         if not 1 <= len(images) <= self.max_batch_size:
@@ -188,7 +189,7 @@ class AdaptiveBatcher:
         if self._on_batch is not None:  # after the callbacks that set_result scheduled
             self._loop.call_soon(self._on_batch, images, probabilities, seconds)
 
-    def _call(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+    def _call(self, images: np.ndarray) -> tuple[Answers, float]:
         started = time.perf_counter()
         probabilities = self._infer(images)
         return probabilities, time.perf_counter() - started

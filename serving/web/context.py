@@ -22,11 +22,12 @@ from bentoml.exceptions import BentoMLException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from monitoring.assessment import Answers
 from serving.core.errors import ImgclfError, InvalidImageError
 from serving.core.model_card import ModelCard
 from serving.core.runtime import ClassifierRuntime
 from serving.web.requests import Limits, Upload, safe_text
-from serving.web.served import Answers, ServedVersion
+from serving.web.served import ServedVersion
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.routing import Route
 
-from monitoring.feedback import FeedbackError, FeedbackStore
+from monitoring.feedback import FeedbackStore
+from monitoring.feedback_errors import FeedbackError
 from monitoring.observers import FeedbackObserver
 from serving.core.errors import ImgclfError, NotFoundError, UnauthorizedError
 from serving.web.context import WorkerContext, handle
@@ -43,7 +44,8 @@ class Feedback:
     token: str | None = None
 
 
-#: The HTTP status of each reason ``monitoring.feedback`` refuses feedback for.
+#: The HTTP status of each reason the feedback store refuses feedback for
+#: (``monitoring.feedback_errors.REASONS``).
 REFUSAL_STATUS = {
     "unknown_label": 422,
     "unknown_request_id": 404,

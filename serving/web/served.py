@@ -12,12 +12,11 @@ import weakref
 
 import numpy as np
 
-from monitoring.observers import Assessed, PredictionObserver
+from monitoring.assessment import Answers
+from monitoring.predictions import PredictionObserver
 from serving.core.runtime import ClassifierRuntime
 from serving.core.sessions import release_freed_memory
 from serving.web.batcher import AdaptiveBatcher
-
-Answers = np.ndarray | Assessed  # TODO(merge): monitoring.assessment.Answers
 
 log = logging.getLogger(__name__)
 

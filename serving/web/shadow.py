@@ -2,7 +2,7 @@
 after their answers are computed, through a bounded queue drained by a thread of its own at
 a lower priority. It never delays a live answer; copies are dropped (and counted) when it
 falls behind. The shadow's answers are compared with the live ones
-(``monitoring.observers.ShadowObserver``), never returned."""
+(``monitoring.shadow.ShadowObserver``), never returned."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from monitoring.observers import ShadowObserver
+from monitoring.shadow import ShadowObserver
 
 if TYPE_CHECKING:
     from serving.web.served import ServedVersion

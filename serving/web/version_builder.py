@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from monitoring.assessment import Answers
 from monitoring.estimate import monitoring_references
-from monitoring.observers import PredictionObserver, ShadowObserver, WorkerObserver
+from monitoring.observers import WorkerObserver
+from monitoring.predictions import PredictionObserver
+from monitoring.shadow import ShadowObserver
 from serving.core.runtime import ClassifierRuntime
 from serving.web.batcher import AdaptiveBatcher
-from serving.web.served import Answers, ServedVersion
+from serving.web.served import ServedVersion
 from serving.web.settings import ServingSettings
 from serving.web.shadow import ShadowCopies
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.feedback import FeedbackError, FeedbackStore
+from monitoring.feedback import FeedbackStore
+from monitoring.feedback_errors import FeedbackError
 
 CLASSES = [str(digit) for digit in range(10)]
 

@@ -66,7 +66,7 @@ def test_drained_batches_give_the_signals_of_their_images_in_order(monkeypatch):
     """The pixel statistics of kept images (computed at the drain, in one pass) and of
     batches past the memory bound (computed when recorded) land in the drift window in the
     order the batches were answered, equal to ``image_signals`` of every image at once."""
-    from monitoring import observers
+    from monitoring import predictions
     from monitoring.drift import build_reference_profile, image_signals
 
     rng = np.random.default_rng(0)
@@ -78,7 +78,7 @@ def test_drained_batches_give_the_signals_of_their_images_in_order(monkeypatch):
         return images, np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
 
     reference = build_reference_profile(image_signals(*batch(200)), classes, source="test")
-    observer = observers.PredictionObserver(
+    observer = predictions.PredictionObserver(
         classes=classes,
         name="m",
         version=1,
@@ -90,7 +90,7 @@ def test_drained_batches_give_the_signals_of_their_images_in_order(monkeypatch):
         interval=3600,
     )
     # Room for about two batches of kept images: the rest are computed when recorded.
-    monkeypatch.setattr(observers, "MAX_PENDING_IMAGE_BYTES", 2 * 5 * 8 * 8 * 3 * 4)
+    monkeypatch.setattr(predictions, "MAX_PENDING_IMAGE_BYTES", 2 * 5 * 8 * 8 * 3 * 4)
     batches = [batch(size) for size in (5, 3, 5, 1, 4, 2)]
     for images, probabilities in batches:
         observer.record(images, probabilities, 0.001)

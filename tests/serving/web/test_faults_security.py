@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from monitoring.feedback import STORE_OPERATIONS
+from monitoring.feedback_errors import STORE_OPERATIONS
 from monitoring.metrics import ENDPOINTS
 from monitoring.store_file import REASONS as STORE_REASONS
 from serving.core.errors import ERROR_REASONS
