@@ -22,9 +22,11 @@ import ast
 import asyncio
 import inspect
 import io
+import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -299,37 +301,48 @@ def test_a_server_marked_as_containerized_still_replaces_dead_workers(monkeypatc
 # BentoML: a Prometheus folder per server
 
 
-def test_launch_hands_bentoml_a_prometheus_folder_of_the_servers_own(monkeypatch):
-    import bentoml_cli.cli
-    from _bentoml_impl.server.serving import serve_http
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml.serving import ensure_prometheus_dir
+#: ``launch.main()`` with BentoML's CLI replaced by one that asks for the folder ``bentoml
+#: serve`` hands its workers; prints that folder, BentoML's shared one, and whether the folder
+#: is still there after the exit handlers ran. In a process of its own: importing BentoML's
+#: CLI reads BentoML's configuration, which a service imported earlier in the same process
+#: has changed.
+LAUNCH_PROBE = """
+import atexit, json, os, sys
+import bentoml_cli.cli
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml.serving import ensure_prometheus_dir
+from serving.web import launch
 
-    from serving.web import launch
+shared = BentoMLContainer.prometheus_multiproc_dir.get()
+seen, at_exit = [], []
+bentoml_cli.cli.cli = lambda: seen.append(ensure_prometheus_dir(clean=False, use_alternative=False))
+launch.atexit.register = lambda *call: at_exit.append(call)
+sys.argv = ["launch", "serve"]
+try:
+    launch.main()
+except SystemExit:
+    pass
+for function, *args in at_exit:
+    function(*args)
+print(json.dumps({"seen": seen, "shared": shared, "left": [os.path.exists(f) for f in seen]}))
+"""
+
+
+def test_launch_hands_bentoml_a_prometheus_folder_of_the_servers_own(tmp_path):
+    from _bentoml_impl.server.serving import serve_http
+
     from serving.web.supervision import SERVER_PID_VARIABLE
 
     first_call_line(serve_http, "ensure_prometheus_dir")  # the folder `bentoml serve` uses
-    shared = BentoMLContainer.prometheus_multiproc_dir.get()
-    seen, at_exit = [], []
-
-    def cli():  # `bentoml serve`, as far as asking for the folder it hands its workers
-        seen.append(ensure_prometheus_dir(clean=False, use_alternative=False))
-        return 0
-
-    monkeypatch.setattr(bentoml_cli.cli, "cli", cli)
-    monkeypatch.setattr(launch.atexit, "register", lambda *call: at_exit.append(call))
-    monkeypatch.setattr(sys, "argv", ["launch", "serve"])
-    monkeypatch.setenv(SERVER_PID_VARIABLE, "")
-    try:
-        with pytest.raises(SystemExit):
-            launch.main()
-    finally:
-        BentoMLContainer.prometheus_multiproc_dir.reset()
-        for function, *args in at_exit:
-            function(*args)
-    (folder,) = seen
-    assert folder != shared and os.path.basename(folder).startswith("imgclf-server-"), folder
-    assert not os.path.exists(folder)  # removed when the server exits
+    env = {**os.environ, SERVER_PID_VARIABLE: "", "BENTOML_HOME": str(tmp_path)}
+    probe = subprocess.run(
+        [sys.executable, "-c", LAUNCH_PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    (folder,) = found["seen"]
+    assert folder != found["shared"] and os.path.basename(folder).startswith("imgclf-server-")
+    assert found["left"] == [False]  # removed when the server exits
 
 
 # Ray: no usage statistics
