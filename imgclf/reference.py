@@ -28,7 +28,8 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def settings_page() -> str:
     from serving.web.serve_command import NOT_OPTIONS, flag, metavar
-    from serving.web.settings import ENV_PREFIX, ServingSettings
+    from serving.web.settings import ServingSettings
+    from serving.web.settings_env import ENV_PREFIX
 
     rows = []
     for name, field in ServingSettings.model_fields.items():

@@ -4,6 +4,7 @@ of files, and what its inputs look like against its reference. No TensorFlow."""
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -36,6 +37,8 @@ def serve(
         # A model folder stays a folder: each worker follows its versions file.
         resolved = resolve_model_dir(model)
         settings["model_dir"] = (model if resolved.parent == model else resolved).resolve()
+    if settings.get("grpc_host") is None and "IMGCLF_GRPC_HOST" not in os.environ:
+        settings["grpc_host"] = host  # gRPC where HTTP listens, not on every interface
     run_server(settings_from(settings), host=host, port=port, echo=typer.echo)
 
 

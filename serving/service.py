@@ -77,6 +77,26 @@ class ImageClassifier:
             ort_threads=ORT_THREADS,
         )
 
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """The Open Inference Protocol over gRPC on this worker's event loop, when
+        ``IMGCLF_GRPC_PORT`` is set (``serving.web.oip_grpc``)."""
+        self.grpc = None
+        if SETTINGS.grpc_port is None:
+            return
+        from serving.web.oip_grpc import GrpcServer
+
+        self.grpc = GrpcServer(
+            self.worker,
+            LIFECYCLE,
+            host=SETTINGS.grpc_host,
+            port=SETTINGS.grpc_port,
+            max_message_bytes=SETTINGS.max_request_bytes,
+            max_concurrent_calls=SETTINGS.max_concurrency,
+        )
+        await self.grpc.start()
+        LIFECYCLE.listeners.append(self.grpc.stop_threadsafe)
+
     async def predict(self, request: Request) -> Response:
         """``POST /predict``: one image (raw body or multipart field ``image``), ``top_k``
         as a query or form field -> ``{label, score, top_k, model_version, request_id}``."""
@@ -134,6 +154,8 @@ class ImageClassifier:
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        if getattr(self, "grpc", None) is not None:
+            self.grpc.stop_threadsafe(0)
         self.worker.close()
 
 

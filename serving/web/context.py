@@ -168,10 +168,7 @@ async def handle(request: Request, endpoint: str, work) -> Response:
     started = time.perf_counter()
 
     def count(status: int, reason: str | None = None) -> None:
-        if worker.observer is not None:
-            if reason is not None:
-                worker.observer.error(endpoint, reason)
-            worker.observer.request(endpoint, status, time.perf_counter() - started)
+        count_request(worker, endpoint, started, status, reason)
 
     try:
         result = await work(worker)
@@ -200,6 +197,17 @@ async def handle(request: Request, endpoint: str, work) -> Response:
     if status == 503:
         headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse({"error": message, **details}, status_code=status, headers=headers)
+
+
+def count_request(
+    worker: WorkerContext, endpoint: str, started: float, status: int, reason: str | None = None
+) -> None:
+    """One request to ``endpoint`` answered with the HTTP ``status`` (a gRPC call: its HTTP
+    equivalent), and why when it failed; ``started``: its ``time.perf_counter()``."""
+    if worker.observer is not None:
+        if reason is not None:
+            worker.observer.error(endpoint, reason)
+        worker.observer.request(endpoint, status, time.perf_counter() - started)
 
 
 def service_method(name: str):

@@ -39,6 +39,9 @@ class Lifecycle:
         #: () -> {"ready": n, "of": N}: the server's workers that serve, where a server runs
         #: around this worker (``serving.web.supervision.WorkerRoll.census``).
         self.census: Callable[[], dict] | None = None
+        #: Other listeners of this worker (gRPC), told to stop accepting when HTTP stops,
+        #: with the seconds left to finish what they have in flight.
+        self.listeners: list[Callable[[float], None]] = []
 
     def on_ready(self, callback: Callable[[bool], None]) -> None:
         """Also tell ``callback`` of every change of readiness (from now on)."""
@@ -193,6 +196,8 @@ def drain_before_exit(lifecycle: Lifecycle, window_s: float, timeout_s: float) -
         def stop_after_window() -> None:
             started = time.monotonic()
             time.sleep(window_s)
+            for stop_listening in lifecycle.listeners:
+                stop_listening(max(0.0, timeout_s - window_s))
             if stop_accepting(stop_server, loop):
                 time.sleep(ACCEPTED_GRACE_S)
             log.info(

@@ -45,7 +45,7 @@ def split_request(
         if not 0 <= length <= len(body):
             raise ImgclfError(f"{HEADER_LENGTH} is {length}; the body has {len(body)} bytes")
         if length == 0:  # as if one BYTES element had been sent with the extension
-            data = _serialize_bytes([body])
+            data = serialize_bytes([body])
             tensor = {"name": INPUT_NAME, "datatype": "BYTES", "shape": [1, 1]}
             return {"inputs": [{**tensor, "parameters": {"binary_data_size": len(data)}}]}, data
     text = body[:length]  # one copy of up to 64 MiB, counted and then parsed
@@ -182,7 +182,7 @@ def _deserialize_bytes(raw: bytes, most: int) -> list[bytes]:
     return blobs
 
 
-def _serialize_bytes(items: list[bytes]) -> bytes:
+def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
@@ -214,6 +214,30 @@ def requested_outputs(header: dict, num_classes: int) -> list[tuple[bool, int]]:
     return chosen
 
 
+def output_tensor(
+    card: ModelCard, count: int, probabilities: np.ndarray
+) -> tuple[dict, list | np.ndarray]:
+    """The output as the protocol's tensor (name, datatype, shape) and its values: the
+    probabilities (``FP32 [N, K]``), or with the classification extension ``count``
+    ``"score:index:label"`` strings per image (``BYTES [N, count]``)."""
+    if not count:
+        tensor = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probabilities.shape)}
+        return tensor, probabilities.reshape(-1)
+    strings = [
+        f"{entry['score']:f}:{card.classes.index(entry['label'])}:{entry['label']}"
+        for best in card.top_k(probabilities, count)
+        for entry in best
+    ]
+    return {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [len(probabilities), count]}, strings
+
+
+def tensor_bytes(tensor: dict, values: list | np.ndarray) -> bytes:
+    """An output's values in the binary form (HTTP's extension, gRPC's raw contents)."""
+    if tensor["datatype"] == "BYTES":
+        return serialize_bytes([text.encode() for text in values])
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
 def build_response(
     card: ModelCard, header: dict, outputs: list[tuple[bool, int]], probabilities: np.ndarray
 ) -> Response:
@@ -221,28 +245,13 @@ def build_response(
     probabilities = np.asarray(probabilities, dtype=np.float32)
     tensors, blobs = [], []
     for binary, count in outputs:
-        if count:
-            strings = [
-                f"{entry['score']:f}:{card.classes.index(entry['label'])}:{entry['label']}"
-                for best in card.top_k(probabilities, count)
-                for entry in best
-            ]
-            tensor = {
-                "name": OUTPUT_NAME,
-                "datatype": "BYTES",
-                "shape": [len(probabilities), count],
-            }
-            blob = _serialize_bytes([text.encode() for text in strings]) if binary else None
-            values = strings
-        else:
-            tensor = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probabilities.shape)}
-            blob = probabilities.astype("<f4").tobytes() if binary else None
-            values = probabilities.reshape(-1).tolist()
+        tensor, values = output_tensor(card, count, probabilities)
         if binary:
+            blob = tensor_bytes(tensor, values)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            tensor["data"] = values
+            tensor["data"] = values.tolist() if isinstance(values, np.ndarray) else values
         tensors.append(tensor)
     answer = {"model_name": card.name, "model_version": str(card.version), "outputs": tensors}
     if "id" in header:

@@ -182,10 +182,11 @@ def parse_top_k(request: Request, form: dict, limits: Limits) -> int:
     return value
 
 
-def request_id(request: Request, proposed: object = None) -> str:
+def request_id(request: Request | None, proposed: object = None) -> str:
     """The id a prediction is answered and labelled under: the caller's own (``proposed``,
     then ``X-Request-ID``) when it is safe to log and store, else a new random one."""
-    for candidate in (proposed, request.headers.get("x-request-id")):
+    sent = request.headers.get("x-request-id") if request is not None else None
+    for candidate in (proposed, sent):
         if isinstance(candidate, str) and _SAFE_ID.fullmatch(candidate):
             return candidate
     return uuid7_hex()

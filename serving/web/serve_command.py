@@ -15,7 +15,8 @@ from pathlib import Path
 from pydantic.fields import FieldInfo
 
 from serving.core.errors import ConfigError, ImgclfError
-from serving.web.settings import ENV_PREFIX, ServingSettings
+from serving.web.settings import ServingSettings
+from serving.web.settings_env import ENV_PREFIX
 
 #: Settings ``imgclf serve`` does not take as options: ``--model`` resolves a repository or a
 #: version folder into ``model_dir``; a secret on a command line shows in every process
@@ -85,6 +86,8 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
     import serving
 
     check_port_free(host, port)  # first: a busy port's line is all the user sees
+    if settings.grpc_port is not None:
+        check_port_free(settings.grpc_host, settings.grpc_port, option="--grpc-port")
     if settings.model_dir is not None:
         directory = settings.model_dir
     else:
@@ -100,6 +103,11 @@ def serve(settings: ServingSettings, *, host: str, port: int, echo=print) -> typ
         f"  curl -F image=@{image} {base}/predict\n"
         f"  curl -F images=@{image} -F images=@{image} '{base}/predict_batch?top_k=3'\n"
         f"  curl {base}/metadata    curl {base}/readyz    curl {base}/metrics"
+        + (
+            f"\n  gRPC (Open Inference Protocol): {settings.grpc_host}:{settings.grpc_port}"
+            if settings.grpc_port is not None
+            else ""
+        )
     )
     sys.stdout.flush()
     env = {**os.environ, **settings.to_env()}
@@ -134,7 +142,8 @@ def first_loadable(directory: Path, settings: ServingSettings):
 
 def check_servable(settings: ServingSettings, directory: Path) -> None:
     """In a server's main process, before its workers start (``bentoml serve`` of a Bento, a
-    container): the model they will start on loads, or one ``error:`` line and exit 1,
+    container): the model they will start on loads and the gRPC port is free, or one
+    ``error:`` line and exit 1,
     instead of workers failing one after the other behind a silent port. On the CPU and at
     one batch size: a check, not the serving. ``imgclf serve`` checked it already."""
     from serving.web.supervision import SERVER_PID_VARIABLE
@@ -150,13 +159,15 @@ def check_servable(settings: ServingSettings, directory: Path) -> None:
         }
     )
     try:
+        if settings.grpc_port is not None:  # its workers share it (SO_REUSEPORT): no other's
+            check_port_free(settings.grpc_host, settings.grpc_port, option="IMGCLF_GRPC_PORT")
         first_loadable(directory, light)
     except ImgclfError as error:
         print(f"error: {error.message}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, option: str = "--port") -> None:
     """One readable line, before any worker starts, when another process holds the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -166,7 +177,7 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as error:
             raise ConfigError(
                 f"cannot listen on {host}:{port} ({error.strerror or error}); another server "
-                "may hold it: choose another --port"
+                f"may hold it: choose another {option}"
             ) from None
 
 

@@ -16,17 +16,23 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from serving.core.buckets import normalise_buckets
-from serving.core.errors import ConfigError, validation_message
+from serving.core.errors import ConfigError
+from serving.web.settings_env import settings_from_env, settings_to_env
 
-ENV_PREFIX = "IMGCLF_"
 #: Settings whose variable, set but empty, means "not set".
-OPTIONAL = ("model_dir", "workers", "max_concurrency", "decode_threads", "feedback_store_path")
+OPTIONAL = (
+    "model_dir",
+    "workers",
+    "max_concurrency",
+    "decode_threads",
+    "feedback_store_path",
+    "grpc_port",
+)
 
 
 class ServingSettings(BaseModel):
@@ -127,6 +133,17 @@ class ServingSettings(BaseModel):
         True,
         description="TF32 matmuls/convolutions on Ampere and newer GPUs: about 30 % more "
         "images/s at batch 64, max |difference| 8.6e-4 against the CPU on the digits model.",
+    )
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Also serve the Open Inference Protocol over gRPC on this port (every "
+        "worker listens on it). Default: off.",
+    )
+    grpc_host: str = Field(
+        "0.0.0.0",
+        description="The interface gRPC listens on (imgclf serve: its --host, unless set).",
     )
     max_concurrency: int | None = Field(
         None, ge=1, description="Requests in flight per worker before 429/503 load shedding."
@@ -293,28 +310,9 @@ class ServingSettings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingSettings:
-        values = {
-            name: environ[ENV_PREFIX + name.upper()]
-            for name in cls.model_fields
-            if ENV_PREFIX + name.upper() in environ
-        }
-        try:
-            return cls.model_validate(values)
-        except ValidationError as error:
-            first = error.errors()[0]
-            name = ENV_PREFIX + str(first["loc"][0]).upper() if first["loc"] else "settings"
-            raise ConfigError(f"invalid {name}: {validation_message(first)}") from error
+        """The settings the ``IMGCLF_*`` variables of ``environ`` give (``settings_env``)."""
+        return settings_from_env(cls, environ)
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a server process."""
-        env = {}
-        for name, value in self.model_dump().items():
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
-            elif isinstance(value, bool):
-                value = str(value).lower()
-            elif isinstance(value, tuple):
-                value = ",".join(str(v) for v in value)
-            if value is not None:
-                env[ENV_PREFIX + name.upper()] = str(value)
-        return env
+        return settings_to_env(self)

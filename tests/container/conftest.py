@@ -111,11 +111,18 @@ class Container:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        #: The image serves gRPC on 8081; on the host's network each container needs its own.
+        self.grpc_port = free_port()
         self.name = f"imgclf-test-{uuid.uuid4().hex[:10]}"
         self.started = time.monotonic()
         arguments = ["run", "-d", "--name", self.name, "--network", "host"]
         arguments += ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp"]
-        settings = {"BENTOML_HOME": "/tmp/bentoml", "BENTOML_PORT": str(self.port), **(env or {})}
+        settings = {
+            "BENTOML_HOME": "/tmp/bentoml",
+            "BENTOML_PORT": str(self.port),
+            "IMGCLF_GRPC_PORT": str(self.grpc_port),
+            **(env or {}),
+        }
         for key, value in settings.items():
             arguments += ["-e", f"{key}={value}"]
         for volume in volumes:

@@ -1,7 +1,7 @@
 """The CPU image as a deployer runs it: ready in time, right on real digits over ``/predict``
-and the Open Inference Protocol, metrics, a non-root user on a read-only root filesystem,
-its settings honoured, a killed worker replaced, 20 clean starts, and an idle keep-alive
-connection kept longer than the balancers in front of it keep theirs."""
+and the Open Inference Protocol (HTTP and gRPC), metrics, a non-root user on a read-only
+root filesystem, its settings honoured, a killed worker replaced, 20 clean starts, and an
+idle keep-alive connection kept longer than the balancers in front of it keep theirs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 
 from serving.core.runtime import ClassifierRuntime
@@ -79,9 +80,16 @@ def test_predicts_held_out_digits_as_the_model_does_offline(served, held_out, di
     assert all(len(answer.json()["top_k"]) == 2 for answer in answers)  # IMGCLF_DEFAULT_TOP_K
 
 
-def test_the_open_inference_protocol_with_the_triton_client(served, held_out):
+@pytest.mark.parametrize("client_module", [triton, triton_grpc], ids=["http", "grpc"])
+def test_the_open_inference_protocol_with_the_triton_client(served, held_out, client_module):
+    """Over HTTP, and over gRPC on the port the image's IMGCLF_GRPC_PORT opens (each test
+    container is given one of its own on the host's network)."""
     container, _ = served
-    client = triton.InferenceServerClient(container.url.removeprefix("http://"))
+    triton = client_module
+    address = container.url.removeprefix("http://")
+    if client_module is triton_grpc:
+        address = f"127.0.0.1:{container.grpc_port}"
+    client = triton.InferenceServerClient(address)
     try:
         assert client.is_server_ready() and client.is_model_ready("digits")
         tensor = triton.InferInput("image", [4, 1], "BYTES")

@@ -10,7 +10,7 @@ the line before it:
 
 A command runs with ``bash -c`` in the scratch folder, from its first line to its last
 (backslash continuations joined), and must exit 0, or the status its comment names (``exit
-3``). What is substituted, all of it here: the ports 3000 to 3003 by free ports, in the
+3``). What is substituted, all of it here: the ports 3000 to 3003 and 8081 by free ports, in the
 commands and in the scrape configuration, so that the tests can run side by side; ``imgclf
 serve``, a foreground command, is started in the background until ready, and so is
 ``prometheus``, on a free port; and ``imgclf train --dataset digits --output RUN [--force]``
@@ -46,7 +46,8 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MARKER = re.compile(r"<!-- docs-test: (run|skip: (?P<why>.+?)) -->")
 FENCE = re.compile(r"^```(bash|python)\s*$")
 EXPECTED_EXIT = re.compile(r"#.*\bexit (\d+)")
-DOCUMENTED_PORTS = ("3000", "3001", "3002", "3003")
+#: HTTP ports the pages use, and the gRPC port (KServe's, 8081).
+DOCUMENTED_PORTS = ("3000", "3001", "3002", "3003", "8081")
 
 
 def wait_for_200(url: str, process: subprocess.Popen, timeout: float) -> None:

@@ -60,7 +60,7 @@ def test_releasing(scratch):
 
 def test_open_inference_protocol(scratch):
     scratch.run(MAKE_RUN_SERVES)
-    client, raw = page_blocks("docs/open-inference-protocol.md")
+    client, raw, serve_grpc, grpc_client = page_blocks("docs/open-inference-protocol.md")
     assert client.language == "python"
     (scratch.root / "client.py").write_text(scratch.as_here(client.text))
     printed = scratch.run(".venv/bin/python client.py")
@@ -70,3 +70,11 @@ def test_open_inference_protocol(scratch):
     (probabilities,) = answer["outputs"]
     assert probabilities["shape"] == [1, 10]
     assert max(range(10), key=probabilities["data"].__getitem__) == 3
+
+    # Over gRPC: a second server, with its gRPC port, and tritonclient's grpc module.
+    (command,) = serve_grpc.commands()
+    scratch.run(command)
+    (scratch.root / "grpc_client.py").write_text(scratch.as_here(grpc_client.text))
+    ready, answered = scratch.run(".venv/bin/python grpc_client.py").splitlines()[-2:]
+    assert ready == "True 32", ready  # ready, and the configuration's max_batch_size
+    assert re.match(r"\[\[b'[0-9.]+:3:3'", answered), answered  # as the page shows

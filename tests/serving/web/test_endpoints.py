@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from serving import __version__
-from serving.core.runtime import ClassifierRuntime
 from tests.serving.cases import bad_requests, good_images, send
 
 GOOD = good_images()
@@ -21,11 +20,6 @@ BAD = bad_requests()
 def api(request):
     """The same checks against both ways of running the service."""
     return request.getfixturevalue("client" if request.param == "in_process" else "http")
-
-
-@pytest.fixture(scope="module")
-def reference(published_model):
-    return ClassifierRuntime(published_model, provider="cpu")
 
 
 @pytest.mark.parametrize("name", list(GOOD))

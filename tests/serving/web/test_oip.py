@@ -12,7 +12,6 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from serving.core.runtime import ClassifierRuntime
 from tests.serving.cases import good_images
 from tests.serving.web.test_endpoints import batch_size_totals
 from tests.serving.web.test_hostile import CORPUS, REFUSED
@@ -28,13 +27,9 @@ def client(server):
     connection.close()
 
 
-@pytest.fixture(scope="module")
-def reference(published_model):
-    return ClassifierRuntime(published_model, provider="cpu")
-
-
-def encoded(*names: str) -> triton.InferInput:
-    tensor = triton.InferInput("image", [len(names), 1], "BYTES")
+def encoded(*names: str, client=triton):
+    """The named test images as one BYTES input of ``client``'s module (HTTP or gRPC)."""
+    tensor = client.InferInput("image", [len(names), 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[GOOD[n][0]] for n in names], dtype=np.object_))
     return tensor
 
@@ -125,20 +120,27 @@ def test_triton_request_ids_name_predictions_for_feedback(client, http, referenc
 
 
 def test_bytes_jpeg_equals_predict_and_classification_gives_labels(client, http):
+    assert_jpeg_answered_as_predict(client, triton, http)
+
+
+def assert_jpeg_answered_as_predict(client, module, http) -> None:
+    """A BYTES JPEG through ``client`` (of tritonclient's ``module``: HTTP or gRPC) gets
+    ``/predict``'s score, and with the classification extension ``/predict``'s top 3."""
     data, content_type, _ = GOOD["jpeg"]
     predicted = http.post(
         "/predict", content=data, headers={"Content-Type": content_type}, params={"top_k": "3"}
     ).json()
-    result = client.infer(
-        MODEL, [encoded("jpeg")], outputs=[triton.InferRequestedOutput("probabilities")]
-    )
-    probabilities = result.as_numpy("probabilities")[0]
+    jpeg = encoded("jpeg", client=module)
+    probabilities = client.infer(MODEL, [jpeg]).as_numpy("probabilities")[0]
     assert probabilities.max() == pytest.approx(predicted["score"], rel=1e-6)
     classified = client.infer(
-        MODEL,
-        [encoded("jpeg")],
-        outputs=[triton.InferRequestedOutput("probabilities", class_count=3)],
+        MODEL, [jpeg], outputs=[module.InferRequestedOutput("probabilities", class_count=3)]
     ).as_numpy("probabilities")
+    assert_classified_as_predicted(classified, predicted)
+
+
+def assert_classified_as_predicted(classified: np.ndarray, predicted: dict) -> None:
+    """The classification extension's ``score:index:label`` strings are ``/predict``'s top 3."""
     assert classified.shape == (1, 3)
     entries = [item.decode().split(":") for item in classified[0]]
     assert [label for _, _, label in entries] == [e["label"] for e in predicted["top_k"]]
