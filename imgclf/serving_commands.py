@@ -211,3 +211,52 @@ def drift(
     threshold = {"never": 99, "warning": 1, "critical": 2}[fail_on]
     if levels.get(report["status"], 0) >= threshold:
         raise typer.Exit(3)
+
+
+@app.command()
+@user_errors
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
+    model: Annotated[Path, typer.Option(help="Published model directory or <repository>/<name>.")],
+    output: Annotated[
+        Path, typer.Option(help="Folder for the overlays (<image>.explain.png) and maps.json.")
+    ] = Path("explanations"),
+    class_: Annotated[
+        Optional[str], typer.Option("--class", help="The class to explain (default: the top-1).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="occlusion (what POST /explain computes).")] = (
+        "occlusion"
+    ),
+    provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+) -> None:
+    """Where the model looked: each image with its occlusion map laid over it, as POST
+    /explain answers, written offline with the same code."""
+    from serving.core.errors import ConfigError, ImgclfError
+    from serving.core.explain import METHODS, explain_offline, overlay_png
+    from serving.core.files import atomic_write, write_json
+    from serving.core.runtime import ClassifierRuntime
+
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    missing = [str(path) for path in images if not path.is_file()]
+    if missing:
+        raise ConfigError(f"no such image file: {', '.join(missing[:5])}")
+    runtime = ClassifierRuntime(model, provider=provider)
+    output.mkdir(parents=True, exist_ok=True)
+    maps = {}
+    for path in images:
+        try:
+            image = runtime.preprocess(path.read_bytes())
+        except ImgclfError as error:
+            raise ImgclfError(f"{path}: {error.message}") from None
+        found = explain_offline(runtime, image, class_)
+        picture = output / f"{path.stem}.explain.png"
+        with atomic_write(picture, "wb") as handle:
+            handle.write(overlay_png(image, found["map"]))
+        maps[str(path)] = found | {"map": found["map"].round(4).tolist(), "overlay": str(picture)}
+        typer.echo(
+            f"{path}: {found['label']} ({found['score']:.3f}); map of {found['class']!r} -> "
+            f"{picture}"
+        )
+    write_json(output / "maps.json", {"model_version": runtime.version, "images": maps})
+    typer.echo(f"maps: {output / 'maps.json'}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-#: Endpoint label values: our routes, and the Open Inference Protocol's by route template.
+#: Endpoint label values: our routes, the Open Inference Protocol's by route template, and
+#: its gRPC calls (``serving.web.oip_grpc``).
 ENDPOINTS = (
     "predict",
     "predict_batch",
+    "explain",
     "metadata",
     "v2_server_metadata",
     "v2_health",
@@ -25,6 +27,11 @@ ENDPOINTS = (
     "v2_infer",
     "feedback",
     "feedback_report",
+    "grpc_server_metadata",
+    "grpc_model_ready",
+    "grpc_model_metadata",
+    "grpc_model_config",
+    "grpc_infer",
 )
 
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

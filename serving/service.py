@@ -26,6 +26,7 @@ from serving.core.errors import ImgclfError
 from serving.core.sessions import expected_provider
 from serving.web import http_limits
 from serving.web.context import current_worker, handle, predict_uploads, service_method
+from serving.web.explanations import explain_options, explain_upload, overlay
 from serving.web.feedback import feedback_routes
 from serving.web.lifecycle import Lifecycle, LifecycleMiddleware
 from serving.web.middleware import MergeOpenAPIPaths, PlainErrorsAsJSON, build_app
@@ -138,6 +139,28 @@ class ImageClassifier:
 
         return await handle(request, "predict_batch", work)
 
+    async def explain(self, request: Request) -> Response:
+        """``POST /explain``: one image as ``/predict`` takes it; ``class`` (default: the
+        top-1), ``method`` (``occlusion``) as query or form fields -> ``{label, score, class,
+        method, map, model_version, request_id}``, ``map`` a 7x7 grid in [0, 1];
+        ``format=png``: the image with the map laid over it."""
+
+        async def work(worker):
+            uploads, form = await read_uploads(
+                request, field="image", limits=worker.limits, raw_allowed=True
+            )
+            if len(uploads) > 1:
+                raise ImgclfError("send one image to /explain", reason="too_many_images")
+            _, wanted, answer_format = explain_options(request, form)
+            rid = request_id(request)
+            answer, image = await explain_upload(worker, uploads[0], wanted, rid)
+            headers = {REQUEST_ID_HEADER: rid}
+            if answer_format == "png":
+                return Response(overlay(image, answer), media_type="image/png", headers=headers)
+            return JSONResponse(answer, headers=headers)
+
+        return await handle(request, "explain", work)
+
     async def metadata(self, request: Request) -> Response:
         """``GET /metadata``: the model, its provider and sessions, batching, limits and
         this worker's monitoring."""
@@ -168,6 +191,7 @@ def served_model() -> tuple[str | None, int | None]:
 ROUTES = [
     Route("/predict", service_method("predict"), methods=["POST"]),
     Route("/predict_batch", service_method("predict_batch"), methods=["POST"]),
+    Route("/explain", service_method("explain"), methods=["POST"]),
     Route("/metadata", service_method("metadata"), methods=["GET"]),
     *feedback_routes(),  # POST /feedback (delayed labels), GET /feedback (their accuracy)
     *oip_routes(),  # /v2/...: the Open Inference Protocol, on the same batcher

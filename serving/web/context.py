@@ -59,6 +59,8 @@ class WorkerContext:
         self.describe = describe
         self.decoder = decoder
         self.observer = observer
+        #: One ``/explain`` at a time per worker (``serving.web.explanations``).
+        self.explaining = asyncio.Semaphore(1)
 
     @property
     def live_runtime(self) -> ClassifierRuntime:

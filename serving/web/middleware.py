@@ -104,7 +104,11 @@ class MergeOpenAPIPaths:
         self, app, max_top_k: int = 20, max_images: int = 32, served=lambda: (None, None)
     ) -> None:
         self.app = app
-        self.paths = openapi.paths(max_top_k, max_images) | openapi.feedback_paths()
+        self.paths = (
+            openapi.paths(max_top_k, max_images)
+            | openapi.explain_paths()
+            | openapi.feedback_paths()
+        )
         self.served = served  # () -> (model name, version), once the model is loaded
 
     async def __call__(self, scope, receive, send) -> None:

@@ -1,4 +1,4 @@
-"""The OpenAPI description of /predict, /predict_batch, /metadata and /feedback (/v2: see
+"""The OpenAPI description of /predict, /predict_batch, /explain, /metadata and /feedback (/v2: see
 ``openapi_v2.py``), merged into BentoML's ``/docs.json`` (BentoML documents only FastAPI
 mounts, and FastAPI is not a dependency)."""
 
@@ -75,6 +75,22 @@ def top_k_parameter(max_top_k: int) -> dict:
 
 ERRORS = {"400": ERROR, "413": ERROR, "415": ERROR}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
+#: One image as the raw body or as the multipart field ``image`` (/predict, /explain).
+ONE_IMAGE = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {"image": {"type": "string", "format": "binary"}},
+            }
+        },
+        "image/jpeg": BINARY,
+        "image/png": BINARY,
+        "application/octet-stream": BINARY,
+    },
+}
 
 
 def paths(max_top_k: int = 20, max_images: int = 32) -> dict:
@@ -89,21 +105,7 @@ def paths(max_top_k: int = 20, max_images: int = 32) -> dict:
                 "description": "One image as the raw body (image/jpeg, image/png, ...) or as the "
                 "multipart field `image`.",
                 "parameters": [top_k],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "multipart/form-data": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["image"],
-                                "properties": {"image": {"type": "string", "format": "binary"}},
-                            }
-                        },
-                        "image/jpeg": BINARY,
-                        "image/png": BINARY,
-                        "application/octet-stream": BINARY,
-                    },
-                },
+                "requestBody": ONE_IMAGE,
                 "responses": {
                     "200": {
                         "description": "The prediction",
@@ -231,5 +233,74 @@ def feedback_paths() -> dict:
                     "404": ERROR,
                 },
             },
+        }
+    }
+
+
+EXPLANATION = {
+    "type": "object",
+    "required": ["label", "score", "class", "method", "map", "model_version", "request_id"],
+    "properties": {
+        "label": {"type": "string", "description": "The top-1 answer, as /predict's."},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "class": {"type": "string", "description": "The class the map is for."},
+        "method": {"type": "string", "enum": ["occlusion"]},
+        "map": {
+            "type": "array",
+            "description": "Rows of the image's 7x7 grid, each cell in [0, 1]: how much "
+            "covering it lowered the class's probability, over the largest such drop.",
+            "items": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},
+        },
+        "model_version": {"type": "integer"},
+        "request_id": {"type": "string"},
+    },
+}
+
+
+def explain_paths() -> dict:
+    """``POST /explain``: one image as /predict takes it, and the map."""
+
+    def option(name: str, description: str, values: list[str] | None = None) -> dict:
+        schema = {"type": "string", **({"enum": values} if values else {})}
+        return {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": schema,
+        }
+
+    return {
+        "/explain": {
+            "post": {
+                "tags": ["Service APIs"],
+                "summary": "Where the model looked: a class-activation map of one image",
+                "description": "One image as /predict takes it. Occlusion: 50 forward passes "
+                "(the image with each cell of a 7x7 grid covered, and the original), one "
+                "explanation at a time per worker, beside /predict's batches.",
+                "parameters": [
+                    option("class", "The class to explain; default: the top-1 answer."),
+                    option(
+                        "method",
+                        "occlusion (cam: not for published versions yet).",
+                        ["occlusion", "cam"],
+                    ),
+                    option(
+                        "format", "json, or png: the image with the map over it.", ["json", "png"]
+                    ),
+                ],
+                "requestBody": ONE_IMAGE,
+                "responses": {
+                    "200": {
+                        "description": "The map (JSON), or the picture (format=png)",
+                        "content": {
+                            "application/json": {"schema": EXPLANATION},
+                            "image/png": BINARY,
+                        },
+                    },
+                    **ERRORS,
+                    "422": ERROR,
+                },
+            }
         }
     }

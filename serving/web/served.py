@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,10 +31,14 @@ class ServedVersion:
         runtime: ClassifierRuntime,
         batcher: AdaptiveBatcher,
         predictions: PredictionObserver | None = None,
+        unobserved: Callable[[], AdaptiveBatcher] | None = None,
     ) -> None:
         self.runtime = runtime
         self.batcher = batcher
         self.predictions = predictions
+        #: Makes a batcher whose answers no observer records (``/explain``'s covered copies).
+        self._unobserved = unobserved
+        self._explain_batcher: AdaptiveBatcher | None = None
         #: Requests holding a lease on this version (changed under ``ModelSet``'s lock).
         self.in_flight = 0
 
@@ -44,8 +49,18 @@ class ServedVersion:
     async def classify(self, images: np.ndarray) -> Answers:
         return await self.batcher.submit(images)
 
+    def explain_batcher(self) -> AdaptiveBatcher:
+        """The batcher ``/explain`` runs its forward passes on, made the first time."""
+        if self._explain_batcher is None:
+            if self._unobserved is None:
+                raise RuntimeError("this version was built without an explanation batcher")
+            self._explain_batcher = self._unobserved()
+        return self._explain_batcher
+
     def close(self) -> None:
         self.batcher.close_threadsafe()
+        if self._explain_batcher is not None:
+            self._explain_batcher.close_threadsafe()
         if self.predictions is not None:
             self.predictions.retire()
 

@@ -66,7 +66,7 @@ class VersionBuilder:
         """``runtime`` as the live version."""
         predictions = self.prediction_observer(runtime) if self.settings.monitoring else None
         batcher = self.batcher(runtime, predictions, self.metrics)
-        return ServedVersion(runtime, batcher, predictions)
+        return ServedVersion(runtime, batcher, predictions, lambda: self.batcher(runtime))
 
     def shadow(
         self, runtime: ClassifierRuntime, live: ServedVersion, fraction: float

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import REPO, assert_one_line_error, run_cli
 
 COMMANDS = [
-    "train", "export", "register", "serve", "score", "drift",
+    "train", "export", "register", "serve", "score", "drift", "explain",
     "versions", "shadow", "promote", "rollback", "pin",
 ]  # fmt: skip
 

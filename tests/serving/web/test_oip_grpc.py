@@ -22,6 +22,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+from monitoring.metrics import ENDPOINTS
 from serving.oip_proto import grpc_service_pb2 as pb
 from tests.model_cache import cached
 from tests.serving.cases import good_images
@@ -389,6 +390,13 @@ def test_grpc_and_http_load_together_without_an_error_in_shared_batches(grpc_ser
     assert calls["grpc"] > 100 and calls["http"] > 100, calls
     assert images == calls["grpc"] + calls["http"]
     assert mixed > 0, "no batch held more than 16 images: gRPC and HTTP were never batched together"
+    with grpc_server.client() as http:
+        endpoints = {
+            line.split('endpoint="', 1)[1].split('"', 1)[0]
+            for line in http.get("/metrics").text.splitlines()
+            if line.startswith("imgclf_requests_total{")
+        }
+    assert {"grpc_infer", "predict"} <= endpoints <= set(ENDPOINTS), endpoints
 
 
 def test_grpc_health_service_says_serving(grpc_server):

@@ -1,0 +1,116 @@
+"""What ``/explain`` costs, on one server, in one run.
+
+- latency at concurrency 1: ``/predict`` and ``/explain`` (occlusion: 50 forward passes) of
+  the same digit, alternating, medians;
+- ``/predict`` throughput at concurrency 32 alone, and while ``/explain`` is called once a
+  second beside it, in alternating rounds: the ratio is what an explanation costs the
+  traffic (occlusion runs on a batcher of its own, one explanation at a time per worker).
+
+    .venv/bin/python benchmarks/bench_explain.py [--model model_repository/digits] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+
+from benchmarks.bench_service import Process, digit_jpegs, free_port  # noqa: E402
+from benchmarks.common import machine, table  # noqa: E402
+from serving.core.roles import resolve_model_dir  # noqa: E402
+
+BIN = Path(sys.executable).parent
+HEADERS = {"Content-Type": "image/jpeg"}
+
+
+async def latencies(url: str, jpeg: bytes, calls: int) -> dict[str, float]:
+    """Median ms of ``/predict`` and ``/explain``, called one at a time, alternating."""
+    seen: dict[str, list[float]] = {"/predict": [], "/explain": []}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(calls):
+            for route, found in seen.items():
+                started = time.perf_counter()
+                async with session.post(url + route, data=jpeg, headers=HEADERS) as answer:
+                    answer.raise_for_status()
+                    await answer.read()
+                found.append(1000 * (time.perf_counter() - started))
+    return {route: statistics.median(found) for route, found in seen.items()}
+
+
+async def throughput(url: str, jpegs: list[bytes], seconds: float, explaining: bool) -> float:
+    """``/predict`` answers per second at concurrency 32, with ``/explain`` once a second
+    beside it or not."""
+    done = 0
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def caller(offset: int) -> None:
+            nonlocal done
+            index = offset
+            while time.monotonic() < deadline:
+                jpeg = jpegs[index % len(jpegs)]
+                async with session.post(url + "/predict", data=jpeg, headers=HEADERS) as answer:
+                    answer.raise_for_status()
+                    await answer.read()
+                done += 1
+                index += 1
+
+        async def explainer() -> None:
+            while time.monotonic() < deadline:
+                async with session.post(url + "/explain", data=jpegs[0], headers=HEADERS) as a:
+                    a.raise_for_status()
+                    await a.read()
+                await asyncio.sleep(1.0)
+
+        tasks = [caller(i) for i in range(32)] + ([explainer()] if explaining else [])
+        await asyncio.gather(*tasks)
+    return done / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "digits")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    model_dir = resolve_model_dir(args.model).resolve()
+    jpegs = digit_jpegs()
+    port = free_port()
+    command = [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)]
+    server = Process(command, {"IMGCLF_PROVIDER": "cpu"}, port)
+    rounds: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        single = asyncio.run(latencies(server.url, jpegs[0], 50))
+        for round_ in range(args.rounds):
+            for explaining in (False, True) if round_ % 2 == 0 else (True, False):
+                rate = asyncio.run(throughput(server.url, jpegs, args.seconds, explaining))
+                rounds[explaining].append(rate)
+    finally:
+        server.stop()
+    alone, beside = (statistics.median(rounds[flag]) for flag in (False, True))
+    print(f"{machine()}; {model_dir}; default workers; medians")
+    print(
+        table(
+            ["measure", "value"],
+            [
+                ["/predict at concurrency 1, ms", single["/predict"]],
+                ["/explain (occlusion) at concurrency 1, ms", single["/explain"]],
+                ["/explain / /predict", single["/explain"] / single["/predict"]],
+                ["/predict at concurrency 32, requests/s", alone],
+                ["... with /explain once a second beside it", beside],
+                ["throughput kept", beside / alone],
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
