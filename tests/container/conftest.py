@@ -108,11 +108,15 @@ class Container:
         image: str,
         env: dict[str, str] | None = None,
         volumes: tuple[str, ...] = (),
+        grpc: bool = False,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        #: The image serves gRPC on 8081; on the host's network each container needs its own.
-        self.grpc_port = free_port()
+        #: The image serves gRPC on 8081; on the host's network a container that serves it
+        #: needs a port of its own, and the others turn it off. (A port picked here is bound
+        #: only once the workers have started: containers starting side by side could pick it
+        #: for their own sockets meanwhile, and one of them fail to start.)
+        self.grpc_port = free_port() if grpc else None
         self.name = f"imgclf-test-{uuid.uuid4().hex[:10]}"
         self.started = time.monotonic()
         arguments = ["run", "-d", "--name", self.name, "--network", "host"]
@@ -120,7 +124,7 @@ class Container:
         settings = {
             "BENTOML_HOME": "/tmp/bentoml",
             "BENTOML_PORT": str(self.port),
-            "IMGCLF_GRPC_PORT": str(self.grpc_port),
+            "IMGCLF_GRPC_PORT": str(self.grpc_port or ""),
             **(env or {}),
         }
         for key, value in settings.items():

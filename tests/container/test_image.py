@@ -40,7 +40,7 @@ def held_out(digits_run) -> list[tuple[bytes, str]]:
 @pytest.fixture(scope="module")
 def served(image):
     """One container for the module."""
-    with Container(image, env=SETTINGS) as container:
+    with Container(image, env=SETTINGS, grpc=True) as container:
         yield container, container.wait_ready(workers=2)
 
 

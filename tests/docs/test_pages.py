@@ -20,6 +20,7 @@ RUN_BY_A_TEST = {
     "docs/serving.md",
     "docs/releasing.md",
     "docs/open-inference-protocol.md",
+    "docs/explain.md",
     "docs/batch-scoring.md",
     "docs/monitoring.md",
     "docs/several-servers.md",
@@ -45,7 +46,7 @@ WRITTEN_BY_THE_DOCS = [
     "scores.csv.drift.json", "scores.parquet", "scores.parquet.drift.json", "listed.csv",
     "listed.csv.drift.json", "ray-scores.parquet", "ray-scores.parquet.drift.json", "paths.txt",
     "drift.json", "eval/evaluation.json", "eval-test/evaluation.json",
-    "monitoring/prometheus/local.yml",
+    "monitoring/prometheus/local.yml", "explanations/maps.json", "digit-3-as-8.png",
 ]  # fmt: skip
 
 

@@ -78,3 +78,21 @@ def test_open_inference_protocol(scratch):
     ready, answered = scratch.run(".venv/bin/python grpc_client.py").splitlines()[-2:]
     assert ready == "True 32", ready  # ready, and the configuration's max_batch_size
     assert re.match(r"\[\[b'[0-9.]+:3:3'", answered), answered  # as the page shows
+
+
+def test_explanations(scratch):
+    scratch.run(MAKE_RUN_SERVES)
+    offline, served = page_blocks("docs/explain.md")
+    (command,) = offline.commands()
+    printed = scratch.run(command)
+    assert re.search(r"digit-3\.png: 3 \(", printed) and re.search(r"digit-7\.png: 7 \(", printed)
+    maps = json.loads((scratch.root / "explanations" / "maps.json").read_text())
+    assert len(maps["images"]) == 2
+    for name in ("digit-3", "digit-7"):
+        picture = scratch.root / "explanations" / f"{name}.explain.png"
+        assert picture.read_bytes().startswith(b"\x89PNG")
+    as_json, as_picture = served.commands()
+    answer = json.loads(scratch.run(as_json))
+    assert answer["label"] == answer["class"] == "3" and len(answer["map"]) == 7
+    scratch.run(as_picture)
+    assert (scratch.root / "digit-3-as-8.png").read_bytes().startswith(b"\x89PNG")
