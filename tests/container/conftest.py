@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.serving.conftest import free_port
+from tests.serving.conftest import free_late_port, free_port
 
 BASE_IMAGE = "localhost/debian-py311:bookworm"
 #: podman's settings come from CONTAINERS_CONF where it is set (.ci/run points it at
@@ -113,10 +113,9 @@ class Container:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         #: The image serves gRPC on 8081; on the host's network a container that serves it
-        #: needs a port of its own, and the others turn it off. (A port picked here is bound
-        #: only once the workers have started: containers starting side by side could pick it
-        #: for their own sockets meanwhile, and one of them fail to start.)
-        self.grpc_port = free_port() if grpc else None
+        #: needs a port of its own (bound only once its workers start: ``free_late_port``),
+        #: and the others turn it off.
+        self.grpc_port = free_late_port() if grpc else None
         self.name = f"imgclf-test-{uuid.uuid4().hex[:10]}"
         self.started = time.monotonic()
         arguments = ["run", "-d", "--name", self.name, "--network", "host"]

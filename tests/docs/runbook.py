@@ -40,14 +40,15 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import IMGCLF, REPO
-from tests.serving.conftest import free_port, wait_ready
+from tests.serving.conftest import free_late_port, free_port, wait_ready
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MARKER = re.compile(r"<!-- docs-test: (run|skip: (?P<why>.+?)) -->")
 FENCE = re.compile(r"^```(bash|python)\s*$")
 EXPECTED_EXIT = re.compile(r"#.*\bexit (\d+)")
 #: HTTP ports the pages use, and the gRPC port (KServe's, 8081).
-DOCUMENTED_PORTS = ("3000", "3001", "3002", "3003", "8081")
+GRPC_PORT = "8081"
+DOCUMENTED_PORTS = ("3000", "3001", "3002", "3003", GRPC_PORT)
 
 
 def wait_for_200(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -142,7 +143,10 @@ class Scratch:
         (home / ".cache" / "imgclf").symlink_to(digits_home)
         scratch = cls(root, digits_run)
         scratch.digits_copies.add(root / "runs" / "digits")
-        scratch.ports = {port: str(free_port()) for port in DOCUMENTED_PORTS}
+        scratch.ports = {
+            port: str(free_late_port() if port == GRPC_PORT else free_port())
+            for port in DOCUMENTED_PORTS
+        }
         # The port in the repository's files too: Prometheus's scrape target, for one.
         scrape = root / "monitoring" / "prometheus" / "prometheus.yml"
         scrape.write_text(scratch.as_here(scrape.read_text()))

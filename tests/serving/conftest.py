@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,6 +23,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_late_port() -> int:
+    """A free port for a socket bound seconds from now (gRPC's, once the workers start):
+    below the kernel's ephemeral range, where ``free_port`` and every process asking for
+    port 0 meanwhile (BentoML's own control sockets) are never handed it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(20_000, min(low, 32_768)), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 90) -> list[int]:

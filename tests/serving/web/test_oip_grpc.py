@@ -26,7 +26,7 @@ from monitoring.metrics import ENDPOINTS
 from serving.oip_proto import grpc_service_pb2 as pb
 from tests.model_cache import cached
 from tests.serving.cases import good_images
-from tests.serving.conftest import Server, free_port
+from tests.serving.conftest import Server, free_late_port
 from tests.serving.core.test_preprocessing import png_bomb
 from tests.serving.web import test_oip as oip_http
 from tests.serving.web.test_endpoints import batch_size_totals
@@ -40,7 +40,7 @@ MODEL = "tiny"
 @pytest.fixture(scope="module")
 def grpc_server(published_model):
     """One worker, so that gRPC and HTTP requests meet in its batches."""
-    port = free_port()
+    port = free_late_port()
     with Server(
         published_model, env={"IMGCLF_GRPC_PORT": str(port)}, args=("--workers", "1")
     ) as running:
@@ -415,7 +415,7 @@ def test_sigterm_drains_grpc_as_http(published_model):
     and still answers calls; then it stops, every call answered."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = free_port()
+    port = free_late_port()
     server = Server(
         published_model,
         env={"IMGCLF_GRPC_PORT": str(port), "IMGCLF_DRAIN_WINDOW_S": "3"},
