@@ -12,6 +12,20 @@ import typer
 
 from imgclf.app import app, user_errors
 
+#: What ``score`` and ``drift`` read: the forms batch scoring lists (``serving.batch.inputs``).
+ImageSource = Annotated[
+    str,
+    typer.Argument(
+        help="Folder (recursive), glob, text/CSV file listing images, or an s3:// gs:// "
+        "file:// prefix."
+    ),
+]
+#: The model ``score``, ``drift`` and ``explain`` run.
+PublishedModel = Annotated[
+    Path, typer.Option(help="Published model directory or <repository>/<name>.")
+]
+Provider = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
+
 
 def serve(
     model: Annotated[
@@ -81,14 +95,8 @@ app.command("serve")(user_errors(serve))
 @app.command()
 @user_errors
 def score(
-    inputs: Annotated[
-        str,
-        typer.Argument(
-            help="Folder (recursive), glob, text/CSV file listing images, or an s3:// gs:// "
-            "file:// prefix."
-        ),
-    ],
-    model: Annotated[Path, typer.Option(help="Published model directory or <repository>/<name>.")],
+    inputs: ImageSource,
+    model: PublishedModel,
     output: Annotated[
         Path, typer.Option(help="CSV file, or Parquet dataset directory (name.parquet).")
     ],
@@ -101,7 +109,7 @@ def score(
         typer.Option(help="Decoding threads (default: half the cores; ONNX Runtime the rest)."),
     ] = None,
     top_k: Annotated[int, typer.Option(help="Labels and scores kept per image.")] = 5,
-    provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    provider: Provider = "auto",
     precision: Annotated[str, typer.Option(help="fp32 or int8.")] = "fp32",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     engine: Annotated[
@@ -171,18 +179,12 @@ def score(
 @app.command()
 @user_errors
 def drift(
-    inputs: Annotated[
-        str,
-        typer.Argument(
-            help="Folder (recursive), glob, text/CSV file listing images, or an s3:// gs:// "
-            "file:// prefix."
-        ),
-    ],
-    model: Annotated[Path, typer.Option(help="Published model directory or <repository>/<name>.")],
+    inputs: ImageSource,
+    model: PublishedModel,
     output: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path(
         "drift_report.json"
     ),
-    provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    provider: Provider = "auto",
     fail_on: Annotated[
         str, typer.Option(help="Exit 3 at this drift level: never, warning or critical.")
     ] = "never",
@@ -217,7 +219,7 @@ def drift(
 @user_errors
 def explain(
     images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
-    model: Annotated[Path, typer.Option(help="Published model directory or <repository>/<name>.")],
+    model: PublishedModel,
     output: Annotated[
         Path, typer.Option(help="Folder for the overlays (<image>.explain.png) and maps.json.")
     ] = Path("explanations"),
@@ -227,12 +229,12 @@ def explain(
     method: Annotated[str, typer.Option(help="occlusion (what POST /explain computes).")] = (
         "occlusion"
     ),
-    provider: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    provider: Provider = "auto",
 ) -> None:
     """Where the model looked: each image with its occlusion map laid over it, as POST
     /explain answers, written offline with the same code."""
     from serving.core.errors import ConfigError, ImgclfError
-    from serving.core.explain import METHODS, explain_offline, overlay_png
+    from serving.core.explain import METHODS, as_json, explain_offline, overlay_png
     from serving.core.files import atomic_write, write_json
     from serving.core.runtime import ClassifierRuntime
 
@@ -253,7 +255,7 @@ def explain(
         picture = output / f"{path.stem}.explain.png"
         with atomic_write(picture, "wb") as handle:
             handle.write(overlay_png(image, found["map"]))
-        maps[str(path)] = found | {"map": found["map"].round(4).tolist(), "overlay": str(picture)}
+        maps[str(path)] = as_json(found) | {"overlay": str(picture)}
         typer.echo(
             f"{path}: {found['label']} ({found['score']:.3f}); map of {found['class']!r} -> "
             f"{picture}"

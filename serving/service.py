@@ -23,10 +23,11 @@ from starlette.routing import Route
 from monitoring.observers import WorkerObserver
 from monitoring.scrape import ScrapeEndpoint
 from serving.core.errors import ImgclfError
+from serving.core.explain import as_json, overlay_png
 from serving.core.sessions import expected_provider
 from serving.web import http_limits
 from serving.web.context import current_worker, handle, predict_uploads, service_method
-from serving.web.explanations import explain_options, explain_upload, overlay
+from serving.web.explanations import explain_options, explain_upload
 from serving.web.feedback import feedback_routes
 from serving.web.lifecycle import Lifecycle, LifecycleMiddleware
 from serving.web.middleware import MergeOpenAPIPaths, PlainErrorsAsJSON, build_app
@@ -83,20 +84,10 @@ class ImageClassifier:
         """The Open Inference Protocol over gRPC on this worker's event loop, when
         ``IMGCLF_GRPC_PORT`` is set (``serving.web.oip_grpc``)."""
         self.grpc = None
-        if SETTINGS.grpc_port is None:
-            return
-        from serving.web.oip_grpc import GrpcServer
+        if SETTINGS.grpc_port is not None:  # grpc is imported only when it is on
+            from serving.web.oip_grpc import start_grpc_server
 
-        self.grpc = GrpcServer(
-            self.worker,
-            LIFECYCLE,
-            host=SETTINGS.grpc_host,
-            port=SETTINGS.grpc_port,
-            max_message_bytes=SETTINGS.max_request_bytes,
-            max_concurrent_calls=SETTINGS.max_concurrency,
-        )
-        await self.grpc.start()
-        LIFECYCLE.listeners.append(self.grpc.stop_threadsafe)
+            self.grpc = await start_grpc_server(self.worker, LIFECYCLE, SETTINGS)
 
     async def predict(self, request: Request) -> Response:
         """``POST /predict``: one image (raw body or multipart field ``image``), ``top_k``
@@ -151,13 +142,14 @@ class ImageClassifier:
             )
             if len(uploads) > 1:
                 raise ImgclfError("send one image to /explain", reason="too_many_images")
-            _, wanted, answer_format = explain_options(request, form)
+            wanted, answer_format = explain_options(request, form)
             rid = request_id(request)
-            answer, image = await explain_upload(worker, uploads[0], wanted, rid)
+            found, image = await explain_upload(worker, uploads[0], wanted, rid)
             headers = {REQUEST_ID_HEADER: rid}
             if answer_format == "png":
-                return Response(overlay(image, answer), media_type="image/png", headers=headers)
-            return JSONResponse(answer, headers=headers)
+                picture = overlay_png(image, found["map"])
+                return Response(picture, media_type="image/png", headers=headers)
+            return JSONResponse(as_json(found), headers=headers)
 
         return await handle(request, "explain", work)
 

@@ -107,15 +107,26 @@ def class_index_of(classes: list[str], probabilities: np.ndarray, wanted: str | 
     return classes.index(wanted)
 
 
-def explain_offline(runtime, image: np.ndarray, wanted: str | None = None) -> dict:
-    """What ``POST /explain`` answers for one preprocessed image, computed with the runtime
-    directly (``imgclf explain``): label, score, class, method and the map."""
-    answers = runtime.predict(occlusion_images(image))
-    index = class_index_of(runtime.classes, answers[0], wanted)
+def explained(classes: list[str], answers: np.ndarray, wanted: str | None = None) -> dict:
+    """What an explanation says, from the answers to ``occlusion_images``: the top-1 label and
+    score, the class the map is for (``wanted``, or the top-1) and the map."""
+    index = class_index_of(classes, answers[0], wanted)
     return {
-        "label": runtime.classes[int(np.argmax(answers[0]))],
+        "label": classes[int(np.argmax(answers[0]))],
         "score": float(answers[0].max()),
-        "class": runtime.classes[index],
+        "class": classes[index],
         "method": "occlusion",
         "map": occlusion_map(answers, index),
     }
+
+
+def as_json(found: dict) -> dict:
+    """An explanation as ``/explain`` answers it and ``maps.json`` keeps it: the map as rows
+    of numbers."""
+    return found | {"map": np.round(found["map"], 4).tolist()}
+
+
+def explain_offline(runtime, image: np.ndarray, wanted: str | None = None) -> dict:
+    """What ``POST /explain`` answers for one preprocessed image, computed with the runtime
+    directly (``imgclf explain``)."""
+    return explained(runtime.classes, runtime.predict(occlusion_images(image)), wanted)

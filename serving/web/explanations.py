@@ -15,13 +15,7 @@ import numpy as np
 from starlette.requests import Request
 
 from serving.core.errors import ImgclfError
-from serving.core.explain import (
-    METHODS,
-    class_index_of,
-    occlusion_images,
-    occlusion_map,
-    overlay_png,
-)
+from serving.core.explain import METHODS, explained, occlusion_images
 from serving.web.context import WorkerContext
 from serving.web.requests import Upload
 
@@ -31,8 +25,9 @@ CHUNK = 10
 FORMATS = ("json", "png")
 
 
-def explain_options(request: Request, form: dict) -> tuple[str, str | None, str]:
-    """``method``, ``class`` and ``format`` from the query or the form fields."""
+def explain_options(request: Request, form: dict) -> tuple[str | None, str]:
+    """``class`` and ``format`` from the query or the form fields, once ``method`` is one
+    this server computes (occlusion, the only one yet)."""
 
     def option(name: str) -> str | None:
         value = request.query_params.get(name, form.get(name))
@@ -51,14 +46,15 @@ def explain_options(request: Request, form: dict) -> tuple[str, str | None, str]
     answer_format = option("format") or "json"
     if answer_format not in FORMATS:
         raise ImgclfError(f"format must be json or png, got {answer_format[:40]!r}")
-    return method, option("class"), answer_format
+    return option("class"), answer_format
 
 
 async def explain_upload(
     worker: WorkerContext, upload: Upload, wanted: str | None, rid: str
 ) -> tuple[dict, np.ndarray]:
-    """The explanation of one uploaded image on the live version, and the image as the
-    model saw it (for the overlay)."""
+    """The explanation of one uploaded image on the live version (``serving.core.explain.
+    explained``, with the version and the request id), and the image as the model saw it
+    (for the overlay)."""
     async with worker.explaining:
         with worker.versions.lease() as served:
             runtime = served.runtime
@@ -71,18 +67,5 @@ async def explain_upload(
                     for start in range(0, len(copies), CHUNK)
                 ]
             )
-            index = class_index_of(runtime.classes, answers[0], wanted)
-            heat = occlusion_map(answers, index)
-            return {
-                "label": runtime.classes[int(np.argmax(answers[0]))],
-                "score": float(answers[0].max()),
-                "class": runtime.classes[index],
-                "method": "occlusion",
-                "map": np.round(heat, 4).tolist(),
-                "model_version": served.version,
-                "request_id": rid,
-            }, image
-
-
-def overlay(image: np.ndarray, answer: dict) -> bytes:
-    return overlay_png(image, np.asarray(answer["map"], dtype=np.float32))
+            found = explained(runtime.classes, answers, wanted)
+            return found | {"model_version": served.version, "request_id": rid}, image
