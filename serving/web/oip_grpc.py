@@ -35,6 +35,7 @@ from serving.web.context import WorkerContext, count_request
 from serving.web.lifecycle import Lifecycle
 from serving.web.oip_grpc_tensors import infer_response, request_header
 from serving.web.requests import REQUEST_ID_HEADER, request_id
+from serving.web.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +268,21 @@ class GrpcServer:
         loop = self.loop
         if loop is not None and not loop.is_closed():
             asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), loop)
+
+
+async def start_grpc_server(
+    worker: WorkerContext, lifecycle: Lifecycle, settings: ServingSettings
+) -> GrpcServer:
+    """This worker's gRPC server on ``IMGCLF_GRPC_HOST:IMGCLF_GRPC_PORT``, within the
+    server's limits, started, and stopped when the drain window ends."""
+    server = GrpcServer(
+        worker,
+        lifecycle,
+        host=settings.grpc_host,
+        port=settings.grpc_port,
+        max_message_bytes=settings.max_request_bytes,
+        max_concurrent_calls=settings.max_concurrency,
+    )
+    await server.start()
+    lifecycle.listeners.append(server.stop_threadsafe)
+    return server

@@ -94,10 +94,6 @@ def pixels(images: np.ndarray, datatype: str = "FP32") -> triton.InferInput:
     return tensor
 
 
-def status_of(error: InferenceServerException) -> str:
-    return error.status()
-
-
 def test_health_and_readiness(client):
     assert client.is_server_live()
     assert client.is_server_ready()
@@ -106,7 +102,7 @@ def test_health_and_readiness(client):
     for name, version in (("unknown", ""), (MODEL, "2")):
         with pytest.raises(InferenceServerException) as unknown:
             client.is_model_ready(name, version)
-        assert status_of(unknown.value) == "StatusCode.NOT_FOUND"
+        assert unknown.value.status() == "StatusCode.NOT_FOUND"
 
 
 def test_server_and_model_metadata(client):
@@ -122,7 +118,7 @@ def test_server_and_model_metadata(client):
     assert client.get_model_metadata(MODEL, "1", as_json=True) == model
     with pytest.raises(InferenceServerException, match="unknown model 'nope'") as unknown:
         client.get_model_metadata("nope")
-    assert status_of(unknown.value) == "StatusCode.NOT_FOUND"
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
     with pytest.raises(InferenceServerException, match="unknown version '7'"):
         client.get_model_metadata(MODEL, "7")
 
@@ -198,7 +194,7 @@ def test_unknown_model_and_version_are_not_found(client):
     for name, version in (("other", ""), (MODEL, "2"), (MODEL, "x")):
         with pytest.raises(InferenceServerException) as unknown:
             client.infer(name, [encoded("png")], model_version=version)
-        assert status_of(unknown.value) == "StatusCode.NOT_FOUND", unknown.value
+        assert unknown.value.status() == "StatusCode.NOT_FOUND", unknown.value
 
 
 def infer_request(datatype="BYTES", shape=(1, 1), raw=None, name="image", **fields):
