@@ -1,7 +1,8 @@
 """What ``/explain`` costs, on one server, in one run.
 
-- latency at concurrency 1: ``/predict`` and ``/explain`` (occlusion: 50 forward passes) of
-  the same digit, alternating, medians;
+- latency at concurrency 1: ``/predict``, ``/explain?method=cam`` (one forward pass and the
+  head's gradient) and ``/explain?method=occlusion`` (50 forward passes) of the same digit,
+  alternating, medians;
 - ``/predict`` throughput at concurrency 32 alone, and while ``/explain`` is called once a
   second beside it, in alternating rounds: the ratio is what an explanation costs the
   traffic (occlusion runs on a batcher of its own, one explanation at a time per worker).
@@ -31,9 +32,13 @@ BIN = Path(sys.executable).parent
 HEADERS = {"Content-Type": "image/jpeg"}
 
 
+#: The routes timed one call at a time.
+SINGLE = ("/predict", "/explain?method=cam", "/explain?method=occlusion")
+
+
 async def latencies(url: str, jpeg: bytes, calls: int) -> dict[str, float]:
-    """Median ms of ``/predict`` and ``/explain``, called one at a time, alternating."""
-    seen: dict[str, list[float]] = {"/predict": [], "/explain": []}
+    """Median ms of each of ``SINGLE``, called one at a time, in turn."""
+    seen: dict[str, list[float]] = {route: [] for route in SINGLE}
     async with aiohttp.ClientSession() as session:
         for _ in range(calls):
             for route, found in seen.items():
@@ -65,7 +70,8 @@ async def throughput(url: str, jpegs: list[bytes], seconds: float, explaining: b
 
         async def explainer() -> None:
             while time.monotonic() < deadline:
-                async with session.post(url + "/explain", data=jpegs[0], headers=HEADERS) as a:
+                route = "/explain?method=occlusion"
+                async with session.post(url + route, data=jpegs[0], headers=HEADERS) as a:
                     a.raise_for_status()
                     await a.read()
                 await asyncio.sleep(1.0)
@@ -102,10 +108,12 @@ def main() -> None:
             ["measure", "value"],
             [
                 ["/predict at concurrency 1, ms", single["/predict"]],
-                ["/explain (occlusion) at concurrency 1, ms", single["/explain"]],
-                ["/explain / /predict", single["/explain"] / single["/predict"]],
+                ["/explain?method=cam, ms", single[SINGLE[1]]],
+                ["... / /predict", single[SINGLE[1]] / single["/predict"]],
+                ["/explain?method=occlusion, ms", single[SINGLE[2]]],
+                ["... / /predict", single[SINGLE[2]] / single["/predict"]],
                 ["/predict at concurrency 32, requests/s", alone],
-                ["... with /explain once a second beside it", beside],
+                ["... with occlusion once a second beside it", beside],
                 ["throughput kept", beside / alone],
             ],
         )

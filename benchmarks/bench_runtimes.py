@@ -36,7 +36,7 @@ from serving.core.model_dir import (
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
 from serving.core.roles import resolve_model_dir
 from serving.core.runtime import ClassifierRuntime
-from training import datasets, export, quantize
+from training import datasets, explanation, export, quantize
 from training.models import seed_cnn
 
 
@@ -49,7 +49,7 @@ def digits_images(size: int, count: int) -> np.ndarray:
 def seed_cnn_64(workdir: Path) -> Path:
     """An untrained seed CNN at 64x64 exported like a real one (speed does not need training)."""
     model = seed_cnn((64, 64, 3), 10)
-    serve = export.serving_function(export.with_embedding(model), (64, 64, 3))
+    serve = export.serving_function(explanation.features_model(model, None), (64, 64, 3))
     export.write_saved_model(model, serve, workdir / SAVED_MODEL)
     export.write_onnx(serve, (64, 64, 3), workdir / ONNX_MODEL)
     quantize.quantize(workdir / ONNX_MODEL, workdir / INT8_MODEL, digits_images(64, 256))

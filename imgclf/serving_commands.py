@@ -226,24 +226,29 @@ def explain(
     class_: Annotated[
         Optional[str], typer.Option("--class", help="The class to explain (default: the top-1).")
     ] = None,
-    method: Annotated[str, typer.Option(help="occlusion (what POST /explain computes).")] = (
-        "occlusion"
-    ),
+    method: Annotated[
+        Optional[str],
+        typer.Option(
+            help="cam or occlusion, as POST /explain takes it (default: cam where the version "
+            "has it, else occlusion)."
+        ),
+    ] = None,
     provider: Provider = "auto",
 ) -> None:
-    """Where the model looked: each image with its occlusion map laid over it, as POST
-    /explain answers, written offline with the same code."""
+    """Where the model looked: each image with its map laid over it, as POST /explain
+    answers, written offline with the same code."""
     from serving.core.errors import ConfigError, ImgclfError
-    from serving.core.explain import METHODS, as_json, explain_offline, overlay_png
+    from serving.core.explain import METHODS, as_json, explain_offline, method_for, overlay_png
     from serving.core.files import atomic_write, write_json
     from serving.core.runtime import ClassifierRuntime
 
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     missing = [str(path) for path in images if not path.is_file()]
     if missing:
         raise ConfigError(f"no such image file: {', '.join(missing[:5])}")
-    runtime = ClassifierRuntime(model, provider=provider)
+    runtime = ClassifierRuntime(model, provider=provider).verify()
+    method = method_for(runtime, method)
     output.mkdir(parents=True, exist_ok=True)
     maps = {}
     for path in images:
@@ -251,14 +256,14 @@ def explain(
             image = runtime.preprocess(path.read_bytes())
         except ImgclfError as error:
             raise ImgclfError(f"{path}: {error.message}") from None
-        found = explain_offline(runtime, image, class_)
+        found = explain_offline(runtime, image, class_, method)
         picture = output / f"{path.stem}.explain.png"
         with atomic_write(picture, "wb") as handle:
             handle.write(overlay_png(image, found["map"]))
         maps[str(path)] = as_json(found) | {"overlay": str(picture)}
         typer.echo(
-            f"{path}: {found['label']} ({found['score']:.3f}); map of {found['class']!r} -> "
-            f"{picture}"
+            f"{path}: {found['label']} ({found['score']:.3f}); {method} map of "
+            f"{found['class']!r} -> {picture}"
         )
     write_json(output / "maps.json", {"model_version": runtime.version, "images": maps})
     typer.echo(f"maps: {output / 'maps.json'}")

@@ -208,6 +208,12 @@ def export(
             f"parity {runtime}: max abs diff {summary['max_abs_diff']:.2e}, "
             f"top-1 agreement {summary['top1_agreement']:.2%}"
         )
+    cam = result.parity.get("explanation")
+    if cam is not None:
+        typer.echo(
+            f"parity cam: maps max abs diff {cam['map_max_abs_diff']:.2e} against TensorFlow "
+            f"on {cam['images']} images"
+        )
     if result.int8 is not None:
         typer.echo(
             f"int8: {result.int8['decision']} (fp32 {result.int8['fp32_test_accuracy']:.4f}, "

@@ -132,9 +132,10 @@ class ImageClassifier:
 
     async def explain(self, request: Request) -> Response:
         """``POST /explain``: one image as ``/predict`` takes it; ``class`` (default: the
-        top-1), ``method`` (``occlusion``) as query or form fields -> ``{label, score, class,
-        method, map, model_version, request_id}``, ``map`` a 7x7 grid in [0, 1];
-        ``format=png``: the image with the map laid over it."""
+        top-1), ``method`` (``cam`` where the version has it, else ``occlusion``) as query or
+        form fields -> ``{label, score, class, method, map, model_version, request_id}``,
+        ``map`` in [0, 1] (cam: the feature map's size; occlusion: 7x7); ``format=png``: the
+        image with the map laid over it."""
 
         async def work(worker):
             uploads, form = await read_uploads(
@@ -142,9 +143,9 @@ class ImageClassifier:
             )
             if len(uploads) > 1:
                 raise ImgclfError("send one image to /explain", reason="too_many_images")
-            wanted, answer_format = explain_options(request, form)
+            method, wanted, answer_format = explain_options(request, form)
             rid = request_id(request)
-            found, image = await explain_upload(worker, uploads[0], wanted, rid)
+            found, image = await explain_upload(worker, uploads[0], method, wanted, rid)
             headers = {REQUEST_ID_HEADER: rid}
             if answer_format == "png":
                 picture = overlay_png(image, found["map"])

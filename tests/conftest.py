@@ -201,15 +201,14 @@ def published_model(published_export) -> Path:
     return published_export[0]
 
 
-@pytest.fixture(scope="session")
-def digits_run(digits_home) -> Path:
-    """The seed CNN on all 1,797 built-in digits at 16x16, with 60% of them held out (so drift
-    tests can split the held-out images into a reference half and windows). Deterministic:
-    the monitoring tests judge a model's behaviour under shifts, and every run (here and in
-    CI) must judge the same model."""
+def train_digits(digits_home: Path, image_size: int) -> Path:
+    """The seed CNN on all 1,797 built-in digits at ``image_size``, with 60% of them held out
+    (cached). Deterministic: the monitoring tests judge a model's behaviour under shifts, and
+    every run (here and in CI) must judge the same model."""
     args = [
         *("train", "--dataset", "digits", "--output", "{output}/run"),
-        *("--image-size", "16", "--epochs", "14", "--batch-size", "16", "--weights", "none"),
+        *("--image-size", str(image_size), "--epochs", "14", "--batch-size", "16"),
+        *("--weights", "none"),
         *overrides(
             data__validation_fraction=0.3,
             data__test_fraction=0.3,
@@ -222,7 +221,22 @@ def digits_run(digits_home) -> Path:
             deterministic="true",
         ),
     ]
-    return cached_cli("digits-run", args, env={"IMGCLF_DATA_HOME": str(digits_home)}) / "run"
+    kind = "digits-run" if image_size == 16 else f"digits-run-{image_size}"
+    return cached_cli(kind, args, env={"IMGCLF_DATA_HOME": str(digits_home)}) / "run"
+
+
+@pytest.fixture(scope="session")
+def digits_run(digits_home) -> Path:
+    """The digits at 16x16 (so drift tests can split the held-out images into a reference
+    half and windows)."""
+    return train_digits(digits_home, 16)
+
+
+@pytest.fixture(scope="session")
+def digits_model_32(digits_home) -> Path:
+    """The digits at 32x32, the size ``make run`` trains, exported (cached): its feature map
+    is 8x8, fine enough to compare with a 7x7 occlusion grid (16x16 gives 4x4)."""
+    return exported_digits(train_digits(digits_home, 32))
 
 
 def exported_digits(digits_run: Path, *flags: str) -> Path:

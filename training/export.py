@@ -33,6 +33,8 @@ from serving.core.model_dir import (
     CALIBRATION,
     EMBEDDING_NAME,
     EMBEDDING_REFERENCE,
+    EXPLANATION_HEAD,
+    FEATURE_MAP_NAME,
     INPUT_NAME,
     INT8_MODEL,
     METADATA,
@@ -44,7 +46,7 @@ from serving.core.model_dir import (
     file_hashes,
 )
 from serving.core.preprocessing import PreprocessSpec, preprocess_file
-from training import datasets, parity, quantize
+from training import datasets, explanation, parity, quantize
 from training.publish import check_learned, destination, new_staging, publish
 from training.run_dir import BEST_MODEL, check_checkpoint
 
@@ -92,7 +94,10 @@ def export(
     )
     staging = new_staging(model_root, version)
     try:
-        features = with_embedding(model)
+        split = explanation.split_model(model)
+        if split is None:
+            log.warning("no feature map to explain in %s: /explain offers occlusion only", run_dir)
+        features = explanation.features_model(model, split)
         serve = serving_function(features, spec.input_shape)
         write_saved_model(model, serve, staging / SAVED_MODEL)
         write_onnx(serve, spec.input_shape, staging / ONNX_MODEL)
@@ -113,6 +118,10 @@ def export(
             test_images,
             batch_size=max_batch_size,
         )
+        if split is not None:
+            report["explanation"] = write_explanation_head(
+                split, features, staging, test_images[:EXPLAINED_IMAGES]
+            )
         int8_report = None
         if int8:
             calibration, _ = load_split(splits["validation"], classes, spec, limit=512)
@@ -124,6 +133,13 @@ def export(
         write_monitoring_reference(staging, splits, classes, spec, run_dir, profile_images)
 
         metadata = build_metadata(name, version, run_dir, run_info, spec, report, int8_report)
+        if split is not None:
+            metadata["explanation"] = {
+                "method": report["explanation"]["method"],
+                "output": FEATURE_MAP_NAME,
+                **split.describe(features.outputs[2].shape[1:]),
+                "file": EXPLANATION_HEAD,
+            }
         for onnx_file in (ONNX_MODEL, INT8_MODEL):
             if (staging / onnx_file).exists():
                 set_onnx_metadata(staging / onnx_file, metadata)
@@ -146,23 +162,38 @@ def load_checkpoint(path: Path) -> keras.Model:
         raise ModelError(f"cannot load {path}: corrupt or not a Keras model ({first})") from error
 
 
-def with_embedding(model: keras.Model) -> keras.Model:
-    """The model with its penultimate features as a second output: the input of the final
-    (softmax) layer, for every architecture here."""
-    head = model.layers[-1]
-    return keras.Model(model.input, [model.output, head.input], name=f"{model.name}_features")
-
-
 def serving_function(features: keras.Model, input_shape: tuple[int, int, int]):
-    """The inference graph: float32 NHWC ``image`` -> ``{"probabilities", "embedding"}``."""
+    """The inference graph: float32 NHWC ``image`` -> ``{"probabilities", "embedding"}`` and,
+    where the model has one to explain, ``"feature_map"`` (``explanation.features_model``)."""
     signature = tf.TensorSpec((None, *input_shape), tf.float32, name=INPUT_NAME)
+    names = (OUTPUT_NAME, EMBEDDING_NAME, FEATURE_MAP_NAME)[: len(features.outputs)]
 
     @tf.function(input_signature=[signature])
     def serve(image):
-        probabilities, embedding = features(image, training=False)
-        return {OUTPUT_NAME: probabilities, EMBEDDING_NAME: embedding}
+        return dict(zip(names, features(image, training=False), strict=True))
 
     return serve
+
+
+#: Held-out images the cam gate compares TensorFlow's maps with NumPy's on.
+EXPLAINED_IMAGES = 64
+
+
+def write_explanation_head(
+    split: explanation.Split, features: keras.Model, staging: Path, images: np.ndarray
+) -> dict:
+    """The head after the feature map as ``explanation.npz``, once the gate
+    (``explanation.check_cam_parity``) has passed on the staged ONNX graph; the report."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        str(staging / ONNX_MODEL), providers=["CPUExecutionProvider"]
+    )
+    outputs = session.run([OUTPUT_NAME, FEATURE_MAP_NAME], {INPUT_NAME: images})
+    head = explanation.head_of(split)
+    report = explanation.check_cam_parity(split, features, head, tuple(outputs), images)
+    (staging / EXPLANATION_HEAD).write_bytes(head.to_bytes())
+    return report
 
 
 def write_saved_model(model: keras.Model, serve, path: Path) -> None:
@@ -178,6 +209,13 @@ def write_onnx(serve, input_shape: tuple[int, int, int], path: Path) -> None:
     # tf2onnx names the dynamic dimension unk__N; call it what it is.
     for value in (*model_proto.graph.input, *model_proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    # The probabilities first (tf2onnx sorts a dict's outputs by name), for any tool that
+    # runs ``session.run(None, ...)[0]``.
+    order = (OUTPUT_NAME, EMBEDDING_NAME, FEATURE_MAP_NAME)
+    outputs = sorted(model_proto.graph.output, key=lambda o: order.index(o.name))
+    outputs = [type(o).FromString(o.SerializeToString()) for o in outputs]
+    del model_proto.graph.output[:]
+    model_proto.graph.output.extend(outputs)
     onnx.save(model_proto, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -185,9 +223,12 @@ def write_onnx(serve, input_shape: tuple[int, int, int], path: Path) -> None:
         raise ModelError(f"the converted ONNX model is invalid: {str(error)[:300]}") from error
     names = (
         [i.name for i in model_proto.graph.input],
-        sorted(o.name for o in model_proto.graph.output),
+        [o.name for o in model_proto.graph.output],
     )
-    if names != ([INPUT_NAME], sorted([OUTPUT_NAME, EMBEDDING_NAME])):
+    if names not in (
+        ([INPUT_NAME], [OUTPUT_NAME, EMBEDDING_NAME]),
+        ([INPUT_NAME], [OUTPUT_NAME, EMBEDDING_NAME, FEATURE_MAP_NAME]),
+    ):
         raise ModelError(f"the converted ONNX model has inputs/outputs {names}")
 
 

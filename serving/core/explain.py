@@ -1,16 +1,18 @@
-"""Where the model looked: class-activation maps of one image, and the picture of one.
+"""Where the model looked: the maps of one image, by either method, and the picture of one.
 
-Occlusion (Zeiler and Fergus, 2014) needs nothing but the served graph, so it works for every
-version, old ones included: the image is covered one cell of a ``grid`` x ``grid`` grid at a
-time with its own mean colour, all the covered copies and the original are classified in
-batches, and a cell's value is how much covering it lowered the class's probability. The
-map says where the evidence for the class lies, not why the model weighs it so: a saliency
-map is evidence of where, not of why (docs/explain.md).
+``cam`` reads the map off the served graph in one forward pass: its last feature map times
+the class's gradient there (``serving.core.cam``), for versions exported with the head that
+gradient needs. Occlusion (Zeiler and Fergus, 2014) needs nothing but the served graph, so
+it works for every version, old ones included: the image is covered one cell of a ``grid``
+x ``grid`` grid at a time with its own mean colour, all the covered copies and the original
+are classified in batches, and a cell's value is how much covering it lowered the class's
+probability. Either map says where the evidence for the class lies, not why the model weighs
+it so: a saliency map is evidence of where, not of why (docs/explain.md).
 
-The same code serves ``POST /explain`` (each batch through the worker's batcher) and
-``imgclf explain`` (through the runtime directly): ``occlusion_images`` makes the batches,
-``occlusion_map`` reads the answers. No TensorFlow, no matplotlib: the overlay's colours are
-computed here.
+The same code serves ``POST /explain`` (occlusion's batches through the worker's batcher)
+and ``imgclf explain`` (through the runtime directly): ``method_for`` picks the method,
+``cam_explained`` and ``occlusion_explained`` answer. No TensorFlow, no matplotlib: the
+overlay's colours are computed here.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ import io
 import numpy as np
 from PIL import Image
 
+from serving.core.cam import class_activation_maps
+from serving.core.errors import ImgclfError
+from serving.core.model_dir import FEATURE_MAP_NAME, OUTPUT_NAME
+
 #: Cells per side of the occlusion grid: 49 covered copies and the original, 50 forward passes.
 GRID = 7
-METHODS = ("occlusion",)
+#: The methods, the default first (where a version has what it needs).
+METHODS = ("cam", "occlusion")
 
 
 def occlusion_images(image: np.ndarray, grid: int = GRID) -> np.ndarray:
@@ -100,24 +107,57 @@ def class_index_of(classes: list[str], probabilities: np.ndarray, wanted: str | 
     if wanted is None:
         return int(np.argmax(probabilities))
     if wanted not in classes:
-        from serving.core.errors import ImgclfError
-
         shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
         raise ImgclfError(f"unknown class {wanted[:60]!r}; the classes are {shown}")
     return classes.index(wanted)
 
 
-def explained(classes: list[str], answers: np.ndarray, wanted: str | None = None) -> dict:
-    """What an explanation says, from the answers to ``occlusion_images``: the top-1 label and
-    score, the class the map is for (``wanted``, or the top-1) and the map."""
-    index = class_index_of(classes, answers[0], wanted)
+def method_for(runtime, asked: str | None) -> str:
+    """The method to explain a version's answers with: the one asked for, or cam where the
+    version has its head (exported since it was written) and occlusion where not. Asking for
+    cam of a version without one is a 422 that says what to do."""
+    if asked is None:
+        return "cam" if runtime.has_class_activation else "occlusion"
+    if asked not in METHODS:
+        raise ImgclfError(f"method must be one of {', '.join(METHODS)}, got {asked[:40]!r}")
+    if asked == "cam" and not runtime.has_class_activation:
+        error = ImgclfError(
+            f"version {runtime.version} of {runtime.name} has no class-activation graph "
+            "(exported before imgclf wrote one): explain it by occlusion, or export it again"
+        )
+        error.status_code = 422
+        raise error
+    return asked
+
+
+def explanation(
+    classes: list[str], probabilities: np.ndarray, index: int, method: str, heat: np.ndarray
+) -> dict:
+    """What an explanation says: the top-1 label and score, the class the map is for, how it
+    was made, and the map."""
     return {
-        "label": classes[int(np.argmax(answers[0]))],
-        "score": float(answers[0].max()),
+        "label": classes[int(np.argmax(probabilities))],
+        "score": float(probabilities.max()),
         "class": classes[index],
-        "method": "occlusion",
-        "map": occlusion_map(answers, index),
+        "method": method,
+        "map": heat,
     }
+
+
+def occlusion_explained(classes: list[str], answers: np.ndarray, wanted: str | None = None) -> dict:
+    """The explanation from the answers to ``occlusion_images``, for ``wanted`` (default: the
+    top-1 class)."""
+    index = class_index_of(classes, answers[0], wanted)
+    return explanation(classes, answers[0], index, "occlusion", occlusion_map(answers, index))
+
+
+def cam_explained(runtime, image: np.ndarray, wanted: str | None = None) -> dict:
+    """The cam explanation of one preprocessed image: one forward pass for the probabilities
+    and the feature map, then the head's gradient (``serving.core.cam``)."""
+    probabilities, feature_maps = runtime.run_outputs(image[None], (OUTPUT_NAME, FEATURE_MAP_NAME))
+    index = class_index_of(runtime.classes, probabilities[0], wanted)
+    maps = class_activation_maps(runtime.explanation_head(), feature_maps, [index])
+    return explanation(runtime.classes, probabilities[0], index, "cam", normalised(maps[0]))
 
 
 def as_json(found: dict) -> dict:
@@ -126,7 +166,11 @@ def as_json(found: dict) -> dict:
     return found | {"map": np.round(found["map"], 4).tolist()}
 
 
-def explain_offline(runtime, image: np.ndarray, wanted: str | None = None) -> dict:
+def explain_offline(
+    runtime, image: np.ndarray, wanted: str | None = None, method: str | None = None
+) -> dict:
     """What ``POST /explain`` answers for one preprocessed image, computed with the runtime
     directly (``imgclf explain``)."""
-    return explained(runtime.classes, runtime.predict(occlusion_images(image)), wanted)
+    if method_for(runtime, method) == "cam":
+        return cam_explained(runtime, image, wanted)
+    return occlusion_explained(runtime.classes, runtime.predict(occlusion_images(image)), wanted)

@@ -33,12 +33,17 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 #: The optional second output: the penultimate features, for embedding drift.
 EMBEDDING_NAME = "embedding"
+#: The optional third output: the last rectified feature map (NHWC), for ``/explain``'s cam.
+FEATURE_MAP_NAME = "feature_map"
+#: The layers after that map, as arrays (``serving.core.cam.Head``).
+EXPLANATION_HEAD = "explanation.npz"
 #: What each file of a published version holds (the reference page is generated from this).
 FILES = {
     METADATA: "The contract: classes, input size, preprocessing, metrics, versions, file hashes.",
     ONNX_MODEL: f"The canonical model: fp32, dynamic batch, NHWC float32 {INPUT_NAME!r} in "
     f"[0, 255] -> {OUTPUT_NAME!r} (softmax) and, optionally, {EMBEDDING_NAME!r} (the "
-    "penultimate features, for embedding drift; /predict never returns them).",
+    "penultimate features, for embedding drift; /predict never returns them) and "
+    f"{FEATURE_MAP_NAME!r} (the last rectified feature map, for /explain's cam), in that order.",
     INT8_MODEL: "Optional: static QDQ INT8, kept only if its held-out accuracy is within the gate.",
     SAVED_MODEL + "/": "TensorFlow SavedModel with a serving_default signature (not served).",
     REFERENCE_PROFILE: "What 'no drift' looks like on held-out data, with calibrated thresholds.",
@@ -46,6 +51,8 @@ FILES = {
     CALIBRATION: "The label-free accuracy estimate's temperature, fitted on the validation split.",
     EMBEDDING_REFERENCE: "The embedding reduction fitted at export (feature means, scales, "
     "components) and the reduced validation embeddings.",
+    EXPLANATION_HEAD: f"The layers after {FEATURE_MAP_NAME!r}, as arrays: what /explain's cam "
+    "differentiates (checked against TensorFlow in parity.json).",
 }
 #: The keys of metadata.json; those in REQUIRED_KEYS must be there for a server to start.
 METADATA_FIELDS = {
@@ -61,6 +68,8 @@ METADATA_FIELDS = {
     "metrics": "Held-out test metrics of the exported model.",
     "parity": "Summary of parity.json: max |difference| and top-1 agreement per format.",
     "int8": "Whether the INT8 model was kept, with both accuracies.",
+    "explanation": f"What /explain's cam reads: the method, the {FEATURE_MAP_NAME!r} output, the "
+    f"layer it comes from and its shape, the head's layers, the file ({EXPLANATION_HEAD}).",
     "opset": "The ONNX opset.",
     "versions": "Library versions that produced the files.",
     "source_run": "The training run it was exported from.",

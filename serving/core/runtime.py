@@ -15,10 +15,13 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.core.buckets import normalise_buckets, pad_to_bucket
+from serving.core.cam import Head
 from serving.core.errors import ConfigError, ModelError
 from serving.core.model_card import ModelCard
 from serving.core.model_dir import (
     EMBEDDING_NAME,
+    EXPLANATION_HEAD,
+    FEATURE_MAP_NAME,
     INPUT_NAME,
     INT8_MODEL,
     ONNX_MODEL,
@@ -99,6 +102,7 @@ class ClassifierRuntime(ModelCard):
         else:
             self._shared = session
         self._references: MonitoringFiles | None = None
+        self._head: Head | None = None
         self.load_seconds = time.perf_counter() - started
         self.warmed_batch_sizes: list[int] = []
         self.warm_up_seconds: float | None = None
@@ -149,18 +153,31 @@ class ClassifierRuntime(ModelCard):
     def predict(self, images: np.ndarray, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> np.ndarray:
         """float32 NHWC batch in [0, 255] -> probabilities (or ``outputs`` side by side), in
         chunks of ``max_batch_size``, each padded to its bucket."""
+        found = self.run_outputs(images, outputs)
+        if not found:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return found[0] if len(found) == 1 else np.concatenate(found, axis=1)
+
+    def run_outputs(self, images: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
+        """The graph's ``outputs`` of a float32 NHWC batch in [0, 255], one array each, in
+        chunks of ``max_batch_size``, each padded to its bucket (none for no images)."""
         if images.ndim != 4 or images.shape[1:] != self.spec.input_shape:
             raise ValueError(f"expected (N, {self.spec.input_shape}) images, got {images.shape}")
         images = np.ascontiguousarray(images, dtype=np.float32)
         chunks = [
-            self._run(
-                pad_to_bucket(images[start : start + self.max_batch_size], self.buckets), outputs
-            )[: min(self.max_batch_size, len(images) - start)]
+            [
+                found[: min(self.max_batch_size, len(images) - start)]
+                for found in self._run(
+                    pad_to_bucket(images[start : start + self.max_batch_size], self.buckets),
+                    outputs,
+                )
+            ]
             for start in range(0, len(images), self.max_batch_size)
         ]
-        if not chunks:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return np.concatenate(chunks)
+        return [
+            parts[0] if len(parts) == 1 else np.concatenate(parts)
+            for parts in zip(*chunks, strict=True)
+        ]
 
     def predict_with_embeddings(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and the penultimate features from the same run (None when the
@@ -171,12 +188,29 @@ class ClassifierRuntime(ModelCard):
         both = self.predict(images, outputs=(OUTPUT_NAME, EMBEDDING_NAME))
         return both[:, : len(self.classes)], both[:, len(self.classes) :]
 
-    def _run(self, batch: np.ndarray, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> np.ndarray:
+    def _run(self, batch: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
         bucket = len(batch)
         session = self._shared if self._shared is not None else self._session_for(bucket)
         self.runs_by_bucket[bucket] += 1
-        found = session.run(list(outputs), {INPUT_NAME: batch})
-        return found[0] if len(found) == 1 else np.concatenate(found, axis=1)
+        return session.run(list(outputs), {INPUT_NAME: batch})
+
+    @property
+    def has_class_activation(self) -> bool:
+        """Whether ``/explain?method=cam`` can explain this version: its graph answers the
+        feature map and its directory holds the head after it (exported since both were)."""
+        return self.has_feature_map and EXPLANATION_HEAD in self.metadata["files"]
+
+    def explanation_head(self) -> Head:
+        """The layers after the feature map (hash-checked and parsed), read once."""
+        if not self.has_class_activation:
+            raise ModelError(
+                f"version {self.version} of {self.name} has no class-activation graph "
+                "(exported before imgclf wrote one); use method=occlusion, or export it again"
+            )
+        if self._head is None:
+            data = read_verified(self.model_dir, self.metadata, EXPLANATION_HEAD)
+            self._head = Head.from_bytes(data, str(self.model_dir / EXPLANATION_HEAD))
+        return self._head
 
     def _session_for(self, bucket: int) -> ort.InferenceSession:
         """The bucket's own session, made on first use (``warm_up`` makes them all), with
@@ -232,6 +266,8 @@ class ClassifierRuntime(ModelCard):
         switched. ``ModelError`` says why not."""
         verify_files(self.model_dir, self.metadata)
         self.monitoring_files()
+        if self.has_class_activation:
+            self.explanation_head()
         return self
 
     def reference_profile(self) -> dict | None:
@@ -268,6 +304,8 @@ class ClassifierRuntime(ModelCard):
             "metrics": meta.get("metrics"),
             "parity": meta.get("parity"),
             "int8": meta.get("int8"),
+            # What /explain's cam reads (None: exported before it, explained by occlusion).
+            "explanation": meta.get("explanation") if self.has_class_activation else None,
             "created_at": meta.get("created_at"),
         }
 
@@ -277,14 +315,17 @@ class ClassifierRuntime(ModelCard):
         if [i.name for i in inputs] != [INPUT_NAME] or names not in (
             [OUTPUT_NAME],
             sorted([OUTPUT_NAME, EMBEDDING_NAME]),
+            sorted([OUTPUT_NAME, EMBEDDING_NAME, FEATURE_MAP_NAME]),
         ):
             raise ModelError(
                 f"{self.model_dir}: the graph's inputs/outputs are "
                 f"{[i.name for i in inputs]}/{names}, expected [{INPUT_NAME!r}]/"
-                f"[{OUTPUT_NAME!r}] and optionally {EMBEDDING_NAME!r}"
+                f"[{OUTPUT_NAME!r}] and optionally {EMBEDDING_NAME!r}, then {FEATURE_MAP_NAME!r}"
             )
         #: Whether the graph has the penultimate features (models exported before have not).
         self.has_embedding = EMBEDDING_NAME in names
+        #: Whether it has the last feature map, for ``/explain``'s cam (the same).
+        self.has_feature_map = FEATURE_MAP_NAME in names
         outputs = [o for o in outputs if o.name == OUTPUT_NAME]
         graph_shape = tuple(inputs[0].shape[1:])
         if graph_shape != self.spec.input_shape:

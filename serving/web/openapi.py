@@ -244,11 +244,13 @@ EXPLANATION = {
         "label": {"type": "string", "description": "The top-1 answer, as /predict's."},
         "score": {"type": "number", "minimum": 0, "maximum": 1},
         "class": {"type": "string", "description": "The class the map is for."},
-        "method": {"type": "string", "enum": ["occlusion"]},
+        "method": {"type": "string", "enum": ["cam", "occlusion"]},
         "map": {
             "type": "array",
-            "description": "Rows of the image's 7x7 grid, each cell in [0, 1]: how much "
-            "covering it lowered the class's probability, over the largest such drop.",
+            "description": "Rows of numbers in [0, 1], over the image. cam: one per position "
+            "of the last feature map, the class logit's gradient times the map, summed over "
+            "the channels, over its largest value. occlusion: a 7x7 grid, how much covering "
+            "each cell lowered the class's probability, over the largest such drop.",
             "items": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},
         },
         "model_version": {"type": "integer"},
@@ -275,15 +277,17 @@ def explain_paths() -> dict:
             "post": {
                 "tags": ["Service APIs"],
                 "summary": "Where the model looked: a class-activation map of one image",
-                "description": "One image as /predict takes it. Occlusion: 50 forward passes "
-                "(the image with each cell of a 7x7 grid covered, and the original), one "
-                "explanation at a time per worker, beside /predict's batches.",
+                "description": "One image as /predict takes it. cam: one forward pass and the "
+                "gradient of the class at the last feature map (versions exported with its "
+                "head; 422 for others). Occlusion: 50 forward passes (the image with each "
+                "cell of a 7x7 grid covered, and the original). One explanation at a time per "
+                "worker, beside /predict's batches.",
                 "parameters": [
                     option("class", "The class to explain; default: the top-1 answer."),
                     option(
                         "method",
-                        "occlusion (cam: not for published versions yet).",
-                        ["occlusion", "cam"],
+                        "cam or occlusion; default: cam where the version has it, else occlusion.",
+                        ["cam", "occlusion"],
                     ),
                     option(
                         "format", "json, or png: the image with the map over it.", ["json", "png"]

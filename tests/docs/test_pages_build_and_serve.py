@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+
 from tests.docs.runbook import MAKE_RUN_SERVES, answered_by, page_blocks, predict, row
 
 
@@ -94,6 +96,8 @@ def test_explanations(scratch):
         assert picture.read_bytes().startswith(b"\x89PNG")
     as_json, as_picture = served.commands()
     answer = json.loads(scratch.run(as_json))
-    assert answer["label"] == answer["class"] == "3" and len(answer["map"]) == 7
+    assert answer["label"] == answer["class"] == "3" and answer["method"] == "cam"
+    heat = np.asarray(answer["map"])  # the feature map's size, scaled to [0, 1]
+    assert heat.ndim == 2 and heat.min() >= 0 and heat.max() == 1
     scratch.run(as_picture)
     assert (scratch.root / "digit-3-as-8.png").read_bytes().startswith(b"\x89PNG")
