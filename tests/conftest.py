@@ -201,13 +201,13 @@ def published_model(published_export) -> Path:
     return published_export[0]
 
 
-def train_digits(digits_home: Path, image_size: int) -> Path:
+def train_digits(digits_home: Path, image_size: int, epochs: int = 14) -> Path:
     """The seed CNN on all 1,797 built-in digits at ``image_size``, with 60% of them held out
     (cached). Deterministic: the monitoring tests judge a model's behaviour under shifts, and
     every run (here and in CI) must judge the same model."""
     args = [
         *("train", "--dataset", "digits", "--output", "{output}/run"),
-        *("--image-size", str(image_size), "--epochs", "14", "--batch-size", "16"),
+        *("--image-size", str(image_size), "--epochs", str(epochs), "--batch-size", "16"),
         *("--weights", "none"),
         *overrides(
             data__validation_fraction=0.3,
@@ -235,8 +235,9 @@ def digits_run(digits_home) -> Path:
 @pytest.fixture(scope="session")
 def digits_model_32(digits_home) -> Path:
     """The digits at 32x32, the size ``make run`` trains, exported (cached): its feature map
-    is 8x8, fine enough to compare with a 7x7 occlusion grid (16x16 gives 4x4)."""
-    return exported_digits(train_digits(digits_home, 32))
+    is 8x8, fine enough to compare with a 7x7 occlusion grid (16x16 gives 4x4). Eight
+    epochs (98.7 % held-out accuracy): 15 s less of the suite's time than 14."""
+    return exported_digits(train_digits(digits_home, 32, epochs=8))
 
 
 def exported_digits(digits_run: Path, *flags: str) -> Path:

@@ -287,9 +287,10 @@ def test_the_map_depends_on_the_model(digits_model, digits_run, tmp_path, method
 def test_cam_and_occlusion_agree_on_held_out_digits(digits_model_32):
     """The two methods, from nothing in common (a gradient at the feature map; 50 forward
     passes of covered copies), rank the cells of 40 held-out digits alike on the 7x7 grid
-    (the 32x32 model: an 8x8 feature map): mean Spearman correlation 0.38 on this model,
-    0.26 to 0.59 on four seeds of its recipe (docs/explain.md); and better than Grad-CAM's
-    mean gradient per channel would (0.14 here), which is why cam is not Grad-CAM."""
+    (the 32x32 model: an 8x8 feature map): mean Spearman correlation 0.36 on this model,
+    0.26 to 0.59 on four 14-epoch seeds of its recipe (docs/explain.md); and better than
+    Grad-CAM's mean gradient per channel would (0.16 here), which is why cam is not
+    Grad-CAM."""
     runtime = ClassifierRuntime(digits_model_32, provider="cpu")
     run = load_metadata(digits_model_32)["source_run"]
     ours, grad_cams = [], []
