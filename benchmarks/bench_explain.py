@@ -24,11 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from benchmarks.bench_service import Process, digit_jpegs, free_port  # noqa: E402
+from benchmarks.bench_service import digit_jpegs, serve  # noqa: E402
 from benchmarks.common import machine, table  # noqa: E402
 from serving.core.roles import resolve_model_dir  # noqa: E402
 
-BIN = Path(sys.executable).parent
 HEADERS = {"Content-Type": "image/jpeg"}
 
 
@@ -89,9 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model).resolve()
     jpegs = digit_jpegs()
-    port = free_port()
-    command = [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)]
-    server = Process(command, {"IMGCLF_PROVIDER": "cpu"}, port)
+    server = serve(model_dir)
     rounds: dict[bool, list[float]] = {False: [], True: []}
     try:
         single = asyncio.run(latencies(server.url, jpegs[0], 50))

@@ -45,10 +45,9 @@ import psutil  # noqa: E402
 
 from benchmarks.bench_service import (  # noqa: E402
     BIN,
-    Process,
     digit_jpegs,
-    free_port,
     run_wrk,
+    serve,
     wrk_script,
 )
 from benchmarks.common import machine, table  # noqa: E402
@@ -251,9 +250,7 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model).resolve()
     workdir = Path(tempfile.mkdtemp(prefix="imgclf-stages-"))
     script = wrk_script(workdir, digit_jpegs())
-    port = free_port()
-    command = [str(BIN / "imgclf"), "serve", "--model", str(model_dir), "--port", str(port)]
-    server = Process(command, {"IMGCLF_PROVIDER": "cpu"}, port)
+    server = serve(model_dir)
     try:
         run_wrk(server.url, script, args.concurrency, 3)  # warm-up
         workers = worker_pids(server.process.pid)

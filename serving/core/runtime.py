@@ -150,13 +150,11 @@ class ClassifierRuntime(ModelCard):
             self.warmed_batch_sizes.append(size)
         self.warm_up_seconds = time.perf_counter() - started
 
-    def predict(self, images: np.ndarray, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> np.ndarray:
-        """float32 NHWC batch in [0, 255] -> probabilities (or ``outputs`` side by side), in
-        chunks of ``max_batch_size``, each padded to its bucket."""
-        found = self.run_outputs(images, outputs)
-        if not found:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return found[0] if len(found) == 1 else np.concatenate(found, axis=1)
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """float32 NHWC batch in [0, 255] -> probabilities, in chunks of ``max_batch_size``,
+        each padded to its bucket."""
+        found = self.run_outputs(images, (OUTPUT_NAME,))
+        return found[0] if found else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     def run_outputs(self, images: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
         """The graph's ``outputs`` of a float32 NHWC batch in [0, 255], one array each, in
@@ -185,8 +183,11 @@ class ClassifierRuntime(ModelCard):
         so asking for them costs a copy, not a computation."""
         if not self.has_embedding:
             return self.predict(images), None
-        both = self.predict(images, outputs=(OUTPUT_NAME, EMBEDDING_NAME))
-        return both[:, : len(self.classes)], both[:, len(self.classes) :]
+        found = self.run_outputs(images, (OUTPUT_NAME, EMBEDDING_NAME))
+        if not found:
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
+        probabilities, embeddings = found
+        return probabilities, embeddings
 
     def _run(self, batch: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
         bucket = len(batch)
@@ -201,12 +202,9 @@ class ClassifierRuntime(ModelCard):
         return self.has_feature_map and EXPLANATION_HEAD in self.metadata["files"]
 
     def explanation_head(self) -> Head:
-        """The layers after the feature map (hash-checked and parsed), read once."""
-        if not self.has_class_activation:
-            raise ModelError(
-                f"version {self.version} of {self.name} has no class-activation graph "
-                "(exported before imgclf wrote one); use method=occlusion, or export it again"
-            )
+        """The layers after the feature map (hash-checked and parsed), read once; for a
+        version that ``has_class_activation`` (``serving.core.explain.method_for`` says so
+        to the user of one that has not)."""
         if self._head is None:
             data = read_verified(self.model_dir, self.metadata, EXPLANATION_HEAD)
             self._head = Head.from_bytes(data, str(self.model_dir / EXPLANATION_HEAD))
