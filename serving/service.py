@@ -131,11 +131,10 @@ class ImageClassifier:
         return await handle(request, "predict_batch", work)
 
     async def explain(self, request: Request) -> Response:
-        """``POST /explain``: one image as ``/predict`` takes it; ``class`` (default: the
-        top-1), ``method`` (``cam`` where the version has it, else ``occlusion``) as query or
-        form fields -> ``{label, score, class, method, map, model_version, request_id}``,
-        ``map`` in [0, 1] (cam: the feature map's size; occlusion: 7x7); ``format=png``: the
-        image with the map laid over it."""
+        """``POST /explain``: one image as ``/predict`` takes it; ``class`` (default: top-1),
+        ``method`` (``cam`` where the version has it, else ``occlusion``) -> ``{label, score,
+        class, method, map, model_version, request_id}``, ``map`` in [0, 1] (the feature map's
+        size, or 7x7); ``format=png``: the image with the map laid over it."""
 
         async def work(worker):
             uploads, form = await read_uploads(
