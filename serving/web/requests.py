@@ -19,6 +19,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from serving.core.errors import ImgclfError, InvalidImageError
+from serving.web.multipart import split_form
 
 #: Raw-body content types we accept ("image/jpg" is wrong but common, so it is accepted too).
 RAW_IMAGE_TYPES = (
@@ -131,7 +132,39 @@ async def read_uploads(request: Request, *, field: str, limits: Limits, raw_allo
     )
 
 
+#: Limits of a form besides its files: text fields, and the bytes of each.
+MAX_FORM_FIELDS, MAX_FIELD_BYTES = 16, 64 * 1024
+
+
 async def _multipart(request: Request, body: bytes, *, field: str, limits: Limits):
+    """The files of ``field`` and the text fields of a multipart body: split directly when
+    it has the common shape (``serving.web.multipart``), else by Starlette's parser."""
+    parts = split_form(
+        body,
+        request.headers.get("content-type", ""),
+        max_files=limits.max_images_per_request + 1,
+        max_fields=MAX_FORM_FIELDS,
+        max_part_size=MAX_FIELD_BYTES,
+    )
+    if parts is None:
+        return await _parsed_multipart(request, body, field=field, limits=limits)
+    uploads, last = [], {}
+    for part in parts:
+        text = part.data.decode() if part.filename is None else None
+        if part.name == field:
+            if text is not None:
+                raise ImgclfError(_NOT_A_FILE.format(field=field))
+            uploads.append(Upload(part.data, part.filename))
+        last[part.name] = text
+    if not uploads:
+        raise ImgclfError(f"no file in multipart field {field!r}", reason="empty")
+    return uploads, {key: text for key, text in last.items() if text is not None}
+
+
+_NOT_A_FILE = "field {field!r} must be a file upload, not text (URLs are never fetched)"
+
+
+async def _parsed_multipart(request: Request, body: bytes, *, field: str, limits: Limits):
     sent = False
 
     async def replay():
@@ -143,16 +176,16 @@ async def _multipart(request: Request, body: bytes, *, field: str, limits: Limit
 
     try:
         async with Request(request.scope, replay).form(
-            max_files=limits.max_images_per_request + 1, max_fields=16, max_part_size=64 * 1024
+            max_files=limits.max_images_per_request + 1,
+            max_fields=MAX_FORM_FIELDS,
+            max_part_size=MAX_FIELD_BYTES,
         ) as form:
             values = form.getlist(field)
             texts = {key: value for key, value in form.items() if isinstance(value, str)}
             uploads = []
             for value in values:
                 if not isinstance(value, UploadFile):
-                    raise ImgclfError(
-                        f"field {field!r} must be a file upload, not text (URLs are never fetched)"
-                    )
+                    raise ImgclfError(_NOT_A_FILE.format(field=field))
                 uploads.append(Upload(await value.read(), value.filename))
     except (MultiPartException, HTTPException) as error:  # Starlette raises either
         detail = getattr(error, "detail", None) or str(error)
