@@ -170,10 +170,9 @@ class AdaptiveBatcher:
         return batch
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
-        images = np.concatenate([waiting.images for waiting in batch])
         try:
-            probabilities, seconds = await self._loop.run_in_executor(
-                self._executor, self._call, images
+            images, probabilities, seconds = await self._loop.run_in_executor(
+                self._executor, self._call, [waiting.images for waiting in batch]
             )
         except Exception as error:
             for waiting in batch:
@@ -189,10 +188,13 @@ class AdaptiveBatcher:
         if self._on_batch is not None:  # after the callbacks that set_result scheduled
             self._loop.call_soon(self._on_batch, images, probabilities, seconds)
 
-    def _call(self, images: np.ndarray) -> tuple[Answers, float]:
+    def _call(self, parts: list[np.ndarray]) -> tuple[np.ndarray, Answers, float]:
+        """On the inference thread: the requests' images as one batch (joined here, not on
+        the event loop: np.concatenate releases the GIL), and its answers."""
+        images = parts[0] if len(parts) == 1 else np.concatenate(parts)
         started = time.perf_counter()
         probabilities = self._infer(images)
-        return probabilities, time.perf_counter() - started
+        return images, probabilities, time.perf_counter() - started
 
     def _queue_changed(self) -> None:
         if self._on_queue is not None:

@@ -16,17 +16,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-import bentoml
 import numpy as np
+from bentoml import get_current_service  # once: bentoml's module attributes are lazy
 from bentoml.exceptions import BentoMLException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from monitoring.assessment import Answers
 from serving.core.errors import ImgclfError, InvalidImageError
 from serving.core.model_card import ModelCard
 from serving.core.runtime import ClassifierRuntime
 from serving.web.requests import Limits, Upload, safe_text
+from serving.web.responses import JSONAnswer
 from serving.web.served import ServedVersion
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ class WorkerContext:
                 result.args = (f"image {index}{name}: {result.message}",)
             if isinstance(result, BaseException):
                 raise result
-        return np.stack(decoded)
+        # One image is a view, not a copy: np.stack releases the GIL, and the loop then waits
+        # to take it back (ModelCard.top_k says why that matters).
+        return decoded[0][np.newaxis] if len(decoded) == 1 else np.stack(decoded)
 
     async def decode(self, upload: Upload, runtime: ModelCard) -> np.ndarray:
         """Decode and preprocess one image for ``runtime``'s version on the decode pool
@@ -99,17 +102,14 @@ def prediction_ids(worker: WorkerContext, rid: str, answered: Answers, version: 
     """One id per image (the request's own for one image, ``id/index`` for several), each
     kept with its predicted class, the version that predicted it and the label-free
     estimate's expected correctness (``Assessed`` answers) for ``POST /feedback``."""
-    probabilities = np.asarray(answered)
-    if len(probabilities) == 1:
-        ids = [rid]
-    else:
-        ids = [f"{rid}/{index}" for index in range(len(probabilities))]
+    rows = np.asarray(answered).tolist()
+    ids = [rid] if len(rows) == 1 else [f"{rid}/{index}" for index in range(len(rows))]
     if worker.feedback is not None:
         # The label-free estimate's expected correctness of each answer, computed when the
-        # store writes the rows (off the request path), if the answers carry one.
-        worker.feedback.store.remember(
-            ids, probabilities.argmax(axis=1).tolist(), version, getattr(answered, "expected", None)
-        )
+        # store writes the rows (off the request path), if the answers carry one. The classes
+        # in Python, not by NumPy's argmax (which releases the GIL: ModelCard.top_k).
+        predicted = [max(range(len(row)), key=row.__getitem__) for row in rows]
+        worker.feedback.store.remember(ids, predicted, version, getattr(answered, "expected", None))
     return ids
 
 
@@ -146,9 +146,9 @@ async def predict_uploads(worker: WorkerContext, uploads: list[Upload], top_k: i
         ]
 
 
-def starting() -> JSONResponse:
+def starting() -> JSONAnswer:
     """The answer before this process's service instance exists."""
-    return JSONResponse(
+    return JSONAnswer(
         {"error": "the service is starting"}, status_code=503, headers={"Retry-After": "1"}
     )
 
@@ -156,7 +156,7 @@ def starting() -> JSONResponse:
 def current_worker() -> WorkerContext | None:
     """This process's worker context, or None while the service is starting."""
     try:
-        return bentoml.get_current_service().worker
+        return get_current_service().worker
     except (BentoMLException, AttributeError):
         return None
 
@@ -174,7 +174,7 @@ async def handle(request: Request, endpoint: str, work) -> Response:
 
     try:
         result = await work(worker)
-        response = result if isinstance(result, Response) else JSONResponse(result)
+        response = result if isinstance(result, Response) else JSONAnswer(result)
         count(response.status_code)
         return response
     except asyncio.CancelledError:
@@ -198,7 +198,7 @@ async def handle(request: Request, endpoint: str, work) -> Response:
     count(status, reason)
     if status == 503:
         headers = {**(headers or {}), "Retry-After": "1"}
-    return JSONResponse({"error": message, **details}, status_code=status, headers=headers)
+    return JSONAnswer({"error": message, **details}, status_code=status, headers=headers)
 
 
 def count_request(
@@ -218,7 +218,7 @@ def service_method(name: str):
 
     async def endpoint(request: Request) -> Response:
         try:
-            service = bentoml.get_current_service()
+            service = get_current_service()
         except BentoMLException:
             return starting()
         return await getattr(service, name)(request)

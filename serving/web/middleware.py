@@ -10,12 +10,12 @@ from http import HTTPStatus
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving import __version__
 from serving.web import openapi, openapi_v2
 from serving.web.requests import safe_text
+from serving.web.responses import JSONAnswer
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def build_app(routes: list[Route]) -> Starlette:
     """The Starlette app mounted on the BentoML service: ``routes``, with Starlette's own
     errors (404, 405) as JSON."""
 
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse(
+    async def http_error(request: Request, error: HTTPException) -> JSONAnswer:
+        return JSONAnswer(
             {"error": error.detail}, status_code=error.status_code, headers=error.headers
         )
 
@@ -91,7 +91,7 @@ class PlainErrorsAsJSON:
             if started:
                 raise  # the caller has part of an answer: only closing the connection is left
             log.exception("%s %s failed", scope.get("method"), safe_text(scope["path"]))
-            await JSONResponse({"error": "internal error; see the server log"}, status_code=500)(
+            await JSONAnswer({"error": "internal error; see the server log"}, status_code=500)(
                 scope, receive, send
             )
 

@@ -9,13 +9,14 @@ import json
 import struct
 
 import numpy as np
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from serving.core.errors import ImgclfError, InvalidImageError
 from serving.core.model_card import ModelCard
 from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
 from serving.web.context import WorkerContext
 from serving.web.requests import Upload, parse_json, safe_text
+from serving.web.responses import JSONAnswer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: Datatypes the input accepts as pixels, and the numpy dtype of their binary form.
@@ -257,7 +258,7 @@ def build_response(
     if "id" in header:
         answer["id"] = str(header["id"])
     if not blobs:
-        return JSONResponse(answer)
+        return JSONAnswer(answer)
     encoded = json.dumps(answer).encode()
     return Response(
         encoded + b"".join(blobs),
