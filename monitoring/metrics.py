@@ -109,6 +109,12 @@ BATCH_SIZE = Histogram(
     "Images per ONNX Runtime batch (after adaptive batching).",
     buckets=BATCH_BUCKETS,
 )
+REQUESTS_IN_PROGRESS = Gauge(
+    "imgclf_requests_in_progress",
+    "Requests being answered (probes and /metrics aside), summed over the live workers; "
+    "written once a second.",
+    multiprocess_mode="livesum",
+)
 BATCH_QUEUE = Gauge(
     "imgclf_batch_queue_requests",
     "Requests waiting for a batch, summed over the live workers.",

@@ -61,6 +61,11 @@ class WorkerObserver:
     def failed_to_start(self, workers: int) -> None:
         metrics.WORKER_START_FAILURES.inc(workers)
 
+    def watch_in_flight(self, in_flight) -> None:
+        """Keep ``imgclf_requests_in_progress`` at ``in_flight()``, read at every flush of
+        the buffer: nothing on the request path."""
+        BUFFER.add_source(lambda: BUFFER.set(metrics.REQUESTS_IN_PROGRESS, in_flight()))
+
     def queued(self, requests: int) -> None:
         BUFFER.set(metrics.BATCH_QUEUE, requests)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import bentoml
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from monitoring.observers import WorkerObserver
@@ -29,10 +29,12 @@ from serving.web import http_limits
 from serving.web.context import current_worker, handle, predict_uploads, service_method
 from serving.web.explanations import explain_options, explain_upload
 from serving.web.feedback import feedback_routes
+from serving.web.hot_path import around_bentoml
 from serving.web.lifecycle import Lifecycle, LifecycleMiddleware
 from serving.web.middleware import MergeOpenAPIPaths, PlainErrorsAsJSON, build_app
 from serving.web.oip import oip_routes
 from serving.web.requests import REQUEST_ID_HEADER, parse_top_k, read_uploads, request_id
+from serving.web.responses import JSONAnswer
 from serving.web.serve_command import check_servable
 from serving.web.settings import ServingSettings
 from serving.web.sizing import default_decode_threads, default_ort_threads, default_workers
@@ -49,9 +51,6 @@ WORKER_METRICS = WorkerObserver() if SETTINGS.monitoring else None
 #: The model store's model, which ``bentoml build`` packages (a class attribute below).
 STORED_MODEL = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
 LIFECYCLE = Lifecycle(on_ready=WORKER_METRICS.ready if WORKER_METRICS else None)
-http_limits.install(  # before BentoML starts this worker's uvicorn
-    SETTINGS.max_header_bytes, SETTINGS.keep_alive_timeout_s, SETTINGS.header_timeout_s
-)
 
 
 @bentoml.service(
@@ -105,7 +104,7 @@ class ImageClassifier:
             rid = request_id(request)
             top_k = parse_top_k(request, form, worker.limits)
             answer = (await predict_uploads(worker, uploads, top_k, rid))[0]
-            return JSONResponse(answer, headers={REQUEST_ID_HEADER: rid})
+            return JSONAnswer(answer, headers={REQUEST_ID_HEADER: rid})
 
         return await handle(request, "predict", work)
 
@@ -126,7 +125,7 @@ class ImageClassifier:
             rid = request_id(request)
             top_k = parse_top_k(request, form, worker.limits)
             answers = await predict_uploads(worker, uploads, top_k, rid)
-            return JSONResponse(answers, headers={REQUEST_ID_HEADER: rid})
+            return JSONAnswer(answers, headers={REQUEST_ID_HEADER: rid})
 
         return await handle(request, "predict_batch", work)
 
@@ -149,7 +148,7 @@ class ImageClassifier:
             if answer_format == "png":
                 picture = overlay_png(image, found["map"])
                 return Response(picture, media_type="image/png", headers=headers)
-            return JSONResponse(as_json(found), headers=headers)
+            return JSONAnswer(as_json(found), headers=headers)
 
         return await handle(request, "explain", work)
 
@@ -197,4 +196,10 @@ ImageClassifier.add_asgi_middleware(
     max_top_k=SETTINGS.max_top_k,
     max_images=SETTINGS.max_images_per_request,
     served=served_model,
+)
+http_limits.install(  # before BentoML starts this worker's uvicorn
+    SETTINGS.max_header_bytes,
+    SETTINGS.keep_alive_timeout_s,
+    SETTINGS.header_timeout_s,
+    around_app=around_bentoml(SETTINGS, ROUTES, LIFECYCLE, WORKERS),  # our routes, directly
 )

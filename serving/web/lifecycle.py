@@ -123,14 +123,14 @@ class LifecycleMiddleware:
         self.lifecycle.started()
         try:
             if self.lifecycle.draining:
-                await self.app(scope, receive, _closing(send))
+                await self.app(scope, receive, closing(send))
             else:
                 await self.app(scope, receive, send)
         finally:
             self.lifecycle.finished()
 
 
-def _closing(send):
+def closing(send):
     """``send``, with ``Connection: close`` on the answer: while a worker drains, a client
     must not keep a connection that the worker closes when its window ends (a request sent
     on it at that moment would be lost, not refused)."""

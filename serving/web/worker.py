@@ -56,6 +56,7 @@ def start_worker(
             lifecycle.on_ready(roll.mark)
         if metrics:
             metrics.configured(workers)
+            metrics.watch_in_flight(lambda: lifecycle.in_flight)
         if settings.monitoring:
             BUFFER.start()
             # Monitoring's small matrix products (the estimate per batch, the domain classifier

@@ -98,14 +98,14 @@ def slow_batch_body(boundary: str = "drainboundary") -> tuple[bytes, dict[str, s
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-def in_progress(url: str, endpoint: str) -> float:
-    """Requests in progress on ``endpoint``, from BentoML's own gauge."""
+def in_progress(url: str) -> float:
+    """Requests in progress on the server, from ``imgclf_requests_in_progress`` (each
+    worker's figure is written once a second)."""
     text = httpx.get(url + "/metrics", timeout=5).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("bentoml_service_request_in_progress{")
-        and f'endpoint="{endpoint}"' in line
+        if line.startswith("imgclf_requests_in_progress")
     )
 
 
@@ -143,7 +143,7 @@ class SlowUploads:
         self._calls = [self._pool.submit(self._call) for _ in range(self.count)]
         self._connected.wait()
         deadline = time.time() + 1.5  # each upload lasts two seconds
-        while in_progress(self.url, "/predict_batch") < self.count:
+        while in_progress(self.url) < self.count:
             assert time.time() < deadline, f"the {self.count} calls never were in flight together"
             time.sleep(0.05)
         return self

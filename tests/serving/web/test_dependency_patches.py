@@ -4,7 +4,8 @@ how upstream reads the setting, would make the change silently do nothing.
 - ``serving/web/requests.py`` sets Starlette's ``MultiPartParser.spool_max_size``, so that an
   uploaded file part over 1 MiB stays in memory instead of being spooled to disk;
 - ``serving/web/http_limits.py``'s ``install`` points uvicorn's ``"auto"`` (and
-  ``"httptools"``) HTTP protocol at its bounded subclass of ``HttpToolsProtocol``;
+  ``"httptools"``) HTTP protocol at its bounded subclass of ``HttpToolsProtocol``, which
+  also writes each answer's head together with its body;
 - ``serving/web/supervision.py`` removes ``BENTOML_CONTAINERIZED``, which turns BentoML's
   replacement of dead workers off;
 - ``serving/web/launch.py`` sets BentoML's ``prometheus_multiproc_dir`` to a folder of the
@@ -366,3 +367,85 @@ def test_a_ray_job_starts_ray_with_usage_statistics_off(monkeypatch):
     monkeypatch.setattr(ray, "init", init)
     assert ray_engine.connect(None, num_cpus=1)
     assert seen == [("0", False)], f"Ray's usage statistics were on: {variable}={seen}"
+
+
+class RecordingTransport(asyncio.Transport):
+    """A connection's transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name, default=None):
+        return {"sockname": ("127.0.0.1", 3000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def answered(protocol_class, requests: bytes) -> RecordingTransport:
+    """``requests`` fed to one connection of ``protocol_class`` (on uvicorn's own config,
+    serving ``app``) until it has answered them."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    async def serve() -> RecordingTransport:
+        config = uvicorn.Config(app, log_config=None)
+        config.load()
+        protocol = protocol_class(config, ServerState(), app_state={})
+        transport = RecordingTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(requests)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if requests.count(b"HTTP/1.1\r\n") == b"".join(transport.writes).count(b"HTTP/1.1 "):
+                break
+        protocol.connection_lost(None)
+        return transport
+
+    return asyncio.run(serve())
+
+
+def test_an_answer_is_written_head_and_body_in_one_write(installed):
+    """uvicorn writes a response's head and body as two writes (two TCP segments); the
+    bounded protocol's transport joins them: one per answer, a HEAD answer's head included
+    (it has no body to wait for)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n"
+    upstream = answered(HttpToolsProtocol, request)
+    assert len(upstream.writes) == 2 and upstream.writes[1] == b"ok"  # what uvicorn does
+    ours = answered(installed.BoundedHttpToolsProtocol, request + head + request)
+    assert len(ours.writes) == 3, ours.writes
+    assert ours.writes[0] == b"".join(upstream.writes) == ours.writes[2]
+    head_only = ours.writes[1]
+    assert head_only.startswith(b"HTTP/1.1 200 OK\r\n") and head_only.endswith(b"\r\n\r\n")
+
+
+def test_what_is_not_an_answer_is_written_at_once():
+    from serving.web.http_limits import HeadWithBody
+
+    transport = RecordingTransport()
+    joined = HeadWithBody(transport)
+    joined.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    joined.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    assert len(transport.writes) == 1  # held for its body
+    joined.close()  # a failed answer: the head goes out before the connection closes
+    assert transport.writes[1].startswith(b"HTTP/1.1 500") and transport.closed
