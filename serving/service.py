@@ -37,7 +37,12 @@ from serving.web.requests import REQUEST_ID_HEADER, parse_top_k, read_uploads, r
 from serving.web.responses import JSONAnswer
 from serving.web.serve_command import check_servable
 from serving.web.settings import ServingSettings
-from serving.web.sizing import default_decode_threads, default_ort_threads, default_workers
+from serving.web.sizing import (
+    default_batch_decode_bytes,
+    default_decode_threads,
+    default_ort_threads,
+    default_workers,
+)
 from serving.web.supervision import replace_dead_workers
 from serving.web.worker import start_worker
 
@@ -45,6 +50,11 @@ SETTINGS = ServingSettings.from_env()
 PROVIDER = expected_provider(SETTINGS.provider)
 WORKERS = SETTINGS.workers or default_workers(PROVIDER)
 DECODE_THREADS = SETTINGS.decode_threads or default_decode_threads(PROVIDER, WORKERS)
+BATCH_DECODE_BYTES = (
+    default_batch_decode_bytes(PROVIDER)
+    if SETTINGS.batch_decode_bytes is None
+    else SETTINGS.batch_decode_bytes
+)
 #: ONNX Runtime threads per worker: the cores shared out, unless set.
 ORT_THREADS = SETTINGS.intra_op_threads or default_ort_threads(WORKERS)
 WORKER_METRICS = WorkerObserver() if SETTINGS.monitoring else None
@@ -75,6 +85,7 @@ class ImageClassifier:
             metrics=WORKER_METRICS,
             workers=WORKERS,
             decode_threads=DECODE_THREADS,
+            batch_decode_bytes=BATCH_DECODE_BYTES,
             ort_threads=ORT_THREADS,
         )
 

@@ -33,9 +33,38 @@ class OverloadedError(ImgclfError):
     reason = "overloaded"
 
 
+class Encoded:
+    """One request's image, still encoded: its batch's inference thread decodes it (with the
+    version's preprocessing) just before the batch runs, and keeps the result in ``images``
+    for the request (its shadow copy). For a small image the hop to a decode thread and back
+    cost more than the decoding (``WorkerContext.prepare``)."""
+
+    def __init__(
+        self,
+        data: bytes,
+        preprocess: Callable[[bytes], np.ndarray],
+        on_decoded: Callable[[float], None] | None = None,
+    ) -> None:
+        self.data = data
+        self._preprocess = preprocess
+        self._on_decoded = on_decoded
+        #: ``(1, height, width, channels)``, once decoded.
+        self.images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return 1
+
+    def decode(self) -> np.ndarray:
+        started = time.perf_counter()
+        self.images = self._preprocess(self.data)[np.newaxis]
+        if self._on_decoded is not None:
+            self._on_decoded(time.perf_counter() - started)
+        return self.images
+
+
 @dataclass
 class _Waiting:
-    images: np.ndarray
+    images: np.ndarray | Encoded
     future: asyncio.Future
     enqueued: float
 
@@ -79,9 +108,10 @@ class AdaptiveBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    async def submit(self, images: np.ndarray) -> Answers:
+    async def submit(self, images: np.ndarray | Encoded) -> Answers:
         """``infer``'s answer for ``images`` (one request's rows of it: probabilities, or
-        ``Assessed`` answers), computed in a shared batch."""
+        ``Assessed`` answers), computed in a shared batch. An ``Encoded`` image that cannot
+        be decoded fails its own request with the decoding's error, no other."""
         if not 1 <= len(images) <= self.max_batch_size:
             raise ValueError(f"a request must hold 1 to {self.max_batch_size} images")
         if self._queued_images + len(images) > self.max_queue_size:
@@ -171,7 +201,7 @@ class AdaptiveBatcher:
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         try:
-            images, probabilities, seconds = await self._loop.run_in_executor(
+            images, probabilities, seconds, failed = await self._loop.run_in_executor(
                 self._executor, self._call, [waiting.images for waiting in batch]
             )
         except Exception as error:
@@ -180,21 +210,41 @@ class AdaptiveBatcher:
                     waiting.future.set_exception(error)
             return
         start = 0
-        for waiting in batch:
+        for index, waiting in enumerate(batch):
+            if index in failed:
+                if not waiting.future.done():
+                    waiting.future.set_exception(failed[index])
+                continue
             end = start + len(waiting.images)
             if not waiting.future.done():
                 waiting.future.set_result(probabilities[start:end])
             start = end
-        if self._on_batch is not None:  # after the callbacks that set_result scheduled
+        if self._on_batch is not None and images is not None:
+            # after the callbacks that set_result scheduled
             self._loop.call_soon(self._on_batch, images, probabilities, seconds)
 
-    def _call(self, parts: list[np.ndarray]) -> tuple[np.ndarray, Answers, float]:
-        """On the inference thread: the requests' images as one batch (joined here, not on
-        the event loop: np.concatenate releases the GIL), and its answers."""
-        images = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    def _call(
+        self, parts: list[np.ndarray | Encoded]
+    ) -> tuple[np.ndarray | None, Answers | None, float, dict[int, Exception]]:
+        """On the inference thread: the requests' images decoded where they are still
+        ``Encoded`` and joined into one batch (here, not on the event loop: np.concatenate
+        releases the GIL), its answers and seconds, and the decoding error of each request
+        (by its place in ``parts``) whose image could not be decoded."""
+        decoded, failed = [], {}
+        for index, part in enumerate(parts):
+            if isinstance(part, Encoded):
+                try:
+                    part = part.decode()
+                except Exception as error:  # the request's own image: it alone fails
+                    failed[index] = error
+                    continue
+            decoded.append(part)
+        if not decoded:
+            return None, None, 0.0, failed
+        images = decoded[0] if len(decoded) == 1 else np.concatenate(decoded)
         started = time.perf_counter()
         probabilities = self._infer(images)
-        return images, probabilities, time.perf_counter() - started
+        return images, probabilities, time.perf_counter() - started, failed
 
     def _queue_changed(self) -> None:
         if self._on_queue is not None:

@@ -162,7 +162,7 @@ async def _encoded_images(
         blobs = [item.encode("utf-8") for item in flat]
     if len(blobs) != shape[0]:
         raise ImgclfError(f"{len(blobs)} BYTES elements do not fill shape {shape}")
-    return await worker.decode_all([Upload(blob, None) for blob in blobs], runtime), blobs
+    return await worker.prepare([Upload(blob, None) for blob in blobs], runtime), blobs
 
 
 def _deserialize_bytes(raw: bytes, most: int) -> list[bytes]:

@@ -30,6 +30,7 @@ OPTIONAL = (
     "workers",
     "max_concurrency",
     "decode_threads",
+    "batch_decode_bytes",
     "feedback_store_path",
     "grpc_port",
 )
@@ -122,6 +123,14 @@ class ServingSettings(BaseModel):
         description="Threads per worker that decode images (Pillow releases the GIL). "
         "Default: 2 on the CPU provider; on CUDA the cores shared out among the workers, at "
         "least 2.",
+    )
+    batch_decode_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="A request of one image up to this many bytes has it decoded by its "
+        "batch's inference thread, not sent to a decode thread and back (which costs more "
+        "than decoding a small image). Default: 65536 on the CPU provider; 0 (every image "
+        "on the decode threads) on CUDA, where the inference thread feeds the GPU.",
     )
     cuda_device_id: int = Field(0, ge=0, description="GPU the CUDA provider runs on.")
     cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(

@@ -43,6 +43,7 @@ def start_worker(
     metrics: WorkerObserver | None,
     workers: int,
     decode_threads: int,
+    batch_decode_bytes: int = 0,
     ort_threads: int,
 ) -> WorkerContext:
     """Load and verify the model (failing start-up at once if it cannot), build the worker's
@@ -99,6 +100,7 @@ def start_worker(
                 },
                 "workers": workers,
                 "decode_threads": decode_threads,
+                "batch_decode_bytes": batch_decode_bytes,
                 "state": lifecycle.state,
                 # Each worker keeps its own drift window: say whose figures these are. The fleet's
                 # figures are on /metrics (the drift gauges take the fullest live worker's).
@@ -136,6 +138,7 @@ def start_worker(
             is_ready=lambda: lifecycle.ready,
             feedback=feedback,
             close=close,
+            batch_decode_bytes=batch_decode_bytes,
         )
         if metrics:
             metrics.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)

@@ -180,3 +180,42 @@ def test_batch_wait_gathers_requests_that_arrive_close_together(runtime, images)
     asyncio.run(scenario())
     batcher.close()
     assert recorder.shapes == [3], "two requests, 3 images, in one batch"
+
+
+def test_encoded_images_are_decoded_by_their_batch_and_a_bad_one_fails_alone(runtime, images):
+    """Small uploads reach the batcher still encoded (``WorkerContext.prepare``): the batch's
+    thread decodes them with the version's preprocessing, the answers are those of the
+    decoded images, each request gets its image back for its shadow copy and its decode
+    time is recorded, and an image that cannot be decoded fails its own request only, with
+    the decoding's error."""
+    from serving.core.errors import InvalidImageError
+    from serving.web.batcher import Encoded
+
+    gate = threading.Event()
+    recorder = Recorder(runtime, gate)
+    batcher = AdaptiveBatcher(recorder, max_batch_size=8)
+    decode_times: list[float] = []
+    blobs = [data for data, _, _ in good_images().values()][:3]
+    encoded = [Encoded(blob, runtime.preprocess, decode_times.append) for blob in blobs]
+    broken = Encoded(b"\xff\xd8\xff not a jpeg", runtime.preprocess, decode_times.append)
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(images[:1]))
+        await asyncio.to_thread(recorder.started.wait, 10)
+        tasks = [asyncio.create_task(batcher.submit(item)) for item in (*encoded, broken)]
+        tasks.append(asyncio.create_task(batcher.submit(images[1:3])))
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(first, *tasks, return_exceptions=True)
+
+    first, *answers, failed, last = asyncio.run(scenario())
+    batcher.close()
+    assert recorder.shapes == [1, 5]  # the three decoded images and the 2-image request
+    assert isinstance(failed, InvalidImageError) and failed.reason == "corrupt"
+    for item, blob, answer in zip(encoded, blobs, answers, strict=True):
+        decoded = runtime.preprocess(blob)[np.newaxis]
+        np.testing.assert_array_equal(item.images, decoded)
+        np.testing.assert_allclose(answer, runtime.predict(decoded), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(last, runtime.predict(images[1:3]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first, runtime.predict(images[:1]), rtol=1e-5, atol=1e-6)
+    assert len(decode_times) == 3 and broken.images is None
