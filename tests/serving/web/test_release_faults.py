@@ -364,6 +364,7 @@ def test_a_worker_that_cannot_start_is_reported_as_such_and_retried_calmly(model
         (model_folder / "versions.json").write_text("{not json")
         victim = httpx.get(server.url + "/metadata").json()["worker"]["pid"]
         os.kill(victim, 9)
+        gone(victim)  # on a busy machine a killed process takes a moment to die
         deadline = time.monotonic() + 60
         while "exiting in 2 s" not in server.output():  # the second start failed, backing off
             assert time.monotonic() < deadline, server.output()[-3000:]
@@ -454,3 +455,16 @@ def test_bentoml_serve_of_a_stored_model_starts_as_a_bento_does(published_model,
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+def gone(pid: int, timeout_s: float = 10) -> None:
+    """Wait until ``pid`` runs no more (a zombie, or reaped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} still runs {timeout_s} s after SIGKILL")
