@@ -24,6 +24,7 @@ Monitoring's CPU per image is the monitoring stages' share (``MONITORING``): its
 and its work on the event loop alike (one image a request).
 
     .venv/bin/python benchmarks/bench_request_stages.py [--model DIR] [--seconds 20]
+    git worktree add /tmp/main main   # then: ... --before-tree /tmp/main (both, one run)
 """
 
 from __future__ import annotations
@@ -69,10 +70,20 @@ STAGES: dict[str, tuple[str, ...]] = {
         "python_multipart/",
         "starlette/formparsers",
         "tempfile",
+        "serving/web/multipart",
     ),
-    "response encoding": ("json/", "starlette/responses"),
-    "HTTP parsing (uvicorn, httptools, h11)": ("uvicorn/", "httptools/", "h11/"),
-    "ASGI layers (Starlette, anyio)": ("starlette/", "anyio/"),
+    "response encoding": ("json/", "starlette/responses", "serving/web/responses"),
+    "HTTP protocol (uvicorn, httptools, ours)": (
+        "uvicorn/",
+        "httptools/",
+        "h11/",
+        "serving/web/http_limits",
+    ),
+    "ASGI layers (Starlette, anyio, our hot path)": (
+        "starlette/",
+        "anyio/",
+        "serving/web/hot_path",
+    ),
     "BentoML": ("bentoml/", "_bentoml_impl/", "_bentoml_sdk/"),
     "batcher (ours)": ("serving/web/batcher",),
     "shadow copies (ours)": ("serving/web/shadow",),
@@ -239,25 +250,18 @@ def split_by_stage(
     return stages
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "digits")
-    parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
-    parser.add_argument("--keep", action="store_true", help="keep py-spy's raw stacks")
-    args = parser.parse_args()
-    model_dir = resolve_model_dir(args.model).resolve()
-    workdir = Path(tempfile.mkdtemp(prefix="imgclf-stages-"))
-    script = wrk_script(workdir, digit_jpegs())
-    server = serve(model_dir)
+def measure(model_dir: Path, tree: Path, script: Path, args, workdir: Path) -> dict:
+    """One server of ``tree``'s code, loaded for two windows: its CPU per request by thread
+    (unprofiled) and by stage (profiled shares of the unprofiled total)."""
+    server = serve(model_dir, tree)
     try:
         run_wrk(server.url, script, args.concurrency, 3)  # warm-up
         workers = worker_pids(server.process.pid)
         before = thread_cpu(server.process.pid)
         counted = run_wrk(server.url, script, args.concurrency, args.seconds)
         after = thread_cpu(server.process.pid)
-        recorders = start_profilers(workers, args.seconds, args.rate, workdir)
+        (workdir / tree.name).mkdir(exist_ok=True)
+        recorders = start_profilers(workers, args.seconds, args.rate, workdir / tree.name)
         profiled_before = thread_cpu(server.process.pid)
         profiled = run_wrk(server.url, script, args.concurrency, args.seconds)
         profiled_after = thread_cpu(server.process.pid)
@@ -273,22 +277,6 @@ def main() -> None:
     loop = sum(v for (pid, tid), v in spent.items() if pid in workers and pid == tid)
     other = sum(v for (pid, tid), v in spent.items() if pid in workers and pid != tid)
     rest = sum(v for (pid, _), v in spent.items() if pid not in workers)
-    print(
-        f"{machine()}; {model_dir}; {len(workers)} workers; wrk c={args.concurrency}, "
-        f"{args.seconds} s a window; {counted['rps']:,.0f} requests/s counted "
-        f"({counted['errors']} non-2xx), {profiled['rps']:,.0f} requests/s profiled"
-    )
-    print(
-        table(
-            ["threads (no profiler)", "CPU µs per request"],
-            [
-                ["workers' event loops (main threads)", 1e6 * loop / requests],
-                ["workers' other threads", 1e6 * other / requests],
-                ["the server's other processes", 1e6 * rest / requests],
-                ["all", 1e6 * (loop + other + rest) / requests],
-            ],
-        )
-    )
     stages = split_by_stage(
         difference(profiled_after, profiled_before), samples, workers, args.seconds
     )
@@ -296,14 +284,99 @@ def main() -> None:
     # from the profiled window, their CPU per request from the unprofiled counters.
     total = sum(stages.values())
     per_request = 1e6 * (loop + other) / requests
-    rows = [
-        [stage, f"{seconds / total:.1%}", per_request * seconds / total]
-        for stage, seconds in stages.most_common()
-        if seconds / total >= 0.001
-    ]
-    print(table(["stage (workers)", "share of CPU", "CPU µs per request"], rows))
-    watching = sum(stages[stage] for stage in MONITORING) / total
-    print(f"monitoring: {per_request * watching:.1f} µs of CPU per image")
+    return {
+        "workers": len(workers),
+        "counted": counted,
+        "profiled": profiled,
+        "threads": {
+            "workers' event loops (main threads)": 1e6 * loop / requests,
+            "workers' other threads": 1e6 * other / requests,
+            "the server's other processes": 1e6 * rest / requests,
+            "all": 1e6 * (loop + other + rest) / requests,
+        },
+        "shares": {stage: seconds / total for stage, seconds in stages.items()},
+        "stages": {stage: per_request * seconds / total for stage, seconds in stages.items()},
+        "monitoring": per_request * sum(stages[stage] for stage in MONITORING) / total,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "digits")
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--keep", action="store_true", help="keep py-spy's raw stacks")
+    parser.add_argument(
+        "--before-tree",
+        type=Path,
+        help="a checkout (git worktree) to account for first, beside this one's account",
+    )
+    args = parser.parse_args()
+    model_dir = resolve_model_dir(args.model).resolve()
+    workdir = Path(tempfile.mkdtemp(prefix="imgclf-stages-"))
+    script = wrk_script(workdir, digit_jpegs())
+    trees = {"this checkout": ROOT}
+    if args.before_tree is not None:
+        trees = {f"{args.before_tree.name} (before)": args.before_tree.resolve(), **trees}
+    accounts = {
+        name: measure(model_dir, tree, script, args, workdir) for name, tree in trees.items()
+    }
+
+    names = list(accounts)
+    print(f"{machine()}; {model_dir}; wrk c={args.concurrency}, {args.seconds} s a window")
+    for name, account in accounts.items():
+        counted, profiled = account["counted"], account["profiled"]
+        print(
+            f"{name}: {account['workers']} workers; {counted['rps']:,.0f} requests/s counted "
+            f"({counted['errors']} non-2xx), {profiled['rps']:,.0f} requests/s profiled"
+        )
+    ratio = ["after / before"] if len(names) == 2 else []
+
+    def row(label: str, values: list[float]) -> list:
+        if not ratio:
+            return [label, *values]
+        return [label, *values, f"{values[1] / values[0]:.2f}" if values[0] else ""]
+
+    first = accounts[names[-1]]
+    print(
+        table(
+            ["threads (no profiler), CPU µs per request", *names, *ratio],
+            [
+                row(label, [a["threads"][label] for a in accounts.values()])
+                for label in first["threads"]
+            ],
+        )
+    )
+    stages = sorted(
+        {
+            stage
+            for a in accounts.values()
+            for stage, share in a["shares"].items()
+            if share >= 0.001
+        },
+        key=lambda stage: -max(a["stages"].get(stage, 0.0) for a in accounts.values()),
+    )
+    print(
+        table(
+            ["stage (workers), CPU µs per request", *names, *ratio],
+            [
+                row(stage, [a["stages"].get(stage, 0.0) for a in accounts.values()])
+                for stage in stages
+            ],
+        )
+    )
+    print(
+        table(
+            ["monitoring, CPU µs per image", *names, *ratio],
+            [
+                row(
+                    "monitoring (ours, prometheus_client, feedback)",
+                    [a["monitoring"] for a in accounts.values()],
+                )
+            ],
+        )
+    )
     if args.keep:
         print(f"py-spy's stacks: {workdir}")
     else:

@@ -11,7 +11,9 @@ In one run, on one model (default: the newest model_repository/digits version):
 - phone photos (12-megapixel class JPEGs from real photos, ``common.phone_photos``) at
   concurrency 8, served twice from the same ONNX graph, side by side, three alternating rounds:
   with the preprocessing contract of models exported before the JPEG draft step (full-size
-  decoding), or with ``--before-tree``'s code (a worktree of main), and with today's.
+  decoding), or with ``--before-tree``'s code (a worktree of main), and with today's;
+- with ``--before-tree``, digit uploads at concurrency 32 on both codes, side by side,
+  ``--rounds`` alternating rounds (the median counts).
 
     .venv/bin/python benchmarks/bench_service.py [--model model_repository/digits] [--seconds 15]
     git worktree add /tmp/main main   # then: ... --before-tree /tmp/main
@@ -290,8 +292,7 @@ def photo_comparison(
 ) -> list[list]:
     """Phone-photo uploads at concurrency 8, before and after the JPEG draft step. Before: the
     contract of models exported without the step, on this code, or ``before_tree``'s code (a
-    worktree of main) serving the model as it is. Both servers run side by side and wrk
-    alternates between them, three rounds each; the median round counts."""
+    worktree of main) serving the model as it is."""
     photos = phone_photos(count)
     (scratch / "photos").mkdir()
     script = wrk_script(scratch / "photos", photos)
@@ -306,30 +307,60 @@ def photo_comparison(
     except RuntimeError:
         before.stop()
         raise
-    rounds: dict[str, list[dict]] = {"before": [], "after": []}
+    labels = (before_label, "JPEG draft, margin 2")
+    return alternated(before, after, labels, script, 8, seconds, rounds=3)
+
+
+def code_comparison(
+    model_dir: Path, script: Path, before_tree: Path, seconds: int, rounds: int
+) -> list[list]:
+    """Digit uploads at concurrency 32, ``before_tree``'s code (a worktree of main) against
+    this checkout's, the same model."""
+    before = serve(model_dir, before_tree.resolve())
+    try:
+        after = serve(model_dir)
+    except RuntimeError:
+        before.stop()
+        raise
+    labels = (f"{before_tree.name} (before)", "this checkout")
+    return alternated(before, after, labels, script, 32, seconds, rounds)
+
+
+def alternated(
+    before: Process,
+    after: Process,
+    labels: tuple[str, str],
+    script: Path,
+    connections: int,
+    seconds: int,
+    rounds: int,
+) -> list[list]:
+    """Both servers up side by side, wrk alternating between them, ``rounds`` rounds each
+    (then both are stopped); per server, its median round against ``before``'s."""
+    results: dict[str, list[dict]] = {"before": [], "after": []}
     try:
         for server in (before, after):
-            run_wrk(server.url, script, 8, 3)
-        for _ in range(3):
-            rounds["before"].append(run_wrk(before.url, script, 8, seconds))
-            rounds["after"].append(run_wrk(after.url, script, 8, seconds))
+            run_wrk(server.url, script, connections, 3)
+        for _ in range(rounds):
+            results["before"].append(run_wrk(before.url, script, connections, seconds))
+            results["after"].append(run_wrk(after.url, script, connections, seconds))
     finally:
         before.stop()
         after.stop()
     rows = []
-    base = float(np.median([r["rps"] for r in rounds["before"]]))
-    for key, label in (("before", before_label), ("after", "JPEG draft, margin 2")):
-        median = sorted(rounds[key], key=lambda r: r["rps"])[1]
-        errors = sum(r["errors"] for r in rounds[key])
-        sockets = "; ".join(r["socket_errors"] for r in rounds[key] if r["socket_errors"]) or 0
+    base = float(np.median([r["rps"] for r in results["before"]]))
+    for key, label in zip(("before", "after"), labels, strict=True):
+        median = sorted(results[key], key=lambda r: r["rps"])[len(results[key]) // 2]
+        errors = sum(r["errors"] for r in results[key])
+        sockets = "; ".join(r["socket_errors"] for r in results[key] if r["socket_errors"]) or 0
         rows.append(
             [
                 label,
-                8,
+                connections,
                 median["rps"],
                 median["p50"],
                 median["p99"],
-                " / ".join(f"{r['rps']:.1f}" for r in rounds[key]),
+                " / ".join(f"{r['rps']:.1f}" for r in results[key]),
                 f"{errors} / {sockets}",
                 f"{median['rps'] / base:.2f}x",
             ]
@@ -360,7 +391,11 @@ def main() -> None:
     parser.add_argument(
         "--before-tree",
         type=Path,
-        help="a checkout (git worktree) whose code serves the 'before' photo rounds",
+        help="a checkout (git worktree) whose code serves the 'before' rounds: digit "
+        "uploads at concurrency 32, and the phone photos",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternating rounds against --before-tree"
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -405,6 +440,11 @@ def main() -> None:
                     reference[connections] = run_wrk(ref.url, script, connections, args.seconds)
             finally:
                 ref.stop()
+        code_rows = (
+            code_comparison(model_dir, script, args.before_tree, args.seconds, args.rounds)
+            if args.before_tree
+            else []
+        )
         photo_rows = (
             photo_comparison(model_dir, Path(scratch), args.photos, args.seconds, args.before_tree)
             if args.photos
@@ -466,14 +506,20 @@ def main() -> None:
             rows,
         )
     )
+    headers = ["server", "concurrency", "requests/s (median)", "p50 ms", "p99 ms"]
+    headers += ["each round", "non-2xx / socket errors", "vs before"]
+    if code_rows:
+        print(
+            f"\n{len(jpegs)} digit JPEGs, {args.rounds} alternating rounds, the code of "
+            f"{args.before_tree} and of this checkout (both up side by side):\n"
+        )
+        print(table(headers, code_rows))
     if photo_rows:
         print(
             f"\n{args.photos} phone photos (12-megapixel class JPEGs from real photos) as "
             f"multipart uploads, the same model:\n"
         )
-        headers = ["decoding", "concurrency", "requests/s (median)", "p50 ms", "p99 ms"]
-        headers += ["each round", "non-2xx / socket errors", "vs before"]
-        print(table(headers, photo_rows))
+        print(table(["decoding", *headers[1:]], photo_rows))
 
 
 if __name__ == "__main__":
