@@ -126,7 +126,8 @@ def metrics_page() -> str:
     return (
         NOTE
         + "# Metrics\n\n"
-        + "What the service exports on `/metrics` besides BentoML's own `bentoml_service_*`. "
+        + "What the service exports on `/metrics` besides BentoML's own `bentoml_service_*` "
+        "(which count our routes only with `IMGCLF_BENTOML_METRICS=true`). "
         "Source: `monitoring/metrics.py`. Label values are bounded: endpoints and reasons "
         "are fixed sets, class names come from the model's metadata.\n\n"
         + _table(["metric", "type", "labels", "help"], rows)
