@@ -14,6 +14,7 @@ from starlette.responses import Response
 from serving.core.errors import ImgclfError, InvalidImageError
 from serving.core.model_card import ModelCard
 from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
+from serving.web.batcher import Encoded
 from serving.web.context import WorkerContext
 from serving.web.requests import Upload, parse_json, safe_text
 from serving.web.responses import JSONAnswer
@@ -77,9 +78,10 @@ def check_value_count(header: bytes, max_images: int, pixels_per_image: int) -> 
 
 async def input_images(
     worker: WorkerContext, runtime: ModelCard, header: dict, binary: bytes
-) -> tuple[np.ndarray, list[bytes] | None]:
-    """The request's one input as a float32 NHWC batch for ``runtime``'s version, within the
-    request limits, and the encoded images it was decoded from (None for pixels)."""
+) -> tuple[np.ndarray | Encoded, list[bytes] | None]:
+    """The request's one input as a float32 NHWC batch for ``runtime``'s version (or one small
+    encoded image that its batch decodes: ``WorkerContext.prepare``), within the request
+    limits, and the encoded images it was decoded from (None for pixels)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ImgclfError(f"send exactly one input, named {INPUT_NAME!r}")
@@ -147,7 +149,7 @@ def _pixels(tensor: dict, datatype: str, shape: list[int], raw: bytes | None) ->
 
 async def _encoded_images(
     worker: WorkerContext, runtime: ModelCard, tensor: dict, shape: list[int], raw: bytes | None
-) -> tuple[np.ndarray, list[bytes]]:
+) -> tuple[np.ndarray | Encoded, list[bytes]]:
     if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
         raise ImgclfError(f"a BYTES input must have shape [N, 1] or [N], got {shape}")
     if raw is not None:
