@@ -87,10 +87,16 @@ class Lifecycle:
         workers that serve, of how many, where a server runs around this worker. A server
         below its worker count (one died and is being replaced) still answers 200 from its
         ready workers, and says so: its balancer should keep sending, its operator should
-        know (``imgclf_workers_ready`` and the alert ``ImgclfWorkersMissing``)."""
+        know (``imgclf_workers_ready`` and the alert ``ImgclfWorkersMissing``). So does a
+        replacement worker that is still warming while its siblings serve: the kernel hands it
+        connections as soon as it listens, and a 503 from it would take the whole server out
+        of its balancer for a worker's warm-up (its model is loaded: it answers predictions,
+        only slower at first)."""
         workers = {"workers": self.census()} if self.census else {}
         if self.ready:
             return 200, {"status": READY, **workers}
+        if self.state == WARMING and workers and workers["workers"]["ready"] > 0:
+            return 200, {"status": READY, "this_worker": WARMING, **workers}
         reason = f"not ready: {self.state}" + (f" ({self.detail})" if self.detail else "")
         return 503, {"error": reason, "status": self.state, **workers}
 

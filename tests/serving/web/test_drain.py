@@ -157,3 +157,30 @@ def test_sigterm_under_load_answers_every_request_sent_in_the_drain_window(serve
     in_window = [sent for sent, _, _, _ in load.answers if signalled <= sent < window_end]
     assert len(in_window) > 100, len(in_window)
     assert served.process.returncode == 0
+
+
+def test_a_replacement_warming_beside_serving_workers_says_the_server_is_ready():
+    """The kernel hands a replacement worker connections as soon as it listens, while it
+    still warms: a 503 from it would take the whole server out of its balancer. It answers
+    200 for the server while a sibling serves (the race the test above met in CI), and 503
+    while none does, while it drains and when it failed."""
+    from serving.web.lifecycle import DRAINING, FAILED, READY, WARMING, Lifecycle
+
+    served = {"ready": 1, "of": 2}
+    lifecycle = Lifecycle()
+    lifecycle.census = lambda: served
+    lifecycle.set(WARMING, "running batch sizes 1, 2 once")
+    assert lifecycle.readiness() == (
+        200,
+        {"status": READY, "this_worker": WARMING, "workers": {"ready": 1, "of": 2}},
+    )
+    served = {"ready": 0, "of": 2}  # a server starting: nobody serves yet
+    status, body = lifecycle.readiness()
+    assert status == 503 and body["status"] == WARMING
+    served = {"ready": 1, "of": 2}
+    for state in (FAILED, DRAINING):
+        lifecycle.set(state, "why")
+        assert lifecycle.readiness()[0] == 503
+    alone = Lifecycle()  # in-process: no server around the worker, no census
+    alone.set(WARMING)
+    assert alone.readiness()[0] == 503
