@@ -28,7 +28,7 @@ from serving.core.model_card import ModelCard
 from serving.core.runtime import ClassifierRuntime
 from serving.web.batcher import Encoded
 from serving.web.requests import Limits, Upload, safe_text
-from serving.web.responses import JSONAnswer
+from serving.web.responses import INTERNAL_ERROR, JSONAnswer
 from serving.web.served import ServedVersion
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ async def handle(request: Request, endpoint: str, work) -> Response:
         log.info("%s rejected (%s): %s", endpoint, reason, safe_text(message, 300))
     except Exception:
         log.exception("%s failed", endpoint)
-        reason, status, message = "internal", 500, "internal error; see the server log"
+        reason, status, message = "internal", 500, INTERNAL_ERROR
         details, headers = {}, None
     count(status, reason)
     if status == 503:

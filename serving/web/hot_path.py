@@ -29,9 +29,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Match, Route
 
-from serving.web.lifecycle import Lifecycle, closing
+from serving.web.lifecycle import Lifecycle
 from serving.web.requests import safe_text
-from serving.web.responses import JSONAnswer
+from serving.web.responses import INTERNAL_ERROR, JSONAnswer, http_error_answer
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,13 @@ class HotPath:
         if self.max_concurrency is not None and self.active >= self.max_concurrency:
             await JSONAnswer({"error": "Too many requests"}, status_code=429)(scope, receive, send)
             return
-        lifecycle = self.lifecycle
         self.active += 1
-        lifecycle.started()
         try:
-            if lifecycle.draining:
-                send = closing(send)
-            response = await self.answer(route, Request(scope, receive, send))
-            await response(scope, receive, send)
+            with self.lifecycle.serving(send) as answer:
+                response = await self.answer(route, Request(scope, receive, answer))
+                await response(scope, receive, answer)
         finally:
             self.active -= 1
-            lifecycle.finished()
 
     async def answer(self, route: Route, request: Request):
         """The endpoint's response, or the JSON error that BentoML's app would have sent."""
@@ -99,12 +95,10 @@ class HotPath:
             message = f"Not able to process the request in {self.timeout_s} seconds"
             return JSONAnswer({"error": message}, status_code=504)
         except HTTPException as error:
-            return JSONAnswer(
-                {"error": error.detail}, status_code=error.status_code, headers=error.headers
-            )
+            return http_error_answer(error)
         except Exception:
             log.exception("%s %s failed", request.method, safe_text(request.url.path))
-            return JSONAnswer({"error": "internal error; see the server log"}, status_code=500)
+            return JSONAnswer({"error": INTERNAL_ERROR}, status_code=500)
 
 
 def around_bentoml(settings, routes: list[Route], lifecycle: Lifecycle, workers: int):

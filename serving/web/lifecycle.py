@@ -13,6 +13,7 @@ manager still holds the listening socket (so new connections would hang, not eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -73,6 +74,17 @@ class Lifecycle:
             if self._in_flight == 0:
                 self._idle.notify_all()
 
+    @contextlib.contextmanager
+    def serving(self, send):
+        """One request in flight (``with lifecycle.serving(send) as send:``), counted until
+        it ends; its ``send``, which closes the connection with the answer while the worker
+        drains (``closing``). Both ways in use it: ``LifecycleMiddleware`` and the hot path."""
+        self.started()
+        try:
+            yield closing(send) if self.draining else send
+        finally:
+            self.finished()
+
     def wait_until_idle(self, timeout_s: float) -> bool:
         """Block until no request is in flight (True) or ``timeout_s`` passes (False)."""
         with self._idle:
@@ -126,14 +138,8 @@ class LifecycleMiddleware:
         if path in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
-        self.lifecycle.started()
-        try:
-            if self.lifecycle.draining:
-                await self.app(scope, receive, closing(send))
-            else:
-                await self.app(scope, receive, send)
-        finally:
-            self.lifecycle.finished()
+        with self.lifecycle.serving(send) as answer:
+            await self.app(scope, receive, answer)
 
 
 def closing(send):

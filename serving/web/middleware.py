@@ -15,7 +15,7 @@ from starlette.routing import Route
 from serving import __version__
 from serving.web import openapi, openapi_v2
 from serving.web.requests import safe_text
-from serving.web.responses import JSONAnswer
+from serving.web.responses import INTERNAL_ERROR, JSONAnswer, http_error_answer
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,7 @@ def build_app(routes: list[Route]) -> Starlette:
     errors (404, 405) as JSON."""
 
     async def http_error(request: Request, error: HTTPException) -> JSONAnswer:
-        return JSONAnswer(
-            {"error": error.detail}, status_code=error.status_code, headers=error.headers
-        )
+        return http_error_answer(error)
 
     return Starlette(exception_handlers={HTTPException: http_error}, routes=routes)
 
@@ -91,9 +89,7 @@ class PlainErrorsAsJSON:
             if started:
                 raise  # the caller has part of an answer: only closing the connection is left
             log.exception("%s %s failed", scope.get("method"), safe_text(scope["path"]))
-            await JSONAnswer({"error": "internal error; see the server log"}, status_code=500)(
-                scope, receive, send
-            )
+            await JSONAnswer({"error": INTERNAL_ERROR}, status_code=500)(scope, receive, send)
 
 
 class MergeOpenAPIPaths:

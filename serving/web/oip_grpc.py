@@ -35,6 +35,7 @@ from serving.web.context import WorkerContext, count_request
 from serving.web.lifecycle import Lifecycle
 from serving.web.oip_grpc_tensors import infer_response, request_header
 from serving.web.requests import REQUEST_ID_HEADER, request_id
+from serving.web.responses import INTERNAL_ERROR
 from serving.web.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class InferenceService:
             raise
         except Exception:
             log.exception("%s failed", endpoint)
-            status, reason, message = 500, "internal", "internal error; see the server log"
+            status, reason, message = 500, "internal", INTERNAL_ERROR
         else:
             count_request(worker, endpoint, started, 200)
             return answer

@@ -5,7 +5,6 @@ that many bytes."""
 
 from __future__ import annotations
 
-import json
 import struct
 
 import numpy as np
@@ -17,7 +16,7 @@ from serving.core.model_dir import INPUT_NAME, OUTPUT_NAME
 from serving.web.batcher import Encoded
 from serving.web.context import WorkerContext
 from serving.web.requests import Upload, parse_json, safe_text
-from serving.web.responses import JSONAnswer
+from serving.web.responses import JSONAnswer, json_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: Datatypes the input accepts as pixels, and the numpy dtype of their binary form.
@@ -261,7 +260,7 @@ def build_response(
         answer["id"] = str(header["id"])
     if not blobs:
         return JSONAnswer(answer)
-    encoded = json.dumps(answer).encode()
+    encoded = json_bytes(answer)
     return Response(
         encoded + b"".join(blobs),
         media_type="application/octet-stream",
