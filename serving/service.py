@@ -37,26 +37,14 @@ from serving.web.requests import REQUEST_ID_HEADER, parse_top_k, read_uploads, r
 from serving.web.responses import JSONAnswer
 from serving.web.serve_command import check_servable
 from serving.web.settings import ServingSettings
-from serving.web.sizing import (
-    default_batch_decode_bytes,
-    default_decode_threads,
-    default_ort_threads,
-    default_workers,
-)
+from serving.web.sizing import sizing_for
 from serving.web.supervision import replace_dead_workers
 from serving.web.worker import start_worker
 
 SETTINGS = ServingSettings.from_env()
 PROVIDER = expected_provider(SETTINGS.provider)
-WORKERS = SETTINGS.workers or default_workers(PROVIDER)
-DECODE_THREADS = SETTINGS.decode_threads or default_decode_threads(PROVIDER, WORKERS)
-BATCH_DECODE_BYTES = (
-    default_batch_decode_bytes(PROVIDER)
-    if SETTINGS.batch_decode_bytes is None
-    else SETTINGS.batch_decode_bytes
-)
-#: ONNX Runtime threads per worker: the cores shared out, unless set.
-ORT_THREADS = SETTINGS.intra_op_threads or default_ort_threads(WORKERS)
+#: Workers, and each one's decode threads, batch decoding and ONNX Runtime threads.
+SIZING = sizing_for(SETTINGS, PROVIDER)
 WORKER_METRICS = WorkerObserver() if SETTINGS.monitoring else None
 #: The model store's model, which ``bentoml build`` packages (a class attribute below).
 STORED_MODEL = None if SETTINGS.model_dir else bentoml.models.BentoModel(SETTINGS.bento_model)
@@ -65,7 +53,7 @@ LIFECYCLE = Lifecycle(on_ready=WORKER_METRICS.ready if WORKER_METRICS else None)
 
 @bentoml.service(
     name="imgclf",
-    workers=WORKERS,
+    workers=SIZING.workers,
     traffic={"timeout": SETTINGS.timeout_s}
     | ({"max_concurrency": SETTINGS.max_concurrency} if SETTINGS.max_concurrency else {}),
     # OpenTelemetry spans cost about 0.2 ms per request even when none is sampled.
@@ -83,10 +71,7 @@ class ImageClassifier:
             SETTINGS.model_dir or Path(self.stored_model.path),
             lifecycle=LIFECYCLE,
             metrics=WORKER_METRICS,
-            workers=WORKERS,
-            decode_threads=DECODE_THREADS,
-            batch_decode_bytes=BATCH_DECODE_BYTES,
-            ort_threads=ORT_THREADS,
+            sizing=SIZING,
         )
 
     @bentoml.on_startup
@@ -212,5 +197,5 @@ http_limits.install(  # before BentoML starts this worker's uvicorn
     SETTINGS.max_header_bytes,
     SETTINGS.keep_alive_timeout_s,
     SETTINGS.header_timeout_s,
-    around_app=around_bentoml(SETTINGS, ROUTES, LIFECYCLE, WORKERS),  # our routes, directly
+    around_app=around_bentoml(SETTINGS, ROUTES, LIFECYCLE, SIZING.workers),  # our routes, directly
 )

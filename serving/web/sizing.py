@@ -4,6 +4,7 @@ decode threads per worker and ONNX Runtime threads per worker, by provider and c
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 
 def default_workers(provider: str, cores: int | None = None) -> int:
@@ -57,3 +58,28 @@ def default_ort_threads(workers: int, cores: int | None = None) -> int:
     parallelism)."""
     cores = cores or os.cpu_count() or 1
     return max(1, cores // workers)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How a server shares out the machine: what its settings say, else the defaults above
+    for its provider."""
+
+    workers: int
+    #: Per worker.
+    decode_threads: int
+    batch_decode_bytes: int
+    ort_threads: int
+
+
+def sizing_for(settings, provider: str) -> Sizing:
+    """``settings``' sizing (a ``ServingSettings``), defaults filled in for ``provider``."""
+    workers = settings.workers or default_workers(provider)
+    return Sizing(
+        workers=workers,
+        decode_threads=settings.decode_threads or default_decode_threads(provider, workers),
+        batch_decode_bytes=default_batch_decode_bytes(provider)
+        if settings.batch_decode_bytes is None
+        else settings.batch_decode_bytes,
+        ort_threads=settings.intra_op_threads or default_ort_threads(workers),
+    )

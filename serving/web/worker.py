@@ -28,6 +28,7 @@ from serving.web.feedback import Feedback
 from serving.web.lifecycle import FAILED, READY, WARMING, Lifecycle, drain_before_exit
 from serving.web.requests import Limits
 from serving.web.settings import ServingSettings
+from serving.web.sizing import Sizing
 from serving.web.supervision import WorkerRoll, die_with_server
 from serving.web.version_builder import VersionBuilder
 from serving.web.versions import ModelSet
@@ -41,15 +42,13 @@ def start_worker(
     *,
     lifecycle: Lifecycle,
     metrics: WorkerObserver | None,
-    workers: int,
-    decode_threads: int,
-    batch_decode_bytes: int = 0,
-    ort_threads: int,
+    sizing: Sizing,
 ) -> WorkerContext:
     """Load and verify the model (failing start-up at once if it cannot), build the worker's
     parts, and warm every batch bucket on a background thread; then watch the repository's
     version roles (``serving.web.versions``). A worker that cannot start says why on its
     card and waits before it exits, longer after each failure in a row."""
+    workers, decode_threads = sizing.workers, sizing.decode_threads
     roll = supervise(metrics, workers)
     with roll.starting() if roll else contextlib.nullcontext():
         if roll is not None:
@@ -67,7 +66,7 @@ def start_worker(
             threadpool_limits(1, user_api="blas")
         versions = ModelSet(
             model_dir,
-            builder=VersionBuilder(settings, ort_threads=ort_threads, metrics=metrics),
+            builder=VersionBuilder(settings, ort_threads=sizing.ort_threads, metrics=metrics),
             poll_s=settings.version_poll_s,
             retire_after_s=settings.timeout_s + 1,
             observer=VersionObserver() if settings.monitoring else None,
@@ -100,7 +99,7 @@ def start_worker(
                 },
                 "workers": workers,
                 "decode_threads": decode_threads,
-                "batch_decode_bytes": batch_decode_bytes,
+                "batch_decode_bytes": sizing.batch_decode_bytes,
                 "state": lifecycle.state,
                 # Each worker keeps its own drift window: say whose figures these are. The fleet's
                 # figures are on /metrics (the drift gauges take the fullest live worker's).
@@ -138,7 +137,7 @@ def start_worker(
             is_ready=lambda: lifecycle.ready,
             feedback=feedback,
             close=close,
-            batch_decode_bytes=batch_decode_bytes,
+            batch_decode_bytes=sizing.batch_decode_bytes,
         )
         if metrics:
             metrics.loaded(runtime.provider, runtime.provider_options, runtime.load_seconds)

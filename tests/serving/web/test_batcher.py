@@ -5,6 +5,7 @@ their batch."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import numpy as np
@@ -219,3 +220,19 @@ def test_encoded_images_are_decoded_by_their_batch_and_a_bad_one_fails_alone(run
     np.testing.assert_allclose(last, runtime.predict(images[1:3]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(first, runtime.predict(images[:1]), rtol=1e-5, atol=1e-6)
     assert len(decode_times) == 3 and broken.images is None
+
+
+def test_a_servers_sizing_is_its_settings_else_its_providers_defaults():
+    from serving.web.sizing import Sizing, sizing_for
+
+    assert sizing_for(ServingSettings(), "cpu") == Sizing(
+        workers=os.cpu_count() or 1,
+        decode_threads=2,
+        batch_decode_bytes=64 * 1024,
+        ort_threads=1,  # the cores shared out among one worker per core
+    )
+    assert sizing_for(ServingSettings(), "cuda").batch_decode_bytes == 0
+    chosen = ServingSettings(workers=3, decode_threads=5, batch_decode_bytes=0, intra_op_threads=2)
+    assert sizing_for(chosen, "cpu") == Sizing(
+        workers=3, decode_threads=5, batch_decode_bytes=0, ort_threads=2
+    )
