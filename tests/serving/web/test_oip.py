@@ -13,6 +13,7 @@ import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from tests.serving.cases import good_images
+from tests.serving.conftest import Server
 from tests.serving.web.test_endpoints import batch_size_totals
 from tests.serving.web.test_hostile import CORPUS, REFUSED
 
@@ -301,13 +302,28 @@ def test_the_triton_client_refuses_with_the_servers_message(client):
     assert refused.value.status() == "400"
 
 
-def test_async_infer_at_concurrency_16_is_batched(server, http, reference):
+@pytest.fixture(scope="module")
+def waiting_server(published_model):
+    """One worker whose batches wait 20 ms for more calls (``IMGCLF_BATCH_WAIT_MS``): the
+    request path answers a lone call in about a millisecond, so on a machine the suite's
+    other process keeps busy the client sent a round's calls more slowly than the worker
+    answered them, and 16 rounds of 16 all ran alone once. A round's calls now arrive within
+    one wait; calls that bypassed the batcher would still never be batched."""
+    with (
+        Server(published_model, env={"IMGCLF_BATCH_WAIT_MS": "20"}, args=("--workers", "1")) as up,
+        up.client() as http,
+    ):
+        yield up, http
+
+
+def test_async_infer_at_concurrency_16_is_batched(waiting_server, reference):
     """Rounds of 16 concurrent calls, at least 4, until one was batched (at most 16): on a
     machine the suite's other process keeps busy, the client can send a round's calls more
     slowly than the one worker answers them, and 4 rounds once all ran alone. Calls that
     bypassed the batcher would never be batched, however many rounds."""
     import asyncio
 
+    server, http = waiting_server
     images = reference.preprocess(GOOD["png"][0])[None]
     before = batch_size_totals(http)
 
